@@ -1,0 +1,30 @@
+# The two commands: `make train` (set up, train the embedded default, evaluate) and `make test`.
+# The virtual environment is rebuilt only when requirements.txt changes (the stamp is older than it).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: train test test-fast setup clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=20 $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+clean:
+	rm -rf runs .cache .pytest_cache

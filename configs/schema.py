@@ -1,0 +1,145 @@
+"""The typed schema of the whole config, and the one way to load it.
+
+Each group's schema lives with its code (model/config.py, data/config.py, parallel/config.py); the
+training-loop groups live here. Hydra composes configs/config.yaml over this schema, so an unknown key
+or a wrong type fails at composition; `OmegaConf.to_object` then builds the dataclasses, whose
+__post_init__ rejects impossible values. Nothing is written before this succeeds.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from data.config import DataConfig
+from model.config import ModelConfig
+from parallel.config import ParallelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("auto", "fp32", "bf16")
+WANDB_MODES = ("offline", "online", "disabled")
+KERNEL_CHUNK_SIZE = 64  # the chunkwise kernels' block along time (kernels/*/chunk.py)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 1337
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("optim.weight_decay, optim.grad_clip and optim.warmup_steps must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"optim.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule: '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
+        if not (0 <= self.min_lr_ratio <= 1 and 0 < self.decay_fraction <= 1):
+            raise ValueError("optim.min_lr_ratio must be in [0, 1] and optim.decay_fraction in (0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    global_batch_size: int = 16
+    micro_batch_size: int = 16
+    max_steps: int = 600
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        for name in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("train.checkpoint_every and train.eval_every must be >= 0, train.keep_checkpoints >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype: '{self.dtype}' is not one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class EvalConfig:
+    held_out_tokens: int = 100_000
+    batch_size: int = 8
+    sample_prompt: str = "def "
+    sample_tokens: int = 96
+    sample_temperature: float = 0.0
+
+    def __post_init__(self):
+        if self.held_out_tokens < 1 or self.batch_size < 1 or self.sample_tokens < 0 or self.sample_temperature < 0:
+            raise ValueError("eval.held_out_tokens and eval.batch_size must be >= 1, sample_tokens/temperature >= 0")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "baton"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"logging.wandb.mode: '{self.mode}' is not one of {', '.join(WANDB_MODES)}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class BatonConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resume: str = "none"
+
+    def __post_init__(self):
+        # Each recurrent layer's slice (T / sp tokens) must be whole kernel chunks.
+        if self.model.has_recurrent_layers():
+            step = KERNEL_CHUNK_SIZE * self.parallel.sp
+            if self.train.seq_len % step:
+                raise ValueError(f"train.seq_len={self.train.seq_len} must be divisible by {step} "
+                                 f"(kernel chunk {KERNEL_CHUNK_SIZE} x parallel.sp {self.parallel.sp})")
+        elif self.train.seq_len % self.parallel.sp:
+            raise ValueError(f"train.seq_len={self.train.seq_len} must be divisible by parallel.sp={self.parallel.sp}")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ValueError(f"train.global_batch_size={self.train.global_batch_size} must be a multiple of "
+                             f"train.micro_batch_size={self.train.micro_batch_size}")
+
+
+ConfigStore.instance().store(name="baton_schema", node=BatonConfig)
+
+
+def load_config(overrides: list[str]) -> tuple[BatonConfig, DictConfig]:
+    """Compose configs/config.yaml with command-line overrides; return (typed config, resolved DictConfig)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        raw = compose(config_name="config", overrides=overrides)
+    OmegaConf.resolve(raw)
+    return OmegaConf.to_object(raw), raw
