@@ -21,7 +21,6 @@ from tqdm import tqdm
 from configs.schema import load_config
 from data import PackedLoader, prepare_dataset
 from eval.perplexity import evaluate_held_out
-from model import LM
 from parallel.checkpoint import Checkpointer
 from parallel.engine import build_engine, init_topology
 from training.metrics import MetricsLogger, truncate_metrics
@@ -40,21 +39,20 @@ def train(cfg, raw_cfg) -> dict:
     tokenizer = dataset.tokenizer
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    model = LM.from_config(cfg.model)
-    engine = build_engine(cfg, model, topo)
+    engine = build_engine(cfg, topo)  # builds the model, sharded as the engine holds it
     micro_per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp_size)
     if micro_per_step * cfg.train.micro_batch_size * topo.dp_size != cfg.train.global_batch_size:
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
                          f"micro_batch_size x data-parallel ranks = {cfg.train.micro_batch_size * topo.dp_size}")
-    loader = PackedLoader(dataset.train_dir, cfg.train.seq_len, cfg.train.micro_batch_size,
+    loader = PackedLoader(dataset.train_sources, cfg.train.seq_len, cfg.train.micro_batch_size,
                           cfg.train.global_batch_size, topo.dp_rank, topo.dp_size, topo.sp_rank, topo.sp_size,
-                          seed=cfg.run.seed, tokenizer_hash=tokenizer.hash)
+                          seed=cfg.run.seed, tokenizer_hash=tokenizer.hash, verify_checksums=dataset.verify_checksums)
     autocast_dtype = autocast_dtype_for(cfg.train.dtype, topo.device)
     model_config = OmegaConf.to_container(raw_cfg.model)
 
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        state = checkpointer.load(resume_from, engine.model, engine.optimizer, model_config)
+        state = checkpointer.load(resume_from, engine, model_config)
         loader.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         if topo.is_main:
@@ -90,7 +88,7 @@ def train(cfg, raw_cfg) -> dict:
         if step % cfg.train.log_every == 0:
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
-            checkpointer.save(step, engine.model, engine.optimizer,
+            checkpointer.save(step, engine,
                               {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "model_config": model_config})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             logger.log({"step": step, **evaluate(cfg, engine.model, dataset, topo, autocast_dtype).as_dict()})
@@ -148,9 +146,24 @@ def main(argv: list[str]) -> int:
     except Exception as err:
         if not is_user_error(err):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(err: Exception) -> str:
+    """Hydra's messages span lines (option lists, search paths); keep the message and the options."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    message = lines[0]
+    if message.startswith("Could not override"):
+        message += " (no such key in the schema)"
+    if "Available options" in str(err):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
+        options = [line for line in lines[start:] if not line.startswith(("Config search path", "provider="))]
+        message += "; available: " + ", ".join(options)
+    return message
 
 
 def is_user_error(err: Exception) -> bool:

@@ -142,4 +142,15 @@ def load_config(overrides: list[str]) -> tuple[BatonConfig, DictConfig]:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         raw = compose(config_name="config", overrides=overrides)
     OmegaConf.resolve(raw)
+    _reject_unknown_keys(raw, OmegaConf.structured(BatonConfig), "")
     return OmegaConf.to_object(raw), raw
+
+
+def _reject_unknown_keys(node: DictConfig, schema: DictConfig, prefix: str) -> None:
+    """Hydra lets `+group.key=value` add a key to a typed node; the schema must still have it."""
+    for key in node.keys():
+        if key not in schema:
+            raise ValueError(f"{prefix}{key}: no such key in the schema")
+        child, template = node[key], schema[key]
+        if isinstance(child, DictConfig) and isinstance(template, DictConfig):
+            _reject_unknown_keys(child, template, f"{prefix}{key}.")

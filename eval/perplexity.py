@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.loader import cu_seqlens_for_rows
 
 
 @dataclass
@@ -43,6 +42,15 @@ def held_out_stream(documents: Iterable[tuple[np.ndarray, int]], eos_id: int, ma
     return np.concatenate(pieces), n_bytes
 
 
+def cu_seqlens_for_rows(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Segment starts over the flattened rows: every row start and every EOS (a document's first token)."""
+    n_rows, seq_len = inputs.shape
+    flat = inputs.flatten()
+    starts = (flat == eos_id) | (torch.arange(flat.numel()) % seq_len == 0)
+    bounds = torch.nonzero(starts).flatten().tolist() + [flat.numel()]
+    return torch.tensor(bounds, dtype=torch.int32)
+
+
 @torch.no_grad()
 def evaluate_held_out(model, documents, eos_id: int, seq_len: int, batch_size: int, max_tokens: int,
                       device: torch.device, autocast_dtype: torch.dtype | None = None,
@@ -60,11 +68,11 @@ def evaluate_held_out(model, documents, eos_id: int, seq_len: int, batch_size: i
     model.eval()
     total_nats = 0.0
     for start in tqdm(range(0, n_rows, batch_size), desc="held-out", disable=not progress, leave=False):
-        inputs = rows[start: start + batch_size, :-1].to(device)
+        inputs = rows[start: start + batch_size, :-1]
         labels = targets[start: start + batch_size].to(device)
-        cu_seqlens = cu_seqlens_for_rows(inputs, eos_id).to(device)
+        cu_seqlens = cu_seqlens_for_rows(inputs.cpu(), eos_id).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs, cu_seqlens=cu_seqlens)
+            logits = model(inputs.to(device), cu_seqlens=cu_seqlens)
         total_nats += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
     model.train(was_training)
     return HeldOutResult(total_nats / n_targets, total_nats / math.log(2) / n_bytes, n_targets, n_bytes)

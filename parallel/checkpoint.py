@@ -1,7 +1,8 @@
 """Checkpoints: torch.distributed.checkpoint for model and optimizer, JSON for everything else.
 
-Layout of run_dir/checkpoints/step_000100/: DCP shards and .metadata (model + optimizer, sharded the
-way the engine holds them, so a resume at another world size reshards on load), train_state.json
+Layout of run_dir/checkpoints/step_000100/: the engine's model + optimizer state (FSDP and one process:
+DCP shards and .metadata, sharded the way the engine holds them, so a resume at another world size
+reshards on load; DeepSpeed: its own ZeRO checkpoint, train state as client state), train_state.json
 (step, tokens seen, data loader state, the model config it belongs to) and rng_rank{r}.json. A save
 goes to a hidden temporary directory that is renamed only when every rank has finished, so a killed save
 never looks complete; resume=auto takes the newest complete one. The newest `keep` are kept.
@@ -15,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 TRAIN_STATE = "train_state.json"
 
@@ -50,19 +49,20 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> Path:
+    def save(self, step: int, engine, train_state: dict) -> Path:
+        """Write the engine's model and optimizer, this rank's RNG and the train state as step `step`."""
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".step_{step:06d}.tmp"
+        train_state = dict(train_state, step=step)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        engine.save_state(tmp, train_state)
         (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(_rng_state()))
         _barrier()
         if _rank() == 0:
-            (tmp / TRAIN_STATE).write_text(json.dumps(dict(train_state, step=step), indent=1))
+            (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.complete()[: -self.keep]:
@@ -70,8 +70,8 @@ class Checkpointer:
         _barrier()
         return final
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_config: dict) -> dict:
-        """Restore model, optimizer and this rank's RNG from `path`; return its train state."""
+    def load(self, path: Path, engine, model_config: dict) -> dict:
+        """Restore the engine's model and optimizer and this rank's RNG from `path`; return its train state."""
         path = Path(path)
         state_file = path / TRAIN_STATE
         if not state_file.is_file():
@@ -82,10 +82,7 @@ class Checkpointer:
         if differing:
             shown = ", ".join(f"{k}: {saved_config.get(k)!r} vs {model_config.get(k)!r}" for k in differing[:4])
             raise CheckpointError(f"{path}: checkpoint is from another model ({shown})")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        engine.load_state(path, train_state)
         rng_file = path / f"rng_rank{_rank()}.json"
         if rng_file.is_file():
             _set_rng_state(json.loads(rng_file.read_text()))

@@ -1,15 +1,19 @@
 """Schema of the `parallel` config group: how ranks are laid out and which engine shards the model."""
 from dataclasses import dataclass
 
-ENGINES = ("none", "fsdp", "deepspeed")
+ENGINES = ("auto", "none", "fsdp", "deepspeed")
 
 
 @dataclass
 class ParallelConfig:
-    engine: str = "none"
-    dp_replicate: int = 1
-    dp_shard: int = -1
-    sp: int = 1
+    engine: str = "auto"  # auto: none in a single process, fsdp under torchrun
+    dp_replicate: int = 1  # HSDP replicas (FSDP only; typically one per node group)
+    dp_shard: int = -1  # -1: whatever the world size leaves after dp_replicate and sp
+    sp: int = 1  # sequence-parallel ranks per row
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    activation_checkpointing: bool = False  # recompute each block in the backward
+    reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3 like)
+    mixed_precision: bool = True  # on CUDA: bf16 parameters in compute, fp32 gradient reduction
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -18,3 +22,7 @@ class ParallelConfig:
             raise ValueError("parallel.dp_replicate and parallel.sp must be >= 1")
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ValueError(f"parallel.dp_shard: {self.dp_shard} (use -1 for 'the rest of the world size' or >= 1)")
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.engine == "deepspeed" and self.dp_replicate > 1:
+            raise ValueError("parallel.dp_replicate > 1 (HSDP) needs parallel.engine=fsdp")

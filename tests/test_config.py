@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("override, expected", [
     ("train.no_such_key=1", "no_such_key"),
+    ("+train.no_such_key=1", "train.no_such_key"),
+    ("+model.gla.no_such_key=1", "model.gla.no_such_key"),
     ("train.max_steps=many", "max_steps"),
     ("optim.lr=-0.1", "optim.lr"),
     ("optim.schedule=linear_warmdown", "optim.schedule"),

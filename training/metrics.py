@@ -5,6 +5,7 @@ mode, a broken install) the run goes on with metrics.jsonl alone and says so onc
 """
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -64,7 +65,5 @@ def _wandb_id(run_dir: Path) -> str:
     """One wandb run per run directory, so a resumed run continues the same wandb run."""
     id_file = run_dir / "wandb_id"
     if not id_file.exists():
-        import wandb
-
-        id_file.write_text(wandb.util.generate_id())
+        id_file.write_text(secrets.token_hex(4))
     return id_file.read_text().strip()

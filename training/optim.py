@@ -37,7 +37,7 @@ def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
     decay_start = max_steps - int(cfg.decay_fraction * max_steps)
     if step < decay_start:
         return cfg.lr
-    progress = (step - decay_start) / max(1, max_steps - decay_start)
+    progress = (step + 1 - decay_start) / max(1, max_steps - decay_start)  # the last step reaches `final`
     return cfg.lr + (final - cfg.lr) * min(1.0, progress)
 
 

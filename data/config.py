@@ -1,0 +1,57 @@
+"""The `data` config group: which tokenized data a run trains on (configs/data/*.yaml)."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+SOURCES = ("stdlib", "shards")
+
+
+def option(default, help: str):
+    """A dataclass field with a help text (the `python -m data.prepare --help` listing)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MixtureSource:
+    """One prepared dataset of a mixture and its share of the training tokens."""
+    path: str
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise ValueError(f"data.mixture: weight of {self.path} must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    # stdlib: the embedded default corpus (this Python's standard library), prepared once under cache_dir;
+    # shards: a directory prepared by `python -m data.prepare` (data.path), or several mixed by weight
+    # (data.mixture=[{path: a, weight: 0.7}, {path: b, weight: 0.3}]).
+    source: str = "stdlib"
+    path: Optional[str] = None
+    mixture: List[MixtureSource] = field(default_factory=list)
+    cache_dir: str = ".cache/data"
+    # source=stdlib: tokenizer size, held-out share (split by file), prepare worker processes (0: all cores).
+    vocab_size: int = 8192
+    held_out_fraction: float = 0.02
+    workers: int = 0
+    # Re-hash every shard when a run opens it (sha256, ~1 GB/s): catches corrupted files before training.
+    verify_checksums: bool = True
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source: '{self.source}' is not one of {', '.join(SOURCES)}")
+        if self.source == "shards" and (self.path is None) == (not self.mixture):
+            raise ValueError("data.path: source=shards needs exactly one of data.path=<prepared dir> "
+                             "or data.mixture=[...]")
+        if self.source == "stdlib" and (self.path is not None or self.mixture):
+            raise ValueError("data.path / data.mixture are only used with data.source=shards")
+        if not 256 + 4 <= self.vocab_size <= 2**32:
+            raise ValueError(f"data.vocab_size must hold the 256 byte-fallback pieces and the specials, "
+                             f"got {self.vocab_size}")
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError(f"data.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0 (0: all cores), got {self.workers}")
+        paths = [m.path for m in self.mixture]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"data.mixture lists a path twice: {paths}")

@@ -1,0 +1,56 @@
+"""The gated delta rule (Gated DeltaNet).
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = scale * S_t^T q_t
+
+g is the log gate (<= 0) and beta the write strength (in (0, 2): up to 2 gives negative eigenvalues), both
+[B, T, H]; the caller L2-normalises q and k. Entry points dispatch by device (kernels/backend.py): CUDA ->
+Triton, otherwise chunked PyTorch. The Triton modules are imported on first use, so CPU-only installs never
+need Triton and TRITON_INTERPRET=1 can be set any time before the first Triton call.
+"""
+import torch
+
+from kernels.backend import use_triton
+from kernels.common import check_recurrent_inputs
+from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule_torch
+from kernels.gated_delta_rule.naive import naive_gated_delta_rule
+
+
+def _check_gates(q: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> None:
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"{name} must be [B, T, H] = {list(q.shape[:3])} for q of shape {tuple(q.shape)}, "
+                             f"got {tuple(x.shape)}")
+
+
+def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                           beta: torch.Tensor, scale: float | None = None,
+                           initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                           cu_seqlens: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise gated delta rule for training and prefill. q, k [B,T,H,K]; v [B,T,H,V]; g, beta [B,T,H];
+    states [N,H,K,V] fp32. Returns (o [B,T,H,V] in v's dtype, final state or None)."""
+    check_recurrent_inputs(q, k, v, initial_state, cu_seqlens)
+    _check_gates(q, g, beta)
+    if use_triton(q):
+        from kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton
+        return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def fused_recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                                     beta: torch.Tensor, scale: float | None = None,
+                                     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                                     cu_seqlens: torch.Tensor | None = None,
+                                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step-by-step gated delta rule for decoding and short inputs; same contract as chunk_gated_delta_rule."""
+    check_recurrent_inputs(q, k, v, initial_state, cu_seqlens)
+    _check_gates(q, g, beta)
+    if use_triton(q):
+        from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_triton
+        return fused_recurrent_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                                       cu_seqlens)
+    return naive_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "naive_gated_delta_rule",
+           "chunk_gated_delta_rule_torch"]

@@ -1,0 +1,70 @@
+"""Gated Linear Attention (Yang et al. 2023): S_t = diag(a_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t.
+
+The decay a_t = exp(g_t) comes from a low-rank projection through logsigmoid divided by a normaliser
+(16 in the paper), which keeps the per-step decays close to 1 so the state remembers long enough.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import chunk_gla, fused_recurrent_gla
+from model.config import ModelConfig
+from model.layers import GatedRMSNorm, RMSNorm
+from model.recurrent import ShortConvolution, recurrent_scan
+
+
+class GLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        g = cfg.gla
+        d = cfg.d_model
+        self.num_heads = g.num_heads
+        self.key_dim, self.value_dim = int(d * g.expand_k), int(d * g.expand_v)
+        self.head_k_dim, self.head_v_dim = self.key_dim // g.num_heads, self.value_dim // g.num_heads
+        self.gate_logit_normalizer = g.gate_logit_normalizer
+
+        self.q_proj = nn.Linear(d, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.value_dim, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(d, g.gate_low_rank_dim, bias=False),
+                                     nn.Linear(g.gate_low_rank_dim, self.key_dim, bias=True))
+        self.convs = None
+        if g.use_short_conv:
+            self.convs = nn.ModuleDict({
+                name: ShortConvolution(dim, g.conv_size, cache_key=f"{name}_conv")
+                for name, dim in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim))})
+        self.g_proj = nn.Linear(d, self.value_dim, bias=False) if g.use_output_gate else None
+        self.g_norm = (GatedRMSNorm(self.head_v_dim, cfg.norm_eps) if g.use_output_gate
+                       else RMSNorm(self.head_v_dim, cfg.norm_eps))
+        self.o_proj = nn.Linear(self.value_dim, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
+                cache: Optional[dict] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.convs is not None:
+            q = self.convs["q"](q, cu_seqlens, sp, cache)
+            k = self.convs["k"](k, cu_seqlens, sp, cache)
+            v = self.convs["v"](v, cu_seqlens, sp, cache)
+        gk = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer  # fp32 log decay <= 0
+
+        H = self.num_heads
+        o = recurrent_scan(chunk_gla, fused_recurrent_gla,
+                           q.view(B, T, H, self.head_k_dim), k.view(B, T, H, self.head_k_dim),
+                           v.view(B, T, H, self.head_v_dim), g=gk.view(B, T, H, self.head_k_dim),
+                           scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+        if self.g_proj is not None:
+            o = self.g_norm(o, self.g_proj(x).view(B, T, H, self.head_v_dim))
+        else:
+            o = self.g_norm(o)
+        return self.o_proj(o.reshape(B, T, self.value_dim))
+
+    def init_cache(self, batch_size: int) -> dict:
+        w = self.q_proj.weight
+        cache = {"recurrent": torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim,
+                                          device=w.device, dtype=torch.float32)}
+        for conv in (self.convs or {}).values():
+            cache[conv.cache_key] = conv.init_cache(batch_size)
+        return cache

@@ -1,0 +1,177 @@
+"""The language model: embed -> [pre-norm block: mixer, SwiGLU MLP] x L -> norm -> head.
+
+Each block's mixer is chosen by the config's layer pattern. The same forward serves training
+(`lm(input_ids, cu_seqlens, sp)`) and generation (`lm.step(token_ids, state)`): a per-layer cache dict
+turns every mixer stateful (recurrent state and conv state, or a KV cache), so prefill and decode are
+the training code with an initial state.
+"""
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model, save_model
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.flops import forward_flops_per_token
+from model.gated_deltanet import GatedDeltaNet
+from model.gla import GLA
+from model.layers import RMSNorm, SwiGLU
+from model.mamba2 import Mamba2
+
+State = list[dict]  # one cache dict per layer (see each mixer's init_cache)
+RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")  # write into the residual stream: init scaled by depth
+
+
+def build_mixer(cfg: ModelConfig, name: str) -> nn.Module:
+    if name == "attention":
+        return Attention(cfg)
+    if name == "sliding_window":
+        return Attention(cfg, window=cfg.attention.window)
+    return {"gla": GLA, "mamba2": Mamba2, "gated_deltanet": GatedDeltaNet}[name](cfg)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixer: str):
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(cfg, mixer)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
+                cache: Optional[dict] = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, name) for name in cfg.layer_mixers())
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.init_weights()
+
+    @classmethod
+    def from_config(cls, cfg: Union[ModelConfig, DictConfig, dict]) -> "LM":
+        """Build from a ModelConfig, or a DictConfig / dict of its fields (validated by the schema)."""
+        if not isinstance(cfg, ModelConfig):
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg))
+        return cls(cfg)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2 / GLA-paper init: N(0, init_std) for matmuls and embeddings, residual projections
+        shrunk by sqrt(2 * n_layers) so the residual stream's variance does not grow with depth; each
+        mixer's own parameters (gates, convs) by its reset_parameters. In place only: rerun it after
+        building on the meta device and materialising (e.g. FSDP2's to_empty)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        for name, param in self.named_parameters():
+            if name.rsplit(".", 2)[-2] in RESIDUAL_PROJECTIONS:
+                param.div_(math.sqrt(2 * len(self.blocks)))
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None) -> torch.Tensor:
+        """Logits [B, T, vocab]. cu_seqlens (int32 [N+1] over the flattened B*T tokens, every row start
+        included) isolates packed documents; sp is the sequence-parallel context of this batch."""
+        if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32):
+            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        return self._run(input_ids, cu_seqlens, sp, None)
+
+    def _run(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp,
+             state: Optional[State]) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cu_seqlens=cu_seqlens, sp=sp, cache=None if state is None else state[i])
+        return self.lm_head(self.norm(x))
+
+    # --- generation -------------------------------------------------------------------------------
+    def init_state(self, batch_size: int) -> State:
+        """Empty per-layer states: zero recurrent and conv states, empty KV caches."""
+        return [block.mixer.init_cache(batch_size) for block in self.blocks]
+
+    def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Advance every row by token_ids: [B] (one decode step, logits [B, vocab]) or [B, T] (a prefill,
+        logits [B, T, vocab]). Returns the new state; the given one is left untouched."""
+        state = [dict(layer) for layer in state]
+        logits = self._run(token_ids[:, None] if token_ids.dim() == 1 else token_ids, None, None, state)
+        return (logits[:, 0] if token_ids.dim() == 1 else logits), state
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Prompt [B, T] -> prompt plus max_new_tokens sampled tokens [B, T + max_new_tokens].
+        temperature 0 is greedy; top_p < 1 samples from the smallest set of tokens with that much mass."""
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        logits, state = self.step(input_ids, self.init_state(input_ids.shape[0]))
+        logits, tokens = logits[:, -1], [input_ids]
+        for i in range(max_new_tokens):
+            next_token = sample(logits, temperature, top_p, generator)
+            tokens.append(next_token[:, None])
+            if i + 1 < max_new_tokens:
+                logits, state = self.step(next_token, state)
+        return torch.cat(tokens, dim=1)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def save_pretrained(self, directory: Union[str, Path]):
+        """directory/model.safetensors + directory/config.json (an unsharded module; no pickle)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+
+    @classmethod
+    def from_checkpoint(cls, directory: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "LM":
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name}: not found (expected a save_pretrained directory)")
+        with torch.device(device):
+            lm = cls.from_config(json.loads((directory / "config.json").read_text()))
+        load_model(lm, str(directory / "model.safetensors"), device=str(device))
+        return lm
+
+    # --- accounting -------------------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (a tied head counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training (forward + backward) FLOPs per token at this sequence length; see model/flops.py."""
+        return 3 * forward_flops_per_token(self, seq_len)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, vocab]."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep a token if the mass before it is below top_p (so the top token always stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,70 @@
+"""Mamba2 (Dao & Gu 2024) as the scalar-gate case of GLA.
+
+The SSD recurrence h_t = exp(dt_t A) h_{t-1} + B_t (dt_t x_t), y_t = C_t^T h_t + D x_t is chunk_gla with
+q = C, k = B, v = dt * x, g = dt * A (one log decay per head) and scale 1.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import chunk_gla, fused_recurrent_gla
+from model.config import ModelConfig
+from model.layers import GatedRMSNorm
+from model.recurrent import ShortConvolution, recurrent_scan
+
+
+class Mamba2(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.mamba2
+        self.dt_min, self.dt_max, self.dt_init_floor = m.dt_min, m.dt_max, m.dt_init_floor
+        self.d_inner = m.expand * cfg.d_model
+        self.head_dim, self.d_state, self.n_groups = m.head_dim, m.d_state, m.n_groups
+        self.num_heads = self.d_inner // m.head_dim
+        conv_dim = self.d_inner + 2 * m.n_groups * m.d_state
+        # One projection for z (gate), x|B|C (convolved together) and dt, as in the reference code.
+        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + conv_dim + self.num_heads, bias=False)
+        self.conv = ShortConvolution(conv_dim, m.conv_size, bias=True, cache_key="conv")
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, cfg.norm_eps, norm_before_gate=False)
+        self.o_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """dt log-uniform in [dt_min, dt_max] through an inverse softplus bias, A uniform in [1, 16], D = 1.
+        In-place only, so it also works on sharded (DTensor) parameters after meta-device construction."""
+        with torch.no_grad():
+            dt = self.dt_bias
+            dt.uniform_().mul_(math.log(self.dt_max) - math.log(self.dt_min)).add_(math.log(self.dt_min)).exp_()
+            dt.clamp_(min=self.dt_init_floor)
+            dt.add_(torch.log(-torch.expm1(-dt)))  # softplus^-1(dt) = dt + log(1 - exp(-dt))
+            self.A_log.uniform_(1, 16).log_()
+            self.D.fill_(1.0)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
+                cache: Optional[dict] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, P, N, G = self.num_heads, self.head_dim, self.d_state, self.n_groups
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * G * N, H], dim=-1)
+        xbc = self.conv(xbc, cu_seqlens, sp, cache)
+        xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H], fp32
+        log_decay = -torch.exp(self.A_log.float()) * dt
+        xs = xs.view(B, T, H, P)
+        b = b.view(B, T, G, N).repeat_interleave(H // G, dim=2)
+        c = c.view(B, T, G, N).repeat_interleave(H // G, dim=2)
+        o = recurrent_scan(chunk_gla, fused_recurrent_gla, c, b, (xs * dt[..., None]).to(xs.dtype),
+                           g=log_decay, scale=1.0, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+        y = o + xs * self.D.to(xs.dtype)[:, None]
+        return self.o_proj(self.norm(y.reshape(B, T, self.d_inner), z))
+
+    def init_cache(self, batch_size: int) -> dict:
+        return {"recurrent": torch.zeros(batch_size, self.num_heads, self.d_state, self.head_dim,
+                                         device=self.A_log.device, dtype=torch.float32),
+                "conv": self.conv.init_cache(batch_size)}

@@ -1,0 +1,236 @@
+"""Sequence parallelism for recurrent and hybrid models: the `sp` object the model's mixers call.
+
+Each rank of an sp group holds the same rows, rank r the contiguous slice [r*T, (r+1)*T) of every row
+(T = local length). Layers that only look at their own token (norms, MLPs) need nothing. The others:
+
+- recurrent cores (GLA, Mamba2, Gated DeltaNet) are affine in the incoming state, S_out = M S_in + S_local,
+  so one run of the op gives this slice's (M, S_local), a differentiable all_gather gives every rank's, a
+  prefix combine gives this slice's incoming state, and a second run of the op starting from it gives the
+  outputs. Communication per layer is O(H K (K + V)) per row, independent of T.
+- short causal convolutions take the (W-1)-token halo of the previous rank(s) as their initial state;
+- attention all-gathers K and V (full attention), or takes only the previous rank's last window-1 keys.
+
+Backward needs nothing hand-written beyond the collectives' own: autograd through the ops (d initial_state)
+and through the collectives carries every gradient to the rank that owns the input. Documents are respected
+throughout: a document start inside a slice cuts the state, exactly as cu_seqlens does in one process.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from kernels import causal_conv1d
+from model.attention import document_starts
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather into a stacked [R, ...] tensor; the backward sums every rank's gradient of each slice
+    into the rank that owns it (a reduce-scatter). torch.distributed.nn's all_gather is not used: on
+    gloo its backward names subgroup ranks wrongly."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        gathered = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, x.contiguous(), group=group)
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            mine = grad.new_empty(grad.shape[1:])
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            return mine, None
+        grad = grad.clone()  # gloo has no reduce-scatter: sum everything, keep our slice
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+class _ShiftFromPrevious(torch.autograd.Function):
+    """Rank r receives rank r-1's tensor (rank 0 receives zeros); the backward sends the gradient back."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return _send_to_neighbour(x, group, step=+1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _send_to_neighbour(grad, ctx.group, step=-1), None
+
+
+def _send_to_neighbour(x: Tensor, group: dist.ProcessGroup, step: int) -> Tensor:
+    """Send x to rank r+step of the group and return what rank r-step sent (zeros where there is none)."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    x = x.contiguous()
+    received = torch.zeros_like(x)
+    ops = []
+    if 0 <= rank + step < size:
+        ops.append(dist.P2POp(dist.isend, x, dist.get_global_rank(group, rank + step), group))
+    if 0 <= rank - step < size:
+        ops.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(group, rank - step), group))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    return received
+
+
+class SequenceParallel:
+    """Per-batch sequence-parallel context of one sp group (see the module docstring).
+
+    Built once per micro-batch from the batch's cu_seqlens (over the flattened B*T local tokens) and
+    starts_document [B]; every mixer of the model then calls scan / conv / gather_kv / positions / doc_start.
+    Mixers may pass tensors as [B, T, ...] or flattened to [1, B*T, ...]; results come back in that shape.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, cu_seqlens: Tensor, starts_document: Tensor):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.batch_size = starts_document.numel()
+        total = int(cu_seqlens[-1])
+        if total % self.batch_size:
+            raise ValueError(f"cu_seqlens ends at {total}, not a multiple of the batch size {self.batch_size}")
+        self.seq_len = total // self.batch_size
+        self.cu_seqlens = cu_seqlens.to(torch.int32)
+        device = cu_seqlens.device
+        row_starts = torch.arange(self.batch_size, device=device) * self.seq_len
+        seg_starts = self.cu_seqlens[:-1].long()
+        # Segment (state) index of each row's first and last segment; only the first can continue a document
+        # from the previous rank, only the last hands its state to the next.
+        self.first_segment = torch.searchsorted(seg_starts, row_starts)
+        self.last_segment = torch.searchsorted(seg_starts, row_starts + self.seq_len) - 1
+        if not torch.equal(seg_starts[self.first_segment.clamp(max=seg_starts.numel() - 1)], row_starts):
+            raise ValueError("cu_seqlens must contain every row start b*T of the flattened [B*T] local batch")
+        starts_document = starts_document.to(device=device, dtype=torch.bool)
+        if self.rank == 0 and not bool(starts_document.all()):
+            raise ValueError("starts_document must be True for every row on sp rank 0: rows start documents")
+        self.continues = ~starts_document
+        num_segments = seg_starts.numel()
+        # Per segment: its row, and whether it carries the row's incoming state (first segment, continuing).
+        self.segment_row = torch.searchsorted(row_starts, seg_starts, right=True) - 1
+        self.segment_carries = torch.zeros(num_segments, dtype=torch.bool, device=device)
+        self.segment_carries[self.first_segment] = self.continues
+        self._doc_start = self._global_document_starts()
+
+    @classmethod
+    def from_batch(cls, group: dist.ProcessGroup, batch: dict) -> SequenceParallel:
+        return cls(group, batch["cu_seqlens"], batch["starts_document"])
+
+    def _global_document_starts(self) -> Tensor:
+        """[B, T] global row position of each token's document start. A start before this slice is the
+        last document start of the nearest earlier rank that has one (one all_gather of B integers)."""
+        offset = self.rank * self.seq_len
+        local = document_starts(self.cu_seqlens, self.batch_size, self.seq_len, self.cu_seqlens.device)
+        # In a row that continues a document, the tokens before its first local start (those whose
+        # segment "starts" at 0) belong to a document that began on an earlier rank.
+        continuing = self.continues[:, None] & (local == 0)
+        last = torch.where(continuing[:, -1], -1, local[:, -1] + offset)
+        gathered = [torch.empty_like(last) for _ in range(self.size)]
+        dist.all_gather(gathered, last, group=self.group)
+        # Positions grow with the rank, so the latest earlier start is the max; rank 0 always starts rows.
+        incoming = torch.stack(gathered[: self.rank] or [torch.zeros_like(last)]).max(dim=0).values.clamp(min=0)
+        return torch.where(continuing, incoming[:, None], local + offset)
+
+    # ----- what the mixers call -------------------------------------------------------------------------
+
+    def positions(self) -> Tensor:
+        """[T] global row positions of this slice's tokens (for RoPE)."""
+        start = self.rank * self.seq_len
+        return torch.arange(start, start + self.seq_len, device=self.cu_seqlens.device)
+
+    def doc_start(self) -> Tensor:
+        """[B, T] global row position of the start of each token's document."""
+        return self._doc_start
+
+    def scan(self, op: Callable, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, **gates: Tensor) -> Tensor:
+        """The op's output over this slice, given the state every earlier rank leaves (op = chunk_gla or
+        chunk_gated_delta_rule; gates = g, or g and beta)."""
+        out_shape = v.shape
+        q, k, v = self._flat(q), self._flat(k), self._flat(v)
+        gates = {name: self._flat(gate) for name, gate in gates.items()}
+        num_keys, num_values, num_heads = k.shape[-1], v.shape[-1], k.shape[-2]
+
+        # 1. (S_local, M) of each row's last segment in one run: the state is affine in S_in column by column,
+        #    so appending K zero value columns that start from the identity yields M next to S_local.
+        #    Only a first segment continuing a document carries S_in; elsewhere M = 0 (the state was cut).
+        identity = torch.eye(num_keys, device=v.device).expand(self.batch_size, num_heads, -1, -1)
+        probe_state = self._to_segments(torch.cat([identity.new_zeros(*identity.shape[:-1], num_values), identity], dim=-1))
+        probe_v = torch.cat([v, v.new_zeros(*v.shape[:-1], num_keys)], dim=-1)
+        _, final = op(q, k, probe_v, scale=scale, **gates, initial_state=probe_state,
+                      output_final_state=True, cu_seqlens=self.cu_seqlens)
+        summaries = final[self.last_segment].float()  # [B, H, K, V+K] = (S_local | M)
+
+        # 2. every rank's summary, then the exclusive prefix combine S_in(j+1) = M_j S_in(j) + S_local(j).
+        #    Every rank computes all prefixes and keeps its own, so the gathered tensors are in every rank's
+        #    graph: the all_gather's backward (which brings later ranks' gradients here) then runs on all.
+        gathered = _AllGather.apply(summaries, self.group)
+        incoming = [torch.zeros_like(summaries[..., :num_values])]
+        for summary in gathered[:-1]:
+            incoming.append(summary[..., num_values:] @ incoming[-1] + summary[..., :num_values])
+        state_in = torch.stack(incoming)[self.rank]
+
+        # 3. the outputs, rerun from the incoming state.
+        initial_state = self._to_segments(state_in)
+        o, _ = op(q, k, v, scale=scale, **gates, initial_state=initial_state, cu_seqlens=self.cu_seqlens)
+        return o.reshape(out_shape)
+
+    def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+        """Depthwise causal conv over this slice, its left context taken from the previous rank(s)."""
+        out_shape = x.shape
+        x = x.reshape(self.batch_size, self.seq_len, -1)
+        halo = self.halo(x, weight.shape[-1] - 1)  # [B, W-1, D], zero before the document start
+        initial_state = self._to_segments(halo.transpose(1, 2))
+        y, _ = causal_conv1d(self._flat(x), weight, bias, activation, initial_state=initial_state,
+                             cu_seqlens=self.cu_seqlens)
+        return y.reshape(out_shape)
+
+    def gather_kv(self, k: Tensor, v: Tensor, window: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values [B, T_keys, H, D] this slice's queries (k, v: [B, T, H, D]) may attend to, and the
+        keys' global row positions [T_keys]; the mixer masks with q_pos, doc_start and the window.
+
+        Full attention: every earlier rank's keys plus ours (one all_gather; later ranks' are dropped).
+        A window: only the window-1 keys before the slice, from the previous rank(s).
+        """
+        kv = torch.cat([k, v], dim=-1)
+        start = self.rank * self.seq_len
+        if window is None:
+            kv_all = _AllGather.apply(kv, self.group)[: self.rank + 1].transpose(0, 1).flatten(1, 2)
+            key_start = 0
+        else:
+            halo_len = window - 1
+            kv_all = torch.cat([self.halo(kv, halo_len), kv], dim=1)
+            key_start = start - halo_len
+        key_pos = torch.arange(key_start, start + self.seq_len, device=k.device)
+        k_all, v_all = kv_all.split([k.shape[-1], v.shape[-1]], dim=-1)
+        return k_all, v_all, key_pos
+
+    def halo(self, x: Tensor, length: int) -> Tensor:
+        """[B, length, ...]: the `length` tokens before this slice in each row, zero where they lie before
+        the row's start or before the document the slice's first token belongs to. Several hops when a
+        slice is shorter than the halo."""
+        halo = x.new_zeros(x.shape[0], length, *x.shape[2:])
+        if length == 0:
+            return halo
+        for _ in range(math.ceil(length / self.seq_len)):
+            halo = _ShiftFromPrevious.apply(torch.cat([halo, x], dim=1)[:, -length:], self.group)
+        positions = self.rank * self.seq_len - length + torch.arange(length, device=x.device)
+        keep = positions[None, :] >= self._doc_start[:, :1]
+        return halo * keep.view(*keep.shape, *(1,) * (x.dim() - 2)).to(x.dtype)
+
+    # ----- helpers --------------------------------------------------------------------------------------
+
+    def _flat(self, x: Tensor) -> Tensor:
+        """[B, T, ...] or [1, B*T, ...] -> [1, B*T, ...], the layout the ops take with cu_seqlens."""
+        return x.reshape(1, self.batch_size * self.seq_len, *x.shape[2:])
+
+    def _to_segments(self, per_row: Tensor) -> Tensor:
+        """Per-row states [B, ...] -> initial states [N, ...]: a row's first segment gets its row's state
+        when it continues a document, every other segment starts from zero."""
+        carries = self.segment_carries.view(-1, *(1,) * (per_row.dim() - 1)).to(per_row.dtype)
+        return per_row[self.segment_row] * carries

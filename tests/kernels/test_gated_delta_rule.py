@@ -1,0 +1,224 @@
+"""Every gated-delta-rule path against the naive recurrence, forward and every gradient.
+
+The reference is naive_gated_delta_rule in fp64 with autograd (itself checked against the matrix form of the
+recurrence). q and k are L2-normalised as the caller does; beta is drawn from (0, 2), so some steps have a
+negative eigenvalue. Errors are max|actual - expected| / max|expected| per tensor (output, final state, and
+the gradients of q, k, v, g, beta, initial_state, with random upstream gradients for both o and the final
+state). Tolerances:
+- fp64 chunked PyTorch: 1e-10. Both paths are exact in fp64; only the summation order differs.
+- fp32 (chunked PyTorch, and Triton under TRITON_INTERPRET=1): 1e-4. fp32 rounding (~6e-8) grows through
+  the 64x64 triangular solve of the WY form (entries of (I + A)^{-1} grow with beta up to 2), through sums
+  over up to 333 steps, and through cumulative gates: exp(gamma_t - gamma_s) is computed from within-chunk
+  cumulative sums that reach -1000s with extreme gates, whose rounding is a relative error of the decays.
+- On a GPU the Triton dots of fp32 inputs run in exact fp32 ("ieee"), so the fp32 tolerance holds there too;
+  bf16 inputs: 3e-2 (8-bit mantissa operands, fp32 accumulation).
+- bf16 inputs on CPU (chunked PyTorch, fp32 inside, bf16 output) against the reference on the same
+  bf16-rounded inputs: 2e-2.
+"""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule_torch
+from kernels.gated_delta_rule.naive import naive_gated_delta_rule
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+FP32_TOL = 2e-4
+
+
+def triton_chunk(*args, **kwargs):
+    from kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton
+    return chunk_gated_delta_rule_triton(*args, **kwargs)
+
+
+def triton_fused_recurrent(*args, **kwargs):
+    from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_triton
+    return fused_recurrent_gated_delta_rule_triton(*args, **kwargs)
+
+
+PATHS = {"torch": chunk_gated_delta_rule_torch, "triton_chunk": triton_chunk,
+         "triton_fused_recurrent": triton_fused_recurrent}
+
+
+def make_inputs(B, T, H, K, V, num_states, gates="normal", seed=0):
+    """fp64 leaf inputs and upstream gradients. gates: 'normal'; 'extreme' (g in [-40, -20]); 'mixed'
+    (g ~ -1e-6, a gate of almost exactly one, next to g = -100); 'aligned' (normal gates, but nearly parallel
+    keys and beta near 2: the WY system (I + A) is as far from the identity as it gets)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    uniform = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, beta = rand(B, T, H, K), rand(B, T, H, K), 2 * uniform(B, T, H)
+    if gates == "extreme":
+        g = -20 - 20 * uniform(B, T, H)
+    elif gates == "mixed":
+        g = torch.where(uniform(B, T, H) < 0.8, -1e-6 * uniform(B, T, H), -100.0)
+    else:
+        g = F.logsigmoid(rand(B, T, H) + 2)
+    if gates == "aligned":
+        k = rand(1, 1, H, K) + 0.05 * k
+        beta = 1.9 + 0.1 * beta / 2
+    inputs = dict(q=F.normalize(q, dim=-1), k=F.normalize(k, dim=-1), v=rand(B, T, H, V), g=g, beta=beta,
+                  initial_state=rand(num_states, H, K, V))
+    upstream = dict(o=rand(B, T, H, V), final_state=rand(num_states, H, K, V))
+    return inputs, upstream
+
+
+def run(fn, inputs, upstream, dtype, device, cu_seqlens=None):
+    """Output, final state and the gradients of every input (as fp64 on the CPU)."""
+    leaves = {name: x.detach().to(device, dtype).requires_grad_() for name, x in inputs.items()}
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device)
+    o, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"],
+                  initial_state=leaves["initial_state"], output_final_state=True, cu_seqlens=cu_seqlens)
+    loss = (o.double() * upstream["o"].to(device)).sum() + (final.double() * upstream["final_state"].to(device)).sum()
+    loss.backward()
+    results = {"o": o, "final_state": final, **{f"d{name}": x.grad for name, x in leaves.items()}}
+    return {name: t.detach().double().cpu() for name, t in results.items()}
+
+
+def assert_matches(actual, expected, tol):
+    for name, e in expected.items():
+        a = actual[name]
+        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        error = ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
+        assert error <= tol, f"{name}: relative error {error:.2e} > {tol:.0e}"
+
+
+# Uneven documents, none aligned with the 64-token chunks, one of a single token and one empty.
+CU_SEQLENS = torch.tensor([0, 7, 70, 70, 71, 200, 333], dtype=torch.int32)
+
+
+@functools.cache
+def case(B, T, H, K, V, gates="normal", packed=False, seed=0):
+    """Inputs, upstream gradients and the fp64 reference results, shared by every path tested on them."""
+    cu_seqlens = CU_SEQLENS if packed else None
+    num_states = len(CU_SEQLENS) - 1 if packed else B
+    inputs, upstream = make_inputs(B, T, H, K, V, num_states, gates, seed)
+    expected = run(naive_gated_delta_rule, inputs, upstream, torch.float64, "cpu", cu_seqlens)
+    return inputs, upstream, cu_seqlens, expected
+
+
+def test_naive_is_the_recurrence():
+    """The reference against the definition, written as explicit K x K matrices."""
+    inputs, _ = make_inputs(2, 5, 2, 8, 4, num_states=2)
+    q, k, v, g, beta, state = (inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state"))
+    o, final = naive_gated_delta_rule(q, k, v, g, beta, scale=0.5, initial_state=state, output_final_state=True)
+    eye = torch.eye(8, dtype=torch.float64)
+    for t in range(5):
+        kt, bt = k[:, t], beta[:, t, :, None, None]
+        transition = g[:, t, :, None, None].exp() * (eye - bt * kt[..., :, None] * kt[..., None, :])
+        state = transition @ state + bt * kt[..., :, None] * v[:, t, :, None, :]
+        torch.testing.assert_close(o[:, t], 0.5 * torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
+    torch.testing.assert_close(final, state)
+
+
+# ---- every path against the reference -------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 15, 64, 100, 257])
+@pytest.mark.parametrize("K,V", [(16, 32), (64, 16)])
+def test_chunk_torch_fp64(T, K, V):
+    inputs, upstream, _, expected = case(2, T, 2, K, V, seed=T)
+    assert_matches(run(chunk_gated_delta_rule_torch, inputs, upstream, torch.float64, "cpu"), expected, 1e-10)
+
+
+# The fused recurrent kernel's backward is the chunked one: one gate pattern is enough for its forward.
+@pytest.mark.parametrize("path,gates", [(path, gates) for path in ("torch", "triton_chunk")
+                                        for gates in ("normal", "extreme", "mixed", "aligned")]
+                         + [("triton_fused_recurrent", "mixed")])
+def test_fp32_cu_seqlens(path, gates, nan_buffers):
+    inputs, upstream, cu_seqlens, expected = case(1, 333, 1, 16, 32, gates, packed=True)
+    device = "cpu" if path == "torch" else DEVICE
+    assert_matches(run(PATHS[path], inputs, upstream, torch.float32, device, cu_seqlens), expected, FP32_TOL)
+
+
+@pytest.mark.parametrize("T,K,V", [(1, 16, 16), (15, 32, 16), (64, 16, 32), (100, 16, 16), (257, 16, 16),
+                                   (70, 64, 64)])
+def test_chunk_triton_fp32(T, K, V, nan_buffers):
+    inputs, upstream, _, expected = case(2, T, 1, K, V, seed=T)
+    assert_matches(run(triton_chunk, inputs, upstream, torch.float32, DEVICE), expected, FP32_TOL)
+
+
+@pytest.mark.parametrize("T", [1, 37])
+def test_fused_recurrent_triton_fp32(T, nan_buffers):
+    inputs, upstream, _, expected = case(2, T, 1, 16, 32, "extreme", seed=T)
+    assert_matches(run(triton_fused_recurrent, inputs, upstream, torch.float32, DEVICE), expected, FP32_TOL)
+
+
+def test_chunk_torch_bf16():
+    inputs, upstream = make_inputs(2, 100, 2, 32, 32, num_states=2)
+    actual = run(chunk_gated_delta_rule_torch, inputs, upstream, torch.bfloat16, "cpu")
+    expected = run(naive_gated_delta_rule, {n: x.bfloat16().double() for n, x in inputs.items()}, upstream,
+                   torch.float64, "cpu")
+    assert_matches(actual, expected, 2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter's bf16 dot is wrong)")
+@pytest.mark.parametrize("fn", [triton_chunk, triton_fused_recurrent], ids=["chunk", "fused_recurrent"])
+def test_triton_bf16(fn):
+    inputs, upstream = make_inputs(2, 300, 4, 64, 64, num_states=2)
+    expected = run(naive_gated_delta_rule, {n: x.bfloat16().double() for n, x in inputs.items()}, upstream,
+                   torch.float64, "cpu")
+    assert_matches(run(fn, inputs, upstream, torch.bfloat16, DEVICE), expected, 3e-2)
+
+
+# ---- the contract ---------------------------------------------------------------------------------
+
+def test_state_passing_equals_one_long_call():
+    """Splitting a sequence and carrying final_state into initial_state is the same computation
+    (what decoding and sequence parallelism rely on)."""
+    inputs, _ = make_inputs(1, 150, 2, 16, 16, num_states=1)
+    q, k, v, g, beta, h0 = (inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state"))
+    o, final = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o1, mid = chunk_gated_delta_rule(q[:, :90], k[:, :90], v[:, :90], g[:, :90], beta[:, :90], initial_state=h0,
+                                     output_final_state=True)
+    o2, final2 = fused_recurrent_gated_delta_rule(q[:, 90:], k[:, 90:], v[:, 90:], g[:, 90:], beta[:, 90:],
+                                                  initial_state=mid, output_final_state=True)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), o, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final2, final, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entry_points_without_states(backend, monkeypatch):
+    """The training call (no initial state, no final state) through the entry points, on either backend
+    (BATON_KERNELS=triton runs the Triton kernels here in the interpreter)."""
+    monkeypatch.setenv("BATON_KERNELS", backend)
+    inputs, upstream = make_inputs(2, 80, 1, 16, 16, num_states=2)
+    names = ("q", "k", "v", "g", "beta")
+    expected_leaves = [inputs[n].clone().requires_grad_() for n in names]
+    o = naive_gated_delta_rule(*expected_leaves)[0]
+    expected = [o, *torch.autograd.grad((o * upstream["o"]).sum(), expected_leaves)]
+    for op in (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule):
+        leaves = [inputs[n].float().requires_grad_() for n in names]
+        o, final = op(*leaves)
+        actual = [o, *torch.autograd.grad((o * upstream["o"].float()).sum(), leaves)]
+        assert final is None
+        for name, a, e in zip(("o", *names), actual, expected):
+            error = ((a.double() - e).abs().max() / e.abs().max()).item()
+            assert error <= FP32_TOL, f"{op.__name__} {name}: relative error {error:.2e}"
+
+
+def test_no_final_state_unless_asked():
+    inputs, _ = make_inputs(1, 20, 1, 16, 16, num_states=1)
+    o, final = chunk_gated_delta_rule(*(inputs[n] for n in ("q", "k", "v", "g", "beta")))
+    assert final is None and o.shape == inputs["v"].shape
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(g=torch.zeros(1, 8, 2, 16)), "g must be"),
+    (dict(beta=torch.zeros(1, 8)), "beta must be"),
+    (dict(v=torch.zeros(1, 9, 2, 16)), "v must be"),
+    (dict(initial_state=torch.zeros(2, 2, 16, 16)), "initial_state must be"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 9], dtype=torch.int32)), "cu_seqlens must rise"),
+])
+@pytest.mark.parametrize("op", [chunk_gated_delta_rule, fused_recurrent_gated_delta_rule])
+def test_bad_input_is_a_clear_error(op, bad, message):
+    args = dict(q=torch.zeros(1, 8, 2, 16), k=torch.zeros(1, 8, 2, 16), v=torch.zeros(1, 8, 2, 16),
+                g=torch.zeros(1, 8, 2), beta=torch.zeros(1, 8, 2), initial_state=None, cu_seqlens=None)
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        op(**args)

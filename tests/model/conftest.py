@@ -1,0 +1,37 @@
+"""Small fp32 models exercising every option of every mixer, for the model tests."""
+import pytest
+import torch
+
+from model import LM, ModelConfig
+from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config
+
+VOCAB = 97
+# One model per mixer (W: a window shorter than the test sequences), plus a hybrid of all of them.
+PATTERNS = ["A", "W", "G", "M", "D", "GMDAW"]
+
+
+def small_config(pattern: str, **overrides) -> ModelConfig:
+    fields = dict(
+        vocab_size=VOCAB, d_model=64, d_ff=128, pattern=pattern, tie_embeddings=False,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, window=5),
+        gla=GLAConfig(num_heads=2, use_short_conv=True),
+        mamba2=Mamba2Config(expand=2, head_dim=16, d_state=16, n_groups=2),
+        gated_deltanet=GatedDeltaNetConfig(num_heads=2, head_dim=16, expand_v=2.0, allow_neg_eigval=True),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def pytest_generate_tests(metafunc):
+    """A test taking `pattern` runs once per entry of PATTERNS, unless it parametrizes it itself."""
+    explicit = any("pattern" in marker.args[0] for marker in metafunc.definition.iter_markers("parametrize"))
+    if "pattern" in metafunc.fixturenames and not explicit:
+        metafunc.parametrize("pattern", PATTERNS)
+
+
+@pytest.fixture
+def make_lm():
+    def build(pattern: str, seed: int = 0, **overrides) -> LM:
+        torch.manual_seed(seed)
+        return LM(small_config(pattern, **overrides)).eval()
+    return build

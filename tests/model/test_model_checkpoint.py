@@ -1,0 +1,26 @@
+"""save_pretrained / from_checkpoint: safetensors + config.json round trip, clear errors."""
+import json
+
+import pytest
+import torch
+
+from model import LM
+
+VOCAB = 97  # tests/model/conftest.py's small models
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_round_trip_gives_the_same_logits(make_lm, tmp_path, tie):
+    lm = make_lm("GMDAW", tie_embeddings=tie)
+    lm.save_pretrained(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["pattern"] == "GMDAW"
+    loaded = LM.from_checkpoint(tmp_path / "export").eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), lm(ids), atol=0, rtol=0)
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tie
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LM.from_checkpoint(tmp_path)
