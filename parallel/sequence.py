@@ -171,8 +171,9 @@ class SequenceParallel:
         #    graph: the all_gather's backward (which brings later ranks' gradients here) then runs on all.
         gathered = _AllGather.apply(summaries, self.group)
         incoming = [torch.zeros_like(summaries[..., :num_values])]
-        for summary in gathered[:-1]:
-            incoming.append(summary[..., num_values:] @ incoming[-1] + summary[..., :num_values])
+        with torch.autocast(v.device.type, enabled=False):  # states stay fp32 under bf16 autocast
+            for summary in gathered[:-1]:
+                incoming.append(summary[..., num_values:] @ incoming[-1] + summary[..., :num_values])
         state_in = torch.stack(incoming)[self.rank]
 
         # 3. the outputs, rerun from the incoming state.
@@ -217,7 +218,9 @@ class SequenceParallel:
         halo = x.new_zeros(x.shape[0], length, *x.shape[2:])
         if length == 0:
             return halo
-        for _ in range(math.ceil(length / self.seq_len)):
+        # Each hop reaches one rank further back; no rank has more than size-1 ranks before it. Every
+        # rank makes the same number of hops, so the point-to-point calls pair up.
+        for _ in range(min(math.ceil(length / self.seq_len), self.size - 1)):
             halo = _ShiftFromPrevious.apply(torch.cat([halo, x], dim=1)[:, -length:], self.group)
         positions = self.rank * self.seq_len - length + torch.arange(length, device=x.device)
         keep = positions[None, :] >= self._doc_start[:, :1]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from configs.schema import load_config
 from model import LM
 from parallel.checkpoint import Checkpointer
-from parallel.engine import LocalEngine, Topology
+from parallel.engine import Engine, Topology
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=64", "model.gla.num_heads=2", "model.attention.num_heads=2", "train.seq_len=64",
@@ -42,7 +42,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_engine_steps_lower_the_loss_on_a_fixed_batch():
     cfg, _ = load_config(SMALL)
     torch.manual_seed(0)
-    engine = LocalEngine(LM.from_config(cfg.model), cfg.optim, Topology())
+    engine = Engine(LM.from_config(cfg.model), cfg.optim, Topology())
     batch = torch.randint(0, 500, (4, 33))
     history = []
     for _ in range(8):
@@ -99,30 +99,29 @@ def test_refuses_other_model_and_existing_run_without_touching_it(tmp_path):
 
 def test_a_killed_save_is_never_taken_for_a_checkpoint(tmp_path):
     cfg, _ = load_config(SMALL)
-    engine = LocalEngine(LM.from_config(cfg.model), cfg.optim, Topology())
+    engine = Engine(LM.from_config(cfg.model), cfg.optim, Topology())
     ckpt = Checkpointer(tmp_path, keep=2)
-    saved = ckpt.save(1, engine.model, engine.optimizer, {"tokens_seen": 1, "model_config": {}})
+    saved = ckpt.save(1, engine, {"tokens_seen": 1, "model_config": {}})
     half_written = tmp_path / ".step_000002.tmp"
     half_written.mkdir()
     (half_written / "__0_0.distcp").write_bytes(b"partial")
     assert ckpt.latest() == saved
     # The next save clears the leftover and completes.
-    assert ckpt.save(2, engine.model, engine.optimizer, {"tokens_seen": 2, "model_config": {}}).name == "step_000002"
+    assert ckpt.save(2, engine, {"tokens_seen": 2, "model_config": {}}).name == "step_000002"
     assert not half_written.exists()
 
 
 def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     cfg, raw = load_config(SMALL)
     torch.manual_seed(0)
-    source = LocalEngine(LM.from_config(cfg.model), cfg.optim, Topology())
+    source = Engine(LM.from_config(cfg.model), cfg.optim, Topology())
     batch = torch.randint(0, 500, (2, 17))
     source.backward(F.cross_entropy(source.model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()))
     source.step(1e-2)
-    path = Checkpointer(tmp_path, keep=1).save(1, source.model, source.optimizer,
-                                               {"tokens_seen": 7, "model_config": {"d_model": 64}})
+    path = Checkpointer(tmp_path, keep=1).save(1, source, {"tokens_seen": 7, "model_config": {"d_model": 64}})
     torch.manual_seed(1)
-    target = LocalEngine(LM.from_config(cfg.model), cfg.optim, Topology())
-    state = Checkpointer(tmp_path, keep=1).load(path, target.model, target.optimizer, {"d_model": 64})
+    target = Engine(LM.from_config(cfg.model), cfg.optim, Topology())
+    state = Checkpointer(tmp_path, keep=1).load(path, target, {"d_model": 64})
     assert state["step"] == 1 and state["tokens_seen"] == 7
     for (name, a), b in zip(source.model.state_dict().items(), target.model.state_dict().values()):
         assert torch.equal(a, b), name

@@ -23,6 +23,8 @@ inputs' dtype (bf16 tensor cores), fp32 inputs use exact fp32 dots. All dims are
 (tl.dot's minimum), full K per program and V in blocks of BV. Plain pointers (no block pointers) so the
 kernels run in the interpreter and on triton 3.6.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -34,8 +36,10 @@ CHUNK_SIZE = 64
 
 
 def _configs() -> list[triton.Config]:
+    # Single-stage configs keep K = 256 within shared memory (the backward's [64, K] fp32 tiles); the
+    # autotuner skips configs that do not fit.
     return autotune_configs([triton.Config({"BV": bv}, num_warps=w, num_stages=s)
-                             for bv in (32, 64) for w in (4, 8) for s in (2, 3)])
+                             for bv in (32, 64) for w in (4, 8) for s in (1, 2, 3)])
 
 
 @triton.jit
@@ -331,15 +335,25 @@ def _intra_bwd_kernel(
 class ChunkList:
     """The chunks of the flattened tokens: (sequence, chunk within it) per chunk, and each sequence's first
     chunk (where its states are stored). Built on the host from the sequence bounds (with cu_seqlens that is
-    one device sync), then copied over; the forward builds it once and the backward reuses it."""
+    one device sync), then copied over; the forward builds it once and the backward reuses it. The chunk
+    tables are made on first use (a decode step with the fused kernel needs only the bounds)."""
 
     def __init__(self, cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):
-        bounds = torch.tensor(sequence_bounds(cu_seqlens, B, T), dtype=torch.int32)
-        self.cu_seqlens = bounds.to(device)
-        self.chunk_indices = prepare_chunk_indices(bounds, CHUNK_SIZE).to(device)
-        self.chunk_offsets = prepare_chunk_offsets(bounds, CHUNK_SIZE).to(device)
-        self.num_sequences = len(bounds) - 1
-        self.num_chunks = self.chunk_indices.shape[0]
+        self._bounds = torch.tensor(sequence_bounds(cu_seqlens, B, T), dtype=torch.int32)
+        self.cu_seqlens = self._bounds.to(device)
+        self.num_sequences = len(self._bounds) - 1
+
+    @functools.cached_property
+    def chunk_indices(self) -> torch.Tensor:
+        return prepare_chunk_indices(self._bounds, CHUNK_SIZE).to(self.cu_seqlens.device)
+
+    @functools.cached_property
+    def chunk_offsets(self) -> torch.Tensor:
+        return prepare_chunk_offsets(self._bounds, CHUNK_SIZE).to(self.cu_seqlens.device)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunk_indices.shape[0]
 
 
 def _block(d: int) -> int:

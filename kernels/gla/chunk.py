@@ -3,14 +3,16 @@
 Within a chunk of C=64 tokens let b_t be the cumulative log gate from the chunk's start. Then
     o_t     = scale * [ (q_t * exp(b_t))^T S_0 + sum_{s<=t} (q_t . (k_s * exp(b_t - b_s))) v_s ]
     S_next  = exp(b_C) * S_0 + sum_s (k_s * exp(b_C - b_s)) v_s^T
-Two rules keep this exact in fp32 for any gate, however negative:
-- Only exponents <= 0 are exponentiated. The intra-chunk matrix with a vector gate needs exp(b_t - b_s)
-  per key dimension; for queries in a block of 16 against keys in earlier blocks it is split at the
-  query block's first token r, exp(b_t - b_r) exp(b_r - b_s), both <= 1 (flash-linear-attention's
-  secondary chunking); the 16x16 blocks on the diagonal exponentiate the masked pairwise difference.
-- An exponent that is zero by construction (a token to itself, the chunk's last token to the chunk's
-  end) is the constant 0, never x - x: its gradient would be two O(1) terms cancelling in fp32, an
-  absolute error that swamps the true d g, which is tiny when the gates are (exp(-20) times smaller).
+The intra-chunk matrix with a vector gate needs exp(b_t - b_s) per key dimension. When no chunk decays
+by more than e^-60 in any dimension (the usual case: GLA's gates are close to one) it factorises,
+(q_t exp(b_t)) . (k_s exp(-b_s)), one matmul per chunk, every factor within e^+-60 of its input (fp32
+holds e^+-87). Otherwise the chunk is cut into blocks of 16 that keep every exponentiated term <= 0:
+- queries in block i against keys in an earlier block j: exp(b_t - b_r) exp(b_r - b_s), split at the
+  first token r of block i, both factors <= 1 (flash-linear-attention's secondary chunking);
+- the 16x16 blocks on the diagonal: the masked pairwise difference, exponentiated directly.
+On that path an exponent that is zero by construction (a token to itself, the chunk's last token to the
+chunk's end) is the constant 0, never x - x: its gradient would be two O(1) terms cancelling in fp32, an
+absolute error that swamps the true d g when the gates are extreme (exp(-20) gives d g ~ exp(-20)).
 A scalar gate needs only the masked [C, C] matrix exp(b_t - b_s).
 """
 import torch
@@ -19,6 +21,7 @@ from kernels.common import chunk_layout, compute_dtype, sequence_bounds
 
 CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
+FACTORIZED_MAX_DECAY = 60.0  # largest -log decay over one chunk for which exp(+-b) stays well inside fp32
 
 
 def chunk_gla_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -39,6 +42,8 @@ def chunk_gla_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     b = g.cumsum(2)  # [chunks, H, C, K or 1]
     if scalar_gate:
         o = _intra_chunk_scalar(q, k, b[..., 0]) @ v
+    elif b.numel() and -b[:, :, -1].min().item() <= FACTORIZED_MAX_DECAY:
+        o = _intra_chunk_factorized(q, k, b) @ v
     else:
         o = _intra_chunk_vector(q, k, g, b) @ v
 
@@ -99,6 +104,13 @@ def _intra_chunk_scalar(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> to
     """[chunks, H, C, C] lower-triangular attention matrix for a scalar gate; b is [chunks, H, C]."""
     same = torch.eye(q.shape[2], dtype=q.dtype, device=q.device)  # exp(0), independent of b
     return (q @ k.transpose(-1, -2)) * (_strictly_earlier_decay(b.unsqueeze(-1)).squeeze(-1) + same)
+
+
+def _intra_chunk_factorized(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[chunks, H, C, C] attention matrix for a vector gate whose chunks decay by at most e^-60."""
+    C = q.shape[2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    return ((q * torch.exp(b)) @ (k * torch.exp(-b)).transpose(-1, -2)).masked_fill(~causal, 0.0)
 
 
 def _intra_chunk_vector(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

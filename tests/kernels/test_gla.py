@@ -37,12 +37,14 @@ def triton_fused_recurrent(*args, **kwargs):
 
 
 def make_inputs(B, T, H, K, V, scalar_gate, num_states, gates="normal", seed=0):
-    """fp64 inputs (leaf tensors) and upstream gradients; gates: 'normal', 'extreme' or 'mixed'."""
+    """fp64 inputs (leaf tensors) and upstream gradients; gates: 'normal', 'strong', 'extreme' or 'mixed'."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
     gate_shape = (B, T, H) if scalar_gate else (B, T, H, K)
     if gates == "normal":
         g = F.logsigmoid(rand(*gate_shape) + 2)  # around -0.1: long memory
+    elif gates == "strong":  # a chunk decays by up to e^-58: the edge of the factorised intra-chunk path
+        g = -0.9 * torch.rand(*gate_shape, generator=gen, dtype=torch.float64).clamp_min(0.99)
     elif gates == "extreme":  # a_t = exp(g) between e^-40 and e^-20: nothing may overflow or vanish to NaN
         g = -20 - 20 * torch.rand(*gate_shape, generator=gen, dtype=torch.float64)
     else:  # 'mixed': gates near one (g ~ -1e-6) next to gates of e^-100
@@ -97,7 +99,7 @@ def test_chunk_torch_fp64(T, scalar_gate, K, V):
     assert_matches(run(chunk_gla_torch, inputs, upstream, torch.float64, "cpu"), expected, 1e-10)
 
 
-@pytest.mark.parametrize("gates", ["normal", "extreme", "mixed"])
+@pytest.mark.parametrize("gates", ["normal", "strong", "extreme", "mixed"])
 @pytest.mark.parametrize("scalar_gate", [False, True], ids=["vector", "scalar"])
 def test_chunk_torch_fp32_cu_seqlens(gates, scalar_gate):
     inputs, upstream = make_inputs(1, 333, 2, 32, 32, scalar_gate, num_states=NUM_DOCS, gates=gates)

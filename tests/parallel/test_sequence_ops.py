@@ -147,10 +147,9 @@ def run_checks(rank: int, world_size: int, init_file: str) -> None:
             delta = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS)),
                          beta=torch.rand(BATCH, T, HEADS))
             delta["k"] = F.normalize(delta["k"], dim=-1)
-            for flat_input in (False, True):
-                check_scan(sp, chunk_gla, gla_vector, doc_starts, rank, local_len, flat_input)
-                check_scan(sp, chunk_gla, mamba2_scalar, doc_starts, rank, local_len, flat_input)
-                check_scan(sp, chunk_gated_delta_rule, delta, doc_starts, rank, local_len, flat_input)
+            check_scan(sp, chunk_gla, gla_vector, doc_starts, rank, local_len, flat_input=False)
+            check_scan(sp, chunk_gla, mamba2_scalar, doc_starts, rank, local_len, flat_input=True)
+            check_scan(sp, chunk_gated_delta_rule, delta, doc_starts, rank, local_len, flat_input=False)
             for width in (2, 4):
                 check_conv(sp, doc_starts, rank, local_len, width)
             for window in (None, 1, 3, 2 * local_len + 1):
