@@ -58,6 +58,8 @@ def time_cpu(fn, inputs: dict, repeats: int) -> float:
     """Best of `repeats` wall-clock seconds for one forward + backward."""
     best = float("inf")
     for _ in range(repeats):
+        for x in inputs.values():
+            x.grad = None
         start = time.perf_counter()
         forward_backward(fn, inputs)
         best = min(best, time.perf_counter() - start)
@@ -67,7 +69,8 @@ def time_cpu(fn, inputs: dict, repeats: int) -> float:
 def time_gpu(fn, inputs: dict) -> float:
     """Median milliseconds of forward + backward (triton.testing.do_bench: warmed up, L2 flushed)."""
     from triton.testing import do_bench
-    return do_bench(lambda: forward_backward(fn, inputs), warmup=25, rep=100, return_mode="median")
+    return do_bench(lambda: forward_backward(fn, inputs), warmup=25, rep=100, grad_to_none=list(inputs.values()),
+                    return_mode="median")
 
 
 CPU_OPS = {

@@ -99,6 +99,13 @@ def test_chunk_torch_fp64(T, scalar_gate, K, V):
     assert_matches(run(chunk_gla_torch, inputs, upstream, torch.float64, "cpu"), expected, 1e-10)
 
 
+def test_chunk_torch_fp64_blocked_path():
+    """Chunks that decay by more than e^-60 take the blocked (secondary chunking) intra-chunk path."""
+    inputs, upstream = make_inputs(2, 257, 2, 32, 16, scalar_gate=False, num_states=2, gates="mixed")
+    expected = reference(inputs, upstream)
+    assert_matches(run(chunk_gla_torch, inputs, upstream, torch.float64, "cpu"), expected, 1e-10)
+
+
 @pytest.mark.parametrize("gates", ["normal", "strong", "extreme", "mixed"])
 @pytest.mark.parametrize("scalar_gate", [False, True], ids=["vector", "scalar"])
 def test_chunk_torch_fp32_cu_seqlens(gates, scalar_gate):
