@@ -61,9 +61,9 @@ class TrainConfig:
     seq_len: int = 256
     global_batch_size: int = 16
     micro_batch_size: int = 16
-    max_steps: int = 600
+    max_steps: int = 300
     log_every: int = 10
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     keep_checkpoints: int = 2
     eval_every: int = 0
     dtype: str = "auto"
