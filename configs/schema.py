@@ -39,7 +39,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     schedule: str = "cosine"
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
 
@@ -59,11 +59,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     seq_len: int = 256
-    global_batch_size: int = 16
-    micro_batch_size: int = 16
-    max_steps: int = 300
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    max_steps: int = 560
     log_every: int = 10
-    checkpoint_every: int = 100
+    checkpoint_every: int = 200
     keep_checkpoints: int = 2
     eval_every: int = 0
     dtype: str = "auto"
@@ -141,9 +141,15 @@ def load_config(overrides: list[str]) -> tuple[BatonConfig, DictConfig]:
     """Compose configs/config.yaml with command-line overrides; return (typed config, resolved DictConfig)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         raw = compose(config_name="config", overrides=overrides)
+    return typed(raw), raw
+
+
+def typed(raw: DictConfig) -> BatonConfig:
+    """Check a composed config against the schema and build its dataclasses (running their checks)."""
     OmegaConf.resolve(raw)
-    _reject_unknown_keys(raw, OmegaConf.structured(BatonConfig), "")
-    return OmegaConf.to_object(raw), raw
+    schema = OmegaConf.structured(BatonConfig)
+    _reject_unknown_keys(raw, schema, "")
+    return OmegaConf.to_object(OmegaConf.merge(schema, raw))
 
 
 def _reject_unknown_keys(node: DictConfig, schema: DictConfig, prefix: str) -> None:

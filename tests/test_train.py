@@ -66,6 +66,14 @@ def test_resume_after_sigkill_reproduces_every_loss(tmp_path):
     results = json.loads((straight / "results.json").read_text())
     assert results["held_out_bpb"] > 0 and results["held_out_tokens"] > 0
     assert [p.name for p in Checkpointer(straight / "checkpoints", 2).complete()] == ["step_000009", "step_000010"]
+    # Evaluating the saved final checkpoint gives the end-of-training held-out figures.
+    final = straight / "checkpoints" / "step_000010"
+    proc = subprocess.run([sys.executable, "-m", "eval", f"checkpoint={final}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evaluated = json.loads((final / "eval.json").read_text())
+    assert evaluated["step"] == 10
+    assert evaluated["held_out_loss"] == pytest.approx(results["held_out_loss"], rel=1e-6)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, f"run.dir={killed}"], cwd=REPO,

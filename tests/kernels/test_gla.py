@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kernels import chunk_gla, fused_recurrent_gla
 from kernels.gla.chunk import chunk_gla_torch
 from kernels.gla.naive import naive_recurrent_gla
+from compare import assert_matches, run
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -54,28 +55,6 @@ def make_inputs(B, T, H, K, V, scalar_gate, num_states, gates="normal", seed=0):
                   initial_state=rand(num_states, H, K, V))
     upstream = dict(o=rand(B, T, H, V), final_state=rand(num_states, H, K, V))
     return inputs, upstream
-
-
-def run(fn, inputs, upstream, dtype, device, cu_seqlens=None):
-    """Output, final state and the gradients of every input (as fp64 on the CPU)."""
-    leaves = {name: x.detach().to(device, dtype).requires_grad_() for name, x in inputs.items()}
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device)
-    o, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], initial_state=leaves["initial_state"],
-                  output_final_state=True, cu_seqlens=cu_seqlens)
-    loss = (o.double() * upstream["o"].to(device)).sum() + (final.double() * upstream["final_state"].to(device)).sum()
-    loss.backward()
-    results = {"o": o, "final_state": final, **{f"d{name}": x.grad for name, x in leaves.items()}}
-    return {name: t.detach().double().cpu() for name, t in results.items()}
-
-
-def assert_matches(actual, expected, tol):
-    for name, e in expected.items():
-        a = actual[name]
-        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        assert torch.isfinite(a).all(), f"{name}: non-finite values"
-        error = ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
-        assert error <= tol, f"{name}: relative error {error:.2e} > {tol:.0e}"
 
 
 def reference(inputs, upstream, cu_seqlens=None):
