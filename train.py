@@ -40,13 +40,10 @@ def train(cfg, raw_cfg) -> dict:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     engine = build_engine(cfg, topo)  # builds the model, sharded as the engine holds it
-    micro_per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp_size)
-    if micro_per_step * cfg.train.micro_batch_size * topo.dp_size != cfg.train.global_batch_size:
-        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-                         f"micro_batch_size x data-parallel ranks = {cfg.train.micro_batch_size * topo.dp_size}")
     loader = PackedLoader(dataset.train_sources, cfg.train.seq_len, cfg.train.micro_batch_size,
                           cfg.train.global_batch_size, topo.dp_rank, topo.dp_size, topo.sp_rank, topo.sp_size,
                           seed=cfg.run.seed, tokenizer_hash=tokenizer.hash, verify_checksums=dataset.verify_checksums)
+    micro_per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp_size)  # the loader checked it
     autocast_dtype = autocast_dtype_for(cfg.train.dtype, topo.device)
     model_config = OmegaConf.to_container(raw_cfg.model)
 
@@ -77,11 +74,11 @@ def train(cfg, raw_cfg) -> dict:
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten()) / micro_per_step
             engine.backward(loss)
             loss_sum += loss.detach()
-        grad_norm = engine.step(lr_at(step, cfg.train.max_steps, cfg.optim))
+        lr = lr_at(step, cfg.train.max_steps, cfg.optim)
+        grad_norm = engine.step(lr)
         step += 1
         tokens_seen += tokens_per_step
-        record = {"step": step, "loss": engine.all_reduce_mean(loss_sum.item()),
-                  "lr": lr_at(step - 1, cfg.train.max_steps, cfg.optim), "grad_norm": grad_norm,
+        record = {"step": step, "loss": engine.all_reduce_mean(loss_sum.item()), "lr": lr, "grad_norm": grad_norm,
                   "tokens_seen": tokens_seen, "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
         logger.log(record)
         progress.update(1)

@@ -84,7 +84,7 @@ class EvalConfig:
     batch_size: int = 8
     sample_prompt: str = "def "
     sample_tokens: int = 96
-    sample_temperature: float = 0.0
+    sample_temperature: float = 0.8
 
     def __post_init__(self):
         if self.held_out_tokens < 1 or self.batch_size < 1 or self.sample_tokens < 0 or self.sample_temperature < 0:

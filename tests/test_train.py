@@ -57,7 +57,7 @@ def test_engine_steps_lower_the_loss_on_a_fixed_batch():
 
 @pytest.mark.slow
 def test_resume_after_sigkill_reproduces_every_loss(tmp_path):
-    steps = ["train.max_steps=10", "train.checkpoint_every=3", "train.keep_checkpoints=2"]
+    steps = ["train.max_steps=10", "train.checkpoint_every=3", "train.keep_checkpoints=2", "train.eval_every=4"]
     straight = tmp_path / "straight"
     run_train(*steps, f"run.dir={straight}")
     reference = losses(straight)

@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_loss_curve(run_dir: Path, held_out_loss: float | None = None) -> Path:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "loss" in r]  # periodic eval records carry no train loss
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], lw=1, label="train loss")
