@@ -32,7 +32,7 @@ class RunConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 8e-4
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -80,7 +80,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    held_out_tokens: int = 100_000
+    held_out_tokens: int = 150_000
     batch_size: int = 8
     sample_prompt: str = "def "
     sample_tokens: int = 96
