@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import autotune_configs
-from kernels.gated_delta_rule.triton_chunk import ChunkList, chunk_gated_delta_rule_bwd
+from kernels.gated_delta_rule.triton_chunk import ChunkList, _ChunkGatedDeltaRule
 
 
 @triton.autotune(
@@ -52,7 +52,7 @@ def _fused_recurrent_kernel(
         tl.store(final_state + state_offsets, b_h, mask=state_mask)
 
 
-class _FusedRecurrentGatedDeltaRule(torch.autograd.Function):
+class _FusedRecurrentGatedDeltaRule(_ChunkGatedDeltaRule):  # the chunk backward serves decode too
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens):
         B, T, H, K = k.shape
@@ -72,15 +72,6 @@ class _FusedRecurrentGatedDeltaRule(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.scale, ctx.chunks = scale, chunks
         return o, final_state
-
-    @staticmethod
-    def backward(ctx, do, d_final_state):
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
-        if d_final_state is not None:
-            d_final_state = d_final_state.contiguous()
-        grads = chunk_gated_delta_rule_bwd(q, k, v, g, beta, ctx.scale, initial_state, ctx.chunks, do,
-                                           d_final_state)
-        return *grads, None, None, None
 
 
 def fused_recurrent_gated_delta_rule_triton(
