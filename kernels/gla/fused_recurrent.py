@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import autotune_configs
-from kernels.gla.triton_chunk import ChunkGrid, chunk_gla_bwd, prepare_inputs
+from kernels.gla.triton_chunk import ChunkGLAFunction, ChunkGrid, prepare_inputs
 
 
 @triton.autotune(configs=autotune_configs([triton.Config({}, num_warps=w) for w in (1, 2, 4)]),
@@ -48,7 +48,7 @@ def fused_recurrent_gla_fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, T, 
         tl.store(ht + state_offsets, state, mask=state_mask)
 
 
-class FusedRecurrentGLAFunction(torch.autograd.Function):
+class FusedRecurrentGLAFunction(ChunkGLAFunction):  # the chunk backward serves decode too
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         B, T, H, K = q.shape
@@ -65,13 +65,6 @@ class FusedRecurrentGLAFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, g, initial_state)
         ctx.scale, ctx.chunks = scale, chunks
         return o, final
-
-    @staticmethod
-    def backward(ctx, do, d_final):
-        q, k, v, g, initial_state = ctx.saved_tensors
-        dq, dk, dv, dg, d_initial = chunk_gla_bwd(q, k, v, g, ctx.scale, initial_state, do.contiguous(),
-                                                  None if d_final is None else d_final.contiguous(), ctx.chunks)
-        return dq, dk, dv, dg, None, d_initial, None, None
 
 
 def fused_recurrent_gla_triton(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
