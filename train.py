@@ -168,9 +168,9 @@ def is_user_error(err: Exception) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from parallel.checkpoint import CheckpointError
+    from configs.errors import UserError
 
-    return isinstance(err, (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException, CheckpointError))
+    return isinstance(err, (UserError, HydraException, OmegaConfBaseException))
 
 
 if __name__ == "__main__":

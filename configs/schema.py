@@ -13,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from configs.errors import ConfigError
+
 from data.config import DataConfig
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
@@ -45,15 +47,15 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.lr <= 0:
-            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
-            raise ValueError("optim.weight_decay, optim.grad_clip and optim.warmup_steps must be >= 0")
+            raise ConfigError("optim.weight_decay, optim.grad_clip and optim.warmup_steps must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"optim.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+            raise ConfigError(f"optim.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule: '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
+            raise ConfigError(f"optim.schedule: '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
         if not (0 <= self.min_lr_ratio <= 1 and 0 < self.decay_fraction <= 1):
-            raise ValueError("optim.min_lr_ratio must be in [0, 1] and optim.decay_fraction in (0, 1]")
+            raise ConfigError("optim.min_lr_ratio must be in [0, 1] and optim.decay_fraction in (0, 1]")
 
 
 @dataclass
@@ -71,11 +73,11 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError("train.checkpoint_every and train.eval_every must be >= 0, train.keep_checkpoints >= 1")
+            raise ConfigError("train.checkpoint_every and train.eval_every must be >= 0, train.keep_checkpoints >= 1")
         if self.dtype not in DTYPES:
-            raise ValueError(f"train.dtype: '{self.dtype}' is not one of {', '.join(DTYPES)}")
+            raise ConfigError(f"train.dtype: '{self.dtype}' is not one of {', '.join(DTYPES)}")
 
 
 @dataclass
@@ -88,7 +90,7 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.held_out_tokens < 1 or self.batch_size < 1 or self.sample_tokens < 0 or self.sample_temperature < 0:
-            raise ValueError("eval.held_out_tokens and eval.batch_size must be >= 1, sample_tokens/temperature >= 0")
+            raise ConfigError("eval.held_out_tokens and eval.batch_size must be >= 1, sample_tokens/temperature >= 0")
 
 
 @dataclass
@@ -100,7 +102,7 @@ class WandbConfig:
 
     def __post_init__(self):
         if self.mode not in WANDB_MODES:
-            raise ValueError(f"logging.wandb.mode: '{self.mode}' is not one of {', '.join(WANDB_MODES)}")
+            raise ConfigError(f"logging.wandb.mode: '{self.mode}' is not one of {', '.join(WANDB_MODES)}")
 
 
 @dataclass
@@ -125,12 +127,12 @@ class BatonConfig:
         if self.model.has_recurrent_layers():
             step = KERNEL_CHUNK_SIZE * self.parallel.sp
             if self.train.seq_len % step:
-                raise ValueError(f"train.seq_len={self.train.seq_len} must be divisible by {step} "
+                raise ConfigError(f"train.seq_len={self.train.seq_len} must be divisible by {step} "
                                  f"(kernel chunk {KERNEL_CHUNK_SIZE} x parallel.sp {self.parallel.sp})")
         elif self.train.seq_len % self.parallel.sp:
-            raise ValueError(f"train.seq_len={self.train.seq_len} must be divisible by parallel.sp={self.parallel.sp}")
+            raise ConfigError(f"train.seq_len={self.train.seq_len} must be divisible by parallel.sp={self.parallel.sp}")
         if self.train.global_batch_size % self.train.micro_batch_size:
-            raise ValueError(f"train.global_batch_size={self.train.global_batch_size} must be a multiple of "
+            raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} must be a multiple of "
                              f"train.micro_batch_size={self.train.micro_batch_size}")
 
 
@@ -156,7 +158,7 @@ def _reject_unknown_keys(node: DictConfig, schema: DictConfig, prefix: str) -> N
     """Hydra lets `+group.key=value` add a key to a typed node; the schema must still have it."""
     for key in node.keys():
         if key not in schema:
-            raise ValueError(f"{prefix}{key}: no such key in the schema")
+            raise ConfigError(f"{prefix}{key}: no such key in the schema")
         child, template = node[key], schema[key]
         if isinstance(child, DictConfig) and isinstance(template, DictConfig):
             _reject_unknown_keys(child, template, f"{prefix}{key}.")

@@ -8,6 +8,8 @@ one-line ValueError naming the key, so a bad preset fails before any weight is b
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from configs.errors import ConfigError
+
 MIXERS = {"G": "gla", "M": "mamba2", "D": "gated_deltanet", "A": "attention", "W": "sliding_window"}
 RECURRENT_MIXERS = ("gla", "mamba2", "gated_deltanet")
 _KNOWN = ", ".join(f"{letter}={name}" for letter, name in MIXERS.items())
@@ -76,14 +78,14 @@ class ModelConfig:
     def __post_init__(self):
         for key in ("vocab_size", "d_model"):
             if getattr(self, key) < 1:
-                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.norm_eps <= 0 or self.init_std <= 0:
-            raise ValueError("model.norm_eps and model.init_std must be positive")
+            raise ConfigError("model.norm_eps and model.init_std must be positive")
         if self.d_ff is not None and self.d_ff < 1:
-            raise ValueError(f"model.d_ff must be >= 1 or null, got {self.d_ff}")
+            raise ConfigError(f"model.d_ff must be >= 1 or null, got {self.d_ff}")
         letters = _pattern_letters(self.pattern)
         if self.n_layers is not None and (self.n_layers < 1 or self.n_layers % len(letters)):
-            raise ValueError(f"model.n_layers={self.n_layers} must be a positive multiple of the pattern's "
+            raise ConfigError(f"model.n_layers={self.n_layers} must be a positive multiple of the pattern's "
                              f"length {len(letters)}")
         used = set(self.layer_mixers())
         if "attention" in used or "sliding_window" in used:
@@ -114,49 +116,49 @@ class ModelConfig:
     def _check_attention(self):
         a = self.attention
         if a.num_heads < 1 or (a.num_kv_heads is not None and a.num_kv_heads < 1):
-            raise ValueError("model.attention.num_heads and num_kv_heads must be >= 1")
+            raise ConfigError("model.attention.num_heads and num_kv_heads must be >= 1")
         if a.num_kv_heads is not None and a.num_heads % a.num_kv_heads:
-            raise ValueError(f"model.attention.num_heads={a.num_heads} must be a multiple of "
+            raise ConfigError(f"model.attention.num_heads={a.num_heads} must be a multiple of "
                              f"num_kv_heads={a.num_kv_heads}")
         if a.head_dim is None and self.d_model % a.num_heads:
-            raise ValueError(f"model.attention.num_heads={a.num_heads} must divide d_model={self.d_model} "
+            raise ConfigError(f"model.attention.num_heads={a.num_heads} must divide d_model={self.d_model} "
                              "(or set model.attention.head_dim)")
         if (a.head_dim is not None and (a.head_dim < 2 or a.head_dim % 2)) or (
                 a.head_dim is None and (self.d_model // a.num_heads) % 2):
-            raise ValueError("model.attention.head_dim must be even (rotary embeddings rotate pairs)")
+            raise ConfigError("model.attention.head_dim must be even (rotary embeddings rotate pairs)")
         if a.window < 1:
-            raise ValueError(f"model.attention.window must be >= 1, got {a.window}")
+            raise ConfigError(f"model.attention.window must be >= 1, got {a.window}")
 
     def _check_gla(self):
         g = self.gla
         key_dim, value_dim = int(self.d_model * g.expand_k), int(self.d_model * g.expand_v)
         if g.num_heads < 1 or key_dim % g.num_heads or value_dim % g.num_heads or key_dim == 0:
-            raise ValueError(f"model.gla.num_heads={g.num_heads} must divide the key dim {key_dim} and the "
+            raise ConfigError(f"model.gla.num_heads={g.num_heads} must divide the key dim {key_dim} and the "
                              f"value dim {value_dim} (d_model * expand_k / expand_v)")
         if g.gate_low_rank_dim < 1 or g.gate_logit_normalizer <= 0:
-            raise ValueError("model.gla.gate_low_rank_dim must be >= 1 and gate_logit_normalizer > 0")
+            raise ConfigError("model.gla.gate_low_rank_dim must be >= 1 and gate_logit_normalizer > 0")
         if g.use_short_conv and g.conv_size < 2:
-            raise ValueError(f"model.gla.conv_size must be >= 2, got {g.conv_size}")
+            raise ConfigError(f"model.gla.conv_size must be >= 2, got {g.conv_size}")
 
     def _check_mamba2(self):
         m = self.mamba2
         d_inner = m.expand * self.d_model
         if m.expand < 1 or m.head_dim < 1 or d_inner % m.head_dim:
-            raise ValueError(f"model.mamba2.head_dim={m.head_dim} must divide expand * d_model = {d_inner}")
+            raise ConfigError(f"model.mamba2.head_dim={m.head_dim} must divide expand * d_model = {d_inner}")
         if m.d_state < 1 or m.n_groups < 1 or (d_inner // m.head_dim) % m.n_groups:
-            raise ValueError(f"model.mamba2.n_groups={m.n_groups} must divide the number of heads "
+            raise ConfigError(f"model.mamba2.n_groups={m.n_groups} must divide the number of heads "
                              f"{d_inner // m.head_dim} (and d_state must be >= 1)")
         if m.conv_size < 2:
-            raise ValueError(f"model.mamba2.conv_size must be >= 2, got {m.conv_size}")
+            raise ConfigError(f"model.mamba2.conv_size must be >= 2, got {m.conv_size}")
         if not 0 < m.dt_min <= m.dt_max or m.dt_init_floor <= 0:
-            raise ValueError("model.mamba2: need 0 < dt_min <= dt_max and dt_init_floor > 0")
+            raise ConfigError("model.mamba2: need 0 < dt_min <= dt_max and dt_init_floor > 0")
 
     def _check_gated_deltanet(self):
         d = self.gated_deltanet
         if d.num_heads < 1 or d.head_dim < 1 or int(d.head_dim * d.expand_v) < 1:
-            raise ValueError("model.gated_deltanet.num_heads, head_dim and head_dim * expand_v must be >= 1")
+            raise ConfigError("model.gated_deltanet.num_heads, head_dim and head_dim * expand_v must be >= 1")
         if d.conv_size < 2:
-            raise ValueError(f"model.gated_deltanet.conv_size must be >= 2, got {d.conv_size}")
+            raise ConfigError(f"model.gated_deltanet.conv_size must be >= 2, got {d.conv_size}")
 
 
 def _pattern_letters(pattern: Any) -> list[str]:
@@ -167,13 +169,13 @@ def _pattern_letters(pattern: Any) -> list[str]:
     elif isinstance(pattern, (list, tuple)) or type(pattern).__name__ == "ListConfig":
         items = [str(item) for item in pattern]
     else:
-        raise ValueError(f"model.pattern must be a string or a list, got {type(pattern).__name__}")
+        raise ConfigError(f"model.pattern must be a string or a list, got {type(pattern).__name__}")
     if not items:
-        raise ValueError("model.pattern is empty: give one letter per layer, e.g. GGA")
+        raise ConfigError("model.pattern is empty: give one letter per layer, e.g. GGA")
     letters = []
     for item in items:
         letter = names.get(item, item)
         if letter not in MIXERS:
-            raise ValueError(f"model.pattern: letter '{item}' names no mixer (known: {_KNOWN})")
+            raise ConfigError(f"model.pattern: letter '{item}' names no mixer (known: {_KNOWN})")
         letters.append(letter)
     return letters

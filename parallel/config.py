@@ -1,6 +1,8 @@
 """Schema of the `parallel` config group: how ranks are laid out and which engine shards the model."""
 from dataclasses import dataclass
 
+from configs.errors import ConfigError
+
 ENGINES = ("auto", "none", "fsdp", "deepspeed")
 
 
@@ -17,12 +19,12 @@ class ParallelConfig:
 
     def __post_init__(self):
         if self.engine not in ENGINES:
-            raise ValueError(f"parallel.engine: '{self.engine}' is not one of {', '.join(ENGINES)}")
+            raise ConfigError(f"parallel.engine: '{self.engine}' is not one of {', '.join(ENGINES)}")
         if self.dp_replicate < 1 or self.sp < 1:
-            raise ValueError("parallel.dp_replicate and parallel.sp must be >= 1")
+            raise ConfigError("parallel.dp_replicate and parallel.sp must be >= 1")
         if self.dp_shard == 0 or self.dp_shard < -1:
-            raise ValueError(f"parallel.dp_shard: {self.dp_shard} (use -1 for 'the rest of the world size' or >= 1)")
+            raise ConfigError(f"parallel.dp_shard: {self.dp_shard} (use -1 for 'the rest of the world size' or >= 1)")
         if self.zero_stage not in (1, 2, 3):
-            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+            raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.engine == "deepspeed" and self.dp_replicate > 1:
-            raise ValueError("parallel.dp_replicate > 1 (HSDP) needs parallel.engine=fsdp")
+            raise ConfigError("parallel.dp_replicate > 1 (HSDP) needs parallel.engine=fsdp")
