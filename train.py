@@ -22,7 +22,8 @@ from configs.schema import load_config
 from data import PackedLoader, prepare_dataset
 from eval.perplexity import evaluate_held_out
 from parallel.checkpoint import Checkpointer
-from parallel.engine import build_engine, init_topology
+from parallel.build import build_engine
+from parallel.topology import init_topology
 from training.metrics import MetricsLogger, truncate_metrics
 from training.optim import lr_at
 from training.plots import plot_loss_curve

@@ -16,6 +16,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # recompute each block in the backward
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3 like)
     mixed_precision: bool = True  # on CUDA: bf16 parameters in compute, fp32 gradient reduction
+    timeout_s: float = 600  # a collective waiting longer (a hung or dead rank) ends the job with an error
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -24,6 +25,8 @@ class ParallelConfig:
             raise ConfigError("parallel.dp_replicate and parallel.sp must be >= 1")
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard: {self.dp_shard} (use -1 for 'the rest of the world size' or >= 1)")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.engine == "deepspeed" and self.dp_replicate > 1:

@@ -13,7 +13,8 @@ import deepspeed
 import torch
 
 from parallel.checkpoint import CheckpointError
-from parallel.engine import Engine, Topology
+from parallel.engine import Engine
+from parallel.topology import Topology
 from parallel.fsdp import apply_activation_checkpointing
 from parallel.materialize import build_model
 from training.optim import build_optimizer, set_lr

@@ -10,63 +10,18 @@ Losses: each rank's loss is the mean over its own tokens; every rank holds the s
 the engines average gradients over all data- and sequence-parallel ranks, which makes the gradient that of
 the mean over all tokens of the global batch, exactly as in one process.
 """
-import os
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from configs.schema import OptimConfig
-from parallel.config import ParallelConfig
-from parallel.fsdp import apply_fsdp
-from parallel.materialize import build_model
-from parallel.mesh import ParallelDims, build_mesh, fsdp_mesh, init_distributed
 from parallel.sequence import SequenceParallel
+from parallel.topology import Topology
 from training.optim import build_optimizer, set_lr
-
-
-@dataclass(frozen=True)
-class Topology:
-    rank: int = 0
-    world_size: int = 1
-    dp_rank: int = 0
-    dp_size: int = 1
-    sp_rank: int = 0
-    sp_size: int = 1
-    device: torch.device = torch.device("cpu")
-    mesh: DeviceMesh | None = None  # None in a single process
-    engine: str = "none"  # the engine `auto` resolved to
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_topology(cfg: ParallelConfig) -> Topology:
-    """Join torchrun's process group (if any) and lay the ranks out on the mesh."""
-    launched = "WORLD_SIZE" in os.environ
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    engine = cfg.engine if cfg.engine != "auto" else ("fsdp" if world_size > 1 else "none")
-    if engine == "none" and world_size > 1:
-        raise ValueError(f"parallel.engine=none runs one process, but torchrun started {world_size}: "
-                         "use parallel=fsdp or parallel=deepspeed_zero{1,2,3}")
-    if engine != "none" and not launched:
-        raise ValueError(f"parallel.engine={engine} needs torchrun (torchrun --nproc_per_node=1 train.py ... "
-                         "for a single process)")
-    dims = ParallelDims.resolve(cfg.dp_replicate, cfg.dp_shard, cfg.sp, world_size)
-    device = init_distributed()
-    if engine == "none":
-        return Topology(device=device)
-    mesh = build_mesh(dims, device.type)
-    return Topology(rank=dist.get_rank(), world_size=world_size, dp_rank=mesh["dp"].get_local_rank(),
-                    dp_size=dims.dp, sp_rank=mesh["sp"].get_local_rank(), sp_size=dims.sp, device=device,
-                    mesh=mesh, engine=engine)
 
 
 class Engine:
@@ -119,17 +74,3 @@ class Engine:
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def build_engine(cfg, topology: Topology):
-    """Build the model for `cfg.model` the way `topology.engine` holds it, and its engine."""
-    if topology.engine == "deepspeed":
-        from parallel.deepspeed import DeepSpeedEngine  # imports deepspeed: only when asked for
-
-        return DeepSpeedEngine(cfg, topology)
-    shard = None
-    if topology.engine == "fsdp":
-        shard = partial(apply_fsdp, mesh=fsdp_mesh(topology.mesh), cfg=cfg.parallel, device=topology.device)
-    model = build_model(cfg.model, topology.device, cfg.run.seed, shard)
-    return Engine(model, cfg.optim, topology)
-

@@ -13,6 +13,7 @@ each a contiguous slice of every row). Two flattened views are registered on the
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -22,18 +23,20 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp")
 
 
-def init_distributed() -> torch.device:
+def init_distributed(timeout_s: float = 600) -> torch.device:
     """Join the process group torchrun describes in the environment; returns this rank's device.
 
     A plain ``python`` run (no WORLD_SIZE) stays a single process without a process group. NCCL on CUDA,
-    gloo on CPU.
+    gloo on CPU. A collective that waits longer than timeout_s (a hung or dead rank) raises instead of
+    hanging the job forever.
     """
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=timedelta(seconds=timeout_s))
     return device
 
 

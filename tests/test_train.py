@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from configs.schema import load_config
 from model import LM
 from parallel.checkpoint import Checkpointer
-from parallel.engine import Engine, Topology
+from parallel.engine import Engine
+from parallel.topology import Topology
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=64", "model.gla.num_heads=2", "model.attention.num_heads=2", "train.seq_len=64",

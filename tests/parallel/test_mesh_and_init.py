@@ -14,7 +14,8 @@ from torch.distributed.tensor import DTensor
 from configs.schema import OptimConfig
 from model import LM
 from parallel.config import ParallelConfig
-from parallel.engine import Engine, Topology, init_topology
+from parallel.engine import Engine
+from parallel.topology import Topology, init_topology
 from parallel.fsdp import apply_fsdp
 from parallel.materialize import build_model
 from parallel.mesh import ParallelDims, build_mesh, fsdp_mesh

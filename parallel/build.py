@@ -1,0 +1,23 @@
+"""Build the engine `parallel.engine` names: one process or FSDP2 (parallel/engine.py), or DeepSpeed ZeRO
+(parallel/deepspeed.py). Kept apart from both so that neither engine module imports the other."""
+from functools import partial
+
+from parallel.engine import Engine
+from parallel.fsdp import apply_fsdp
+from parallel.materialize import build_model
+from parallel.mesh import fsdp_mesh
+from parallel.topology import Topology
+
+
+def build_engine(cfg, topology: Topology):
+    """Build the model for `cfg.model` the way `topology.engine` holds it, and its engine."""
+    if topology.engine == "deepspeed":
+        from parallel.deepspeed import DeepSpeedEngine  # imports deepspeed: only when asked for
+
+        return DeepSpeedEngine(cfg, topology)
+    shard = None
+    if topology.engine == "fsdp":
+        shard = partial(apply_fsdp, mesh=fsdp_mesh(topology.mesh), cfg=cfg.parallel, device=topology.device)
+    model = build_model(cfg.model, topology.device, cfg.run.seed, shard)
+    return Engine(model, cfg.optim, topology)
+
