@@ -43,7 +43,7 @@ def train(cfg, raw_cfg) -> dict:
     engine = build_engine(cfg, topo)  # builds the model, sharded as the engine holds it
     loader = PackedLoader(dataset.train_sources, cfg.train.seq_len, cfg.train.micro_batch_size,
                           cfg.train.global_batch_size, topo.dp_rank, topo.dp_size, topo.sp_rank, topo.sp_size,
-                          seed=cfg.run.seed, tokenizer_hash=tokenizer.hash, verify_checksums=dataset.verify_checksums)
+                          seed=cfg.run.seed, tokenizer_hash=tokenizer.hash, verify=dataset.verify)
     micro_per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp_size)  # the loader checked it
     autocast_dtype = autocast_dtype_for(cfg.train.dtype, topo.device)
     model_config = OmegaConf.to_container(raw_cfg.model)

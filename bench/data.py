@@ -2,10 +2,20 @@
 
     python -m bench.data                       # the embedded corpus, prepared fresh in a temp dir
     python -m bench.data --seq-len 4096 --micro-batch 4 --batches 300
+    python -m bench.data --synthetic 500000,8000000   # loader memory and start-up against corpus size
+
+--synthetic writes N documents of random length (1-64 tokens) with the real shard writer, builds the
+loader for data-parallel rank 0 of 8 in a fresh process per size, reads 20 batches and reports the
+growth of that process's resident memory (VmRSS, after imports), its start-up time and tokens/s;
+the figures are saved as JSON under bench/results/.
 """
 import argparse
 import dataclasses
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,13 +70,86 @@ def bench_loader(name: str, train_dir: Path, seq_len: int, micro_batch: int, bat
           f"per process ({seconds / batches * 1e3:.2f} ms/batch)")
 
 
+def synthetic_set(root: Path, n_docs: int, docs_per_shard: int, max_len: int = 64) -> Path:
+    """n_docs documents of random length 1..max_len, docs_per_shard per shard, written as prepare writes them."""
+    rng = np.random.default_rng(n_docs)
+    for split in SPLITS:
+        (root / split).mkdir(parents=True, exist_ok=True)
+    n_shards = -(-n_docs // docs_per_shard)
+    for i in range(n_shards):
+        lengths = rng.integers(1, max_len + 1, min(docs_per_shard, n_docs - i * docs_per_shard))
+        docs = np.split(rng.integers(10, 8000, int(lengths.sum()), dtype=np.uint16), np.cumsum(lengths)[:-1])
+        write_shard(root / "train" / shard_name(i), docs, (4 * lengths).tolist(), token_dtype(8192), "x" * 64)
+        write_shard(root / "held_out" / shard_name(i), [], [], token_dtype(8192), "x" * 64)
+    write_json(root / MANIFEST, build_manifest(root, n_shards, "x" * 64, 8192, 2, {}))
+    return root
+
+
+def vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure_loader(train_dir: Path, seq_len: int, micro_batch: int, batches: int, dp_size: int = 8) -> dict:
+    """Build the loader of rank 0 of dp_size, read `batches` batches: resident memory growth, start-up, tokens/s."""
+    before = vm_kib("VmRSS")
+    started = time.perf_counter()
+    loader = PackedLoader(train_dir, seq_len, micro_batch, micro_batch * dp_size, dp_rank=0, dp_size=dp_size, seed=0)
+    built = time.perf_counter()
+    next(loader)
+    first = time.perf_counter()
+    for _ in range(batches - 1):
+        next(loader)
+    done = time.perf_counter()
+    return {"rss_growth_mib": (vm_kib("VmRSS") - before) / 1024, "build_s": built - started,
+            "first_batch_s": first - built, "tokens_per_s": batches * micro_batch * seq_len / (done - started),
+            "steady_tokens_per_s": (batches - 1) * micro_batch * seq_len / (done - first)}
+
+
+def bench_synthetic(sizes: list[int], docs_per_shard: int, seq_len: int, micro_batch: int, batches: int) -> None:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_docs in sizes:
+            root = synthetic_set(Path(tmp) / f"n{n_docs}", n_docs, docs_per_shard)
+            command = [sys.executable, "-m", "bench.data", "--measure-loader", str(root / "train"),
+                       "--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--batches", str(batches)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            result = {"documents": n_docs, "shards": -(-n_docs // docs_per_shard),
+                      "tokens": read_manifest(root)["splits"]["train"]["num_tokens"], **json.loads(done.stdout)}
+            results.append(result)
+            print(f"{n_docs:,} documents in {result['shards']} shards: +{result['rss_growth_mib']:.1f} MiB resident, "
+                  f"built in {result['build_s']:.2f}s, first batch {result['first_batch_s']:.3f}s, "
+                  f"{result['tokens_per_s'] / 1e6:.2f}M tokens/s over {batches} batches "
+                  f"({result['steady_tokens_per_s'] / 1e6:.2f}M after the first)")
+            shutil.rmtree(root)
+    out = Path(__file__).parent / "results" / f"data_synthetic_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.write_text(json.dumps({"seq_len": seq_len, "micro_batch": micro_batch, "dp_size": 8, "batches": batches,
+                               "docs_per_shard": docs_per_shard, "results": results}, indent=1))
+    print(f"saved {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=0, help="prepare worker processes (0: all cores)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--batches", type=int, help="batches read (default 200; --synthetic: 20)")
+    parser.add_argument("--synthetic", help="comma-separated document counts: the loader-memory benchmark")
+    parser.add_argument("--docs-per-shard", type=int, default=100_000,
+                        help="--synthetic: documents per shard (100M-token shards of ~1000-token documents: 100k)")
+    parser.add_argument("--measure-loader", help=argparse.SUPPRESS)  # the fresh process of one --synthetic size
     args = parser.parse_args()
+    if args.batches is None:
+        args.batches = 20 if args.synthetic or args.measure_loader else 200
+    if args.measure_loader:
+        print(json.dumps(measure_loader(Path(args.measure_loader), args.seq_len, args.micro_batch, args.batches)))
+        return
+    if args.synthetic:
+        sizes = [int(n) for n in args.synthetic.split(",")]
+        bench_synthetic(sizes, args.docs_per_shard, args.seq_len, args.micro_batch, args.batches)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         out = bench_prepare(Path(tmp), args.workers)
         bench_loader("stdlib", out / "train", args.seq_len, args.micro_batch, args.batches)

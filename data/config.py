@@ -2,7 +2,9 @@
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-SOURCES = ("stdlib", "shards")
+from data.shards import VERIFY_MODES
+
+SOURCES = ("stdlib", "shards", "mqar", "passkey")  # mqar, passkey: generated on the fly (data/synthetic.py)
 
 
 def option(default, help: str):
@@ -34,8 +36,13 @@ class DataConfig:
     vocab_size: int = 8192
     held_out_fraction: float = 0.02
     workers: int = 0
-    # Re-hash every shard when a run opens it (sha256, ~1 GB/s): catches corrupted files before training.
-    verify_checksums: bool = True
+    # source=mqar: the task's vocabulary is vocab_size (no tokenizer); keys queried per row, gap power law.
+    num_kv_pairs: int = 8
+    power_a: float = 0.01
+    # How a run checks the shards when it opens them. full: the job's rank 0 (RANK) hashes every file (sha256,
+    # ~1 GB/s: about 17 minutes per TB) against the manifest, the other ranks check sizes and counts only;
+    # sizes: no rank hashes (prepare already checksummed what it wrote).
+    verify: str = "full"
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -45,11 +52,13 @@ class DataConfig:
                              "or data.mixture=[...]")
         if self.source == "stdlib" and (self.path is not None or self.mixture):
             raise ValueError("data.path / data.mixture are only used with data.source=shards")
-        if not 256 + 4 <= self.vocab_size <= 2**32:
+        if not (4 if self.source == "mqar" else 256 + 4) <= self.vocab_size <= 2**32:
             raise ValueError(f"data.vocab_size must hold the 256 byte-fallback pieces and the specials, "
                              f"got {self.vocab_size}")
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(f"data.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"data.verify: '{self.verify}' is not one of {', '.join(VERIFY_MODES)}")
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0 (0: all cores), got {self.workers}")
         paths = [m.path for m in self.mixture]

@@ -11,7 +11,8 @@ import numpy as np
 
 from data.config import DataConfig, MixtureSource
 from data.prepare import PrepareConfig, prepare_shards
-from data.shards import ShardSet, read_manifest
+from data.shards import FORMAT_VERSION, ShardSet, read_manifest
+from data.synthetic import SYNTHETIC_SOURCES, prepare_synthetic
 from data.tokenizer import Tokenizer, TokenizerConfig
 
 
@@ -20,8 +21,21 @@ class PreparedData:
     train_sources: list[tuple[Path, float]]   # (train split directory, mixture weight)
     held_out_dirs: list[Path]
     tokenizer: Tokenizer
-    verify_checksums: bool = True
+    verify: str = "full"  # data.verify: full | sizes
     _held_out: list[ShardSet] = field(default_factory=list, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def loader(self, seq_len: int, micro_batch_size: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+               sp_rank: int = 0, sp_size: int = 1, seed: int = 0):
+        """This rank's training loader: packed rows of the training split (data=mqar / passkey: generated rows,
+        data/synthetic.py). Same arguments and state_dict()/load_state_dict() for every source."""
+        from data.loader import PackedLoader
+
+        return PackedLoader(self.train_sources, seq_len, micro_batch_size, global_batch_size, dp_rank, dp_size,
+                            sp_rank, sp_size, seed=seed, tokenizer_hash=self.tokenizer.hash, verify=self.verify)
 
     @property
     def train_dir(self) -> Path:
@@ -36,7 +50,7 @@ class PreparedData:
     def held_out_documents(self) -> Iterator[tuple[np.ndarray, int]]:
         """Held-out documents of every dataset: (token ids int64, UTF-8 bytes of the text)."""
         if not self._held_out:
-            self._held_out = [ShardSet(d, self.tokenizer.hash, self.verify_checksums) for d in self.held_out_dirs]
+            self._held_out = [ShardSet(d, self.tokenizer.hash, self.verify) for d in self.held_out_dirs]
         for shards in self._held_out:
             yield from shards.documents()
 
@@ -49,12 +63,17 @@ def stdlib_prepare_config(cfg: DataConfig) -> PrepareConfig:
                                                        sample_bytes=12_000_000))
     key = hashlib.sha256(json.dumps(settings.settings(), sort_keys=True).encode()).hexdigest()[:10]
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return dataclasses.replace(settings, out=str(Path(cfg.cache_dir) / f"stdlib-{version}-{key}"))
+    # The format version in the name: a newer format prepares afresh beside the old cache.
+    name = f"stdlib-{version}-format{FORMAT_VERSION}-{key}"
+    return dataclasses.replace(settings, out=str(Path(cfg.cache_dir) / name))
 
 
 def prepare_dataset(cfg: DataConfig, progress: bool = True) -> PreparedData:
     """source=stdlib: prepare the embedded corpus once (cached, safe to call from every rank at once);
-    source=shards: check the prepared directories (manifest, shared tokenizer). Returns where the data is."""
+    source=shards: check the prepared directories (manifest, shared tokenizer); source=mqar / passkey: the
+    generated task (data/synthetic.py). Returns where the data is."""
+    if cfg.source in SYNTHETIC_SOURCES:
+        return prepare_synthetic(cfg)
     if cfg.source == "stdlib":
         roots = [(prepare_shards(stdlib_prepare_config(cfg), progress=progress), 1.0)]
     else:
@@ -67,4 +86,4 @@ def prepare_dataset(cfg: DataConfig, progress: bool = True) -> PreparedData:
     if tokenizer.hash != manifests[0]["tokenizer_hash"]:
         raise ValueError(f"{tokenizer.path}: differs from the tokenizer its manifest records (hash mismatch)")
     return PreparedData([(root / "train", weight) for root, weight in roots], [root / "held_out" for root, _ in roots],
-                        tokenizer, cfg.verify_checksums)
+                        tokenizer, cfg.verify)

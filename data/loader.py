@@ -1,12 +1,16 @@
 """The packed, seeded, resumable training loader.
 
 The global row stream is a pure function of (seed, global row index):
-- per dataset and epoch, a seeded order of the shards and of the documents inside each shard;
+- per dataset and epoch, a seeded order of the shards, and inside each shard a seeded order of its
+  documents, made when the stream reaches that shard (seeded by epoch and shard alone);
 - the documents in that order are laid out as `EOS doc EOS doc ...`; row q of the epoch is tokens
   [q*L, q*L + L + 1) of that layout (L = seq_len; consecutive rows share one token, so every token is
-  a label once); prefix sums of the document lengths give any row directly;
+  a label once); per-shard token totals find the shard holding a token, prefix sums of that shard's
+  document lengths (in its epoch order) the document;
 - with several datasets, every block of MIX_BLOCK global rows holds each dataset's share (by weight)
   of rows, in a seeded order.
+What a rank holds grows with the shards, not the documents: per-shard totals and the orders of the few
+shards being read (OPEN_SHARDS); token ids and document offsets are read by memory map.
 Micro-step j of optimizer step s on data-parallel rank d reads global rows
 s*G + j*(D*m) + d*m + [0, m) (G global batch, D ranks, m micro batch), so the rows of a step do not
 depend on D. The whole state is the count of rows consumed: resuming at another D continues the
@@ -14,16 +18,18 @@ same stream, nothing repeated or skipped.
 """
 import hashlib
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from data.shards import ShardSet, read_manifest
+from data.shards import ShardSet
 
 MIX_BLOCK = 4096
-STATE_VERSION = 1
+OPEN_SHARDS = 4  # shard orders (and memory maps) kept per dataset: a batch, and one epoch's end and the next's start
+STATE_VERSION = 2  # 1: one document order over all shards per epoch
 Sources = Union[str, os.PathLike, Sequence[Union[str, os.PathLike, tuple]]]
 
 
@@ -32,48 +38,67 @@ class PackedRows:
 
     def __init__(self, shards: ShardSet, seq_len: int, eos_id: int, seed: int):
         self.shards, self.seq_len, self.eos_id, self.seed = shards.shards, seq_len, eos_id, seed
-        self.docs_per_shard = np.array([s.index.num_documents for s in self.shards], np.int64)
-        self.first_doc = np.concatenate([[0], np.cumsum(self.docs_per_shard)])
-        self.doc_shard = np.repeat(np.arange(len(self.shards)), self.docs_per_shard)
-        self.doc_start = np.concatenate([s.index.doc_offsets[:-1] for s in self.shards])
-        self.doc_len = np.concatenate([np.diff(s.index.doc_offsets) for s in self.shards])
-        layout_len = int(np.sum(self.doc_len + 1))  # every epoch: one EOS per document, the same documents
+        # Tokens of each shard's part of an epoch's layout: its documents, one EOS before each.
+        self.layout_tokens = np.array([s.index.num_tokens + s.index.num_documents for s in self.shards], np.int64)
+        layout_len = int(self.layout_tokens.sum())
         self.rows_per_epoch = (layout_len - 1) // seq_len
         if self.rows_per_epoch < 1:
             raise ValueError(f"{shards.dir}: {layout_len} tokens are fewer than one row of seq_len + 1 = {seq_len + 1}")
         self.epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.open: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(document order, end of each document's `EOS doc` segment in the layout) of one epoch."""
+        """(shard order, end of each shard's part of the layout) of one epoch: O(shards)."""
         if epoch not in self.epochs:
-            rng = np.random.default_rng([self.seed, epoch])
-            order = np.concatenate([self.first_doc[s] + rng.permutation(self.docs_per_shard[s])
-                                    for s in rng.permutation(len(self.shards))])
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             self.epochs = {e: v for e, v in self.epochs.items() if e >= epoch - 1}  # a batch spans at most 2
-            self.epochs[epoch] = order, np.cumsum(self.doc_len[order] + 1)
+            self.epochs[epoch] = order, np.cumsum(self.layout_tokens[order])
         return self.epochs[epoch]
+
+    def shard_layout(self, epoch: int, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(start in the .bin of each document in its epoch order, end of its `EOS doc` segment in the shard's
+        part of the layout, the shard's tokens): O(documents of one shard), kept for OPEN_SHARDS shards."""
+        key = (epoch, shard)
+        if key in self.open:
+            self.open.move_to_end(key)
+            return self.open[key]
+        index = self.shards[shard].index
+        lengths = index.document_lengths()
+        order = np.random.default_rng([self.seed, epoch, shard]).permutation(len(lengths))
+        self.open[key] = (np.asarray(index.arrays()[0][:-1][order]), np.cumsum(lengths[order] + 1),
+                          self.shards[shard].tokens())
+        if len(self.open) > OPEN_SHARDS:
+            self.open.popitem(last=False)
+        return self.open[key]
 
     def row(self, index: int) -> tuple[np.ndarray, list[int]]:
         """Tokens [L + 1] of row `index` and the positions in it where a document's segment (its EOS) starts."""
-        order, seg_end = self.epoch(index // self.rows_per_epoch)
+        epoch = index // self.rows_per_epoch
         start = (index % self.rows_per_epoch) * self.seq_len
+        order, shard_end = self.epoch(epoch)
+        p = int(np.searchsorted(shard_end, start, side="right"))  # the shard holding token `start`
         out = np.empty(self.seq_len + 1, np.int64)
         starts = []
-        j = int(np.searchsorted(seg_end, start, side="right"))  # the segment holding token `start`
         pos = 0
         while pos < len(out):
-            doc = order[j]
-            seg_len = int(self.doc_len[doc]) + 1
-            offset = start + pos - (int(seg_end[j]) - seg_len)
-            if offset == 0:
-                out[pos] = self.eos_id
-                starts.append(pos)
-                pos, offset = pos + 1, 1
-            n = min(len(out) - pos, seg_len - offset)
-            first = int(self.doc_start[doc]) + offset - 1
-            out[pos:pos + n] = self.shards[self.doc_shard[doc]].tokens[first:first + n]
-            pos += n
-            j += 1
+            shard = int(order[p])
+            doc_start, seg_end, tokens = self.shard_layout(epoch, shard)
+            shard_start = int(shard_end[p]) - int(self.layout_tokens[shard])
+            j = int(np.searchsorted(seg_end, start + pos - shard_start, side="right"))
+            while pos < len(out) and j < len(seg_end):
+                end = int(seg_end[j])
+                seg_len = end - (int(seg_end[j - 1]) if j else 0)
+                offset = start + pos - shard_start - (end - seg_len)
+                if offset == 0:
+                    out[pos] = self.eos_id
+                    starts.append(pos)
+                    pos, offset = pos + 1, 1
+                n = min(len(out) - pos, seg_len - offset)
+                first = int(doc_start[j]) + offset - 1
+                out[pos:pos + n] = tokens[first:first + n]
+                pos += n
+                j += 1
+            p += 1
         return out, starts
 
 
@@ -103,7 +128,7 @@ class PackedLoader:
 
     def __init__(self, sources: Sources, seq_len: int, micro_batch_size: int, global_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1, seed: int = 0,
-                 tokenizer_hash: Optional[str] = None, verify_checksums: bool = True):
+                 tokenizer_hash: Optional[str] = None, verify: str = "full"):
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len and micro_batch_size must be >= 1, got {seq_len}, {micro_batch_size}")
         if global_batch_size % (micro_batch_size * dp_size):
@@ -116,8 +141,8 @@ class PackedLoader:
         self.seq_len, self.micro_batch_size, self.global_batch_size = seq_len, micro_batch_size, global_batch_size
         self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = dp_rank, dp_size, sp_rank, sp_size
         pairs = normalize_sources(sources)
-        sets = [ShardSet(path, tokenizer_hash, verify_checksums) for path, _ in pairs]
-        eos_ids = {read_manifest(s.root)["eos_id"] for s in sets}
+        sets = [ShardSet(path, tokenizer_hash, verify) for path, _ in pairs]
+        eos_ids = {s.eos_id for s in sets}
         hashes = {s.tokenizer_hash for s in sets}
         if len(hashes) > 1 or len(eos_ids) > 1:
             raise ValueError(f"mixture datasets were prepared with different tokenizers: {[str(p) for p, _ in pairs]}")

@@ -30,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data.config import option
-from data.shards import (MANIFEST, SPLITS, TOKENIZER_FILE, atomic_write, build_manifest, read_manifest, shard_name,
-                         token_dtype, write_json, write_shard)
+from data.shards import (FORMAT_VERSION, MANIFEST, RE_PREPARE, SPLITS, TOKENIZER_FILE, atomic_write, build_manifest,
+                         read_manifest, shard_name, token_dtype, write_json, write_shard)
 from data.sources import FORMATS, DocumentSource
 from data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
@@ -180,6 +180,9 @@ def start_or_continue(out: Path, cfg: PrepareConfig, documents: DocumentSource, 
     if (out / PLAN).is_file():
         plan = json.loads((out / PLAN).read_text())
         check_settings(plan["prepare"], cfg.settings(), out / PLAN)
+        if plan.get("format_version") != FORMAT_VERSION:  # its finished shards are in another format
+            raise ValueError(f"{out / PLAN}: an interrupted prepare of format {plan.get('format_version', 1)}, this "
+                             f"version writes {FORMAT_VERSION}; {RE_PREPARE} (or delete {out})")
         if plan["source"] != documents.fingerprint():
             raise ValueError(f"{cfg.source}: changed since the interrupted prepare of {out} started "
                              f"(files added, removed or modified); restore it, or delete {out} to start over")
@@ -190,7 +193,7 @@ def start_or_continue(out: Path, cfg: PrepareConfig, documents: DocumentSource, 
     elif any(p.name != LOCK for p in out.iterdir()):
         raise ValueError(f"{out}: exists and is not a prepared dataset (no {MANIFEST} or {PLAN}); "
                          f"use an empty or new out=")
-    plan = {"prepare": cfg.settings(), "source": documents.fingerprint()}
+    plan = {"prepare": cfg.settings(), "source": documents.fingerprint(), "format_version": FORMAT_VERSION}
     write_json(out / PLAN, plan)
     for split in SPLITS:
         (out / split).mkdir(exist_ok=True)

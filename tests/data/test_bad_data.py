@@ -1,4 +1,5 @@
 """Bad input: one clear error naming the file and the problem, non-zero exit, nothing prepared destroyed."""
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from data import DataConfig, PackedLoader, prepare_dataset
 from data.prepare import PrepareConfig, main, prepare_shards
-from data.shards import ShardSet
+from data.shards import FORMAT_VERSION, MANIFEST, ShardSet, read_index, write_index
 from data.tokenizer import TokenizerConfig
 from shard_fixtures import corpus, write_text_files
 
@@ -52,23 +53,43 @@ def test_truncated_shard(copy):
         PackedLoader(copy / "train", 16, 1, 1)
 
 
-def test_corrupted_shard(copy):
+def flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_shard_is_found_by_rank_0_only(copy, monkeypatch):
     shard = copy / "train" / "shard_00000.bin"
-    data = bytearray(shard.read_bytes())
-    data[10] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_byte(shard, 10)
     with pytest.raises(ValueError, match=f"{shard}: corrupted"):
         ShardSet(copy / "train")
-    ShardSet(copy / "train", verify_checksums=False)  # the size still matches: only the checksum can tell
+    ShardSet(copy / "train", verify="sizes")  # the size still matches: only the checksum can tell
+    monkeypatch.setenv("RANK", "3")  # data.verify=full hashes on the job's rank 0; the others check sizes
+    ShardSet(copy / "train", verify="full")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match=f"{shard}: corrupted"):
+        PackedLoader(copy / "train", 16, 1, 1)
+    with pytest.raises(ValueError, match="data.verify"):
+        ShardSet(copy / "train", verify="everything")
+
+
+def test_corrupted_index_is_found_by_its_checksum(copy):
+    index = copy / "train" / "shard_00001.idx"
+    flip_byte(index, index.stat().st_size - 3)  # a document's byte count: sizes and offsets still agree
+    with pytest.raises(ValueError, match=f"{index}: corrupted"):
+        ShardSet(copy / "train")
+
+
+def rewrite_index(path: Path, doc_offsets: np.ndarray) -> None:
+    header = read_index(path)
+    write_index(path, doc_offsets, header.arrays()[1].copy(), header.dtype, header.tokenizer_hash, header.checksum)
 
 
 def test_index_that_disagrees_with_its_shard(copy):
     index = copy / "train" / "shard_00002.idx"
-    with np.load(index) as z:
-        arrays = dict(z)
-    arrays["doc_offsets"] = arrays["doc_offsets"] + np.arange(len(arrays["doc_offsets"]))  # one more token per doc
-    with open(index, "wb") as f:
-        np.savez(f, **arrays)
+    offsets = read_index(index).arrays()[0].copy()
+    rewrite_index(index, offsets + np.arange(len(offsets)))  # one more token per document
     with pytest.raises(ValueError, match=f"{copy / 'train' / 'shard_00002.bin'}: truncated"):
         ShardSet(copy / "train")
     shutil.copy(copy / "train" / "shard_00000.idx", index)  # a whole other shard's index
@@ -77,6 +98,34 @@ def test_index_that_disagrees_with_its_shard(copy):
     index.write_bytes(b"garbage")
     with pytest.raises(ValueError, match=f"{index}: unreadable shard index"):
         ShardSet(copy / "train")
+
+
+def test_decreasing_offsets_are_found_when_the_shard_is_read(copy):
+    index = copy / "train" / "shard_00001.idx"
+    offsets = read_index(index).arrays()[0].copy()
+    offsets[1:3] = offsets[2], offsets[1]  # the first and last offsets (all a size check reads) unchanged
+    rewrite_index(index, offsets)
+    shards = ShardSet(copy / "train", verify="sizes")
+    with pytest.raises(ValueError, match=f"{index}: inconsistent shard index \\(document offsets decrease\\)"):
+        list(shards.documents())
+    loader = PackedLoader(copy / "train", 16, 1, 1, verify="sizes")
+    with pytest.raises(ValueError, match=f"{index}: inconsistent"):
+        for _ in range(loader.datasets[0].rows_per_epoch):
+            next(loader)
+
+
+def test_data_of_an_older_format_asks_for_a_new_prepare(copy):
+    index = copy / "train" / "shard_00000.idx"
+    offsets, doc_bytes = (a.copy() for a in read_index(index).arrays())
+    with open(index, "wb") as f:  # format 1: an .npz
+        np.savez(f, doc_offsets=offsets, doc_bytes=doc_bytes)
+    with pytest.raises(ValueError, match=f"{index}: shard index of an older format \\(1\\); re-run"):
+        ShardSet(copy / "train")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ValueError, match=f"{copy / MANIFEST}: prepared in format 1, this version reads "
+                                         f"{FORMAT_VERSION}; re-run `python -m data.prepare` into a new out="):
+        PackedLoader(copy / "train", 16, 1, 1)
 
 
 def test_shards_of_another_tokenizer(prepared, tmp_path):
@@ -159,7 +208,8 @@ def test_cli_usage_and_unknown_keys(capsys):
 def test_data_config_rejects_impossible_values():
     for bad, key in [({"source": "web"}, "data.source"), ({"source": "shards"}, "data.path"),
                      ({"source": "stdlib", "path": "x"}, "data.path"), ({"vocab_size": 10}, "data.vocab_size"),
-                     ({"held_out_fraction": 1.5}, "data.held_out_fraction"), ({"workers": -1}, "data.workers")]:
+                     ({"held_out_fraction": 1.5}, "data.held_out_fraction"), ({"workers": -1}, "data.workers"),
+                     ({"verify": "yes"}, "data.verify")]:
         with pytest.raises(ValueError, match=key):
             DataConfig(**bad)
     from data.config import MixtureSource

@@ -62,7 +62,7 @@ def test_text_directory_to_shards_manifest_and_held_out_split(reference, docs):
     for split in ("train", "held_out"):
         shard_set = ShardSet(reference / split, tokenizer.hash)
         assert shard_set.num_tokens == manifest["splits"][split]["num_tokens"]
-        assert all(shard.index.tokenizer_hash == tokenizer.hash and shard.tokens.dtype == np.uint16
+        assert all(shard.index.tokenizer_hash == tokenizer.hash and shard.tokens().dtype == np.uint16
                    for shard in shard_set.shards)
         by_text = {doc.encode(): doc for doc in docs}
         for (tokens, n_bytes), text in zip(shard_set.documents(), decoded_documents(reference, split)):
@@ -106,8 +106,8 @@ def test_large_vocabulary_uses_uint32(tmp_path):
     manifest = read_manifest(out)
     assert manifest["dtype"] == "uint32" and manifest["vocab_size"] == 66_000
     shards = ShardSet(out / "train")
-    assert shards.shards[0].tokens.dtype == np.uint32
-    assert max(int(s.tokens.max()) for s in shards.shards) >= 2**16  # ids that do not fit uint16 are kept
+    assert shards.shards[0].tokens().dtype == np.uint32
+    assert max(int(s.tokens().max()) for s in shards.shards) >= 2**16  # ids that do not fit uint16 are kept
     assert Counter(decoded_documents(out, "train") + decoded_documents(out, "held_out")) == Counter(docs)
 
 
