@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from configs.errors import run_cli
 from configs.schema import load_config
 from data import PackedLoader, prepare_dataset
 from eval.perplexity import evaluate_held_out
@@ -138,40 +139,7 @@ def generate_sample(cfg, model, tokenizer, device) -> str:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg, raw_cfg = load_config(argv)
-        train(cfg, raw_cfg)
-    except Exception as err:
-        if not is_user_error(err):
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def one_line(err: Exception) -> str:
-    """Hydra's messages span lines (option lists, search paths); keep the message and the options."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    message = lines[0]
-    if message.startswith("Could not override"):
-        message += " (no such key in the schema)"
-    if "Available options" in str(err):
-        start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
-        options = [line for line in lines[start:] if not line.startswith(("Config search path", "provider="))]
-        message += "; available: " + ", ".join(options)
-    return message
-
-
-def is_user_error(err: Exception) -> bool:
-    """Bad configs, data and checkpoints get one line, not a traceback."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from configs.errors import UserError
-
-    return isinstance(err, (UserError, HydraException, OmegaConfBaseException))
+    return run_cli(lambda: train(*load_config(argv)))
 
 
 if __name__ == "__main__":

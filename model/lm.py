@@ -141,13 +141,20 @@ class LM(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, directory: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "LM":
+        """Load an export (model.safetensors + config.json) or any training checkpoint (one process, FSDP at
+        any world size, DeepSpeed ZeRO 1/2/3), whole, in this process. Nothing is unpickled; a directory
+        that is neither, or holds anything but plain tensors, raises CheckpointError."""
         directory = Path(directory)
-        for name in ("config.json", "model.safetensors"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name}: not found (expected a save_pretrained directory)")
+        if (directory / "model.safetensors").is_file():
+            with torch.device(device):
+                lm = cls.from_config(json.loads((directory / "config.json").read_text()))
+            load_model(lm, str(directory / "model.safetensors"), device=str(device))
+            return lm
+        from parallel.checkpoint import load_model_weights, read_train_state  # the training checkpoint format
+
         with torch.device(device):
-            lm = cls.from_config(json.loads((directory / "config.json").read_text()))
-        load_model(lm, str(directory / "model.safetensors"), device=str(device))
+            lm = cls.from_config(read_train_state(directory)["model_config"])
+        load_model_weights(directory, lm)
         return lm
 
     # --- accounting -------------------------------------------------------------------------------

@@ -3,25 +3,41 @@
 Layout of run_dir/checkpoints/step_000100/: the engine's model + optimizer state (FSDP and one process:
 DCP shards and .metadata, sharded the way the engine holds them, so a resume at another world size
 reshards on load; DeepSpeed: its own ZeRO checkpoint, train state as client state), train_state.json
-(step, tokens seen, data loader state, the model config it belongs to) and rng_rank{r}.json. A save
-goes to a hidden temporary directory that is renamed only when every rank has finished, so a killed save
-never looks complete; resume=auto takes the newest complete one. The newest `keep` are kept.
+(step, tokens seen, data loader state, the model config it belongs to) and rng_rank{r}.json.
+
+Crash safety: a save goes to a hidden `.step_N.tmp` directory that rank 0 renames to `step_N` only once
+every rank's shards and the metadata are written; train_state.json, written last inside it, marks a
+complete checkpoint. Old checkpoints are first renamed to a hidden name and then deleted, so a kill at
+any moment (during the write, the rename or the keep-k cleanup) leaves the newest complete checkpoint
+whole, and resume=auto takes it.
+
+Asynchronous saves (DCP async_save on its own gloo group): `save` copies the state to memory and
+returns; the files are written in a background thread while training goes on. `poll` (every step)
+publishes a finished save, and the next save, a signal-triggered one, or `wait` (at exit) first finishes
+the one in flight. DeepSpeed writes its own files synchronously.
+
+Loading never unpickles: see parallel/safe_load.py.
 """
 import json
 import os
 import random
 import shutil
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+
+from configs.errors import CheckpointError
+from parallel.safe_load import SafeFileSystemReader, is_refused_pickle, safe_loading
 
 TRAIN_STATE = "train_state.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
+RUN_CONFIG = "config.yaml"  # the run's resolved config: run_dir/config.yaml, or inside an export
 
 
 def _barrier() -> None:
@@ -33,10 +49,24 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+@dataclass
+class _PendingSave:
+    step: int
+    tmp: Path
+    final: Path
+    train_state: dict
+    future: Future | None  # None: written synchronously
+    started: float
+
+
 class Checkpointer:
-    def __init__(self, root: Path, keep: int):
+    def __init__(self, root: Path, keep: int, async_save: bool = True):
         self.root = Path(root)
         self.keep = keep
+        self.async_save = async_save
+        self._pending: _PendingSave | None = None
+        self._save_group = None  # a gloo group of its own, so background writes never race the step's collectives
+        self.last_save_seconds: dict = {}  # {"blocking": s the loop waited, "total": s until published}
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -50,43 +80,161 @@ class Checkpointer:
         return done[-1] if done else None
 
     def save(self, step: int, engine, train_state: dict) -> Path:
-        """Write the engine's model and optimizer, this rank's RNG and the train state as step `step`."""
+        """Start writing the engine's model and optimizer, this rank's RNG and the train state as step `step`;
+        returns the path the checkpoint will have once complete."""
+        started = time.perf_counter()
+        self.wait()
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".step_{step:06d}.tmp"
-        train_state = dict(train_state, step=step)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
             tmp.mkdir(parents=True)
         _barrier()
-        engine.save_state(tmp, train_state)
         (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(_rng_state()))
-        _barrier()
-        if _rank() == 0:
-            (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self.complete()[: -self.keep]:
-                shutil.rmtree(old)
-        _barrier()
+        future = engine.save_state(tmp, dict(train_state, step=step), self.async_save, self._group())
+        self._pending = _PendingSave(step, tmp, final, dict(train_state, step=step), future, started)
+        self.last_save_seconds = {"blocking": time.perf_counter() - started}
+        if future is None:
+            self.wait()
         return final
+
+    def poll(self) -> None:
+        """Publish the save in flight if its files are written (called every step; never blocks)."""
+        if self._pending is not None and self._pending.future is not None and self._pending.future.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish the save in flight (if any) and publish it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.future is not None:
+            pending.future.result()  # a failed write raises here, on the rank it failed on
+        else:
+            _barrier()  # synchronous engines: every rank's files are written
+        # The coordinator (rank 0) writes .metadata only after every rank reported its shards written, so
+        # once its save is done the checkpoint is whole and rank 0 can publish it alone.
+        if _rank() == 0:
+            (pending.tmp / TRAIN_STATE).write_text(json.dumps(pending.train_state, indent=1))
+            if pending.final.exists():
+                _remove(pending.final)
+            os.replace(pending.tmp, pending.final)
+            for old in self.complete()[: -self.keep]:
+                _remove(old)
+        self.last_save_seconds["total"] = time.perf_counter() - pending.started
+
+    def _group(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        if self._save_group is None:
+            self._save_group = dist.new_group(backend="gloo")
+        return self._save_group
 
     def load(self, path: Path, engine, model_config: dict) -> dict:
         """Restore the engine's model and optimizer and this rank's RNG from `path`; return its train state."""
         path = Path(path)
-        state_file = path / TRAIN_STATE
-        if not state_file.is_file():
-            raise CheckpointError(f"{path}: not a complete checkpoint (no {TRAIN_STATE})")
-        train_state = json.loads(state_file.read_text())
+        train_state = read_train_state(path)
         saved_config = train_state.get("model_config", {})
         differing = sorted(k for k in set(saved_config) | set(model_config) if saved_config.get(k) != model_config.get(k))
         if differing:
             shown = ", ".join(f"{k}: {saved_config.get(k)!r} vs {model_config.get(k)!r}" for k in differing[:4])
             raise CheckpointError(f"{path}: checkpoint is from another model ({shown})")
-        engine.load_state(path, train_state)
+        with refusing_bad_files(path):
+            engine.load_state(path, train_state)
         rng_file = path / f"rng_rank{_rank()}.json"
         if rng_file.is_file():
-            _set_rng_state(json.loads(rng_file.read_text()))
+            _set_rng_state(_read_json(rng_file))
         return train_state
+
+
+def _remove(directory: Path) -> None:
+    """Delete a checkpoint so that no kill leaves a half-deleted one looking complete: rename it away first."""
+    doomed = directory.with_name(f".{directory.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed)
+
+
+class refusing_bad_files:
+    """Turn what a tampered or foreign checkpoint file makes the loaders raise into one CheckpointError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or isinstance(err, CheckpointError):
+            return False
+        cause = err
+        while cause is not None and not is_refused_pickle(cause):  # DCP wraps the rank's exception
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None or is_refused_pickle(err):
+            raise CheckpointError(f"{self.path}: refused to load a file that is not plain tensors and numbers "
+                                  f"({_first_line(cause or err)})") from None
+        if isinstance(err, (OSError, RuntimeError, KeyError, ValueError)):
+            raise CheckpointError(f"{self.path}: cannot load ({_first_line(err)})") from None
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a valid JSON file ({type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_train_state(path: Path) -> dict:
+    """The train state of a complete training checkpoint (step, loader state, model config)."""
+    state_file = Path(path) / TRAIN_STATE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {TRAIN_STATE})")
+    state = _read_json(state_file)
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("model_config"), dict):
+        raise CheckpointError(f"{state_file}: no step or model config")
+    return state
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Fill a whole, unsharded model with the weights of a training checkpoint of any engine."""
+    path = Path(path)
+    with refusing_bad_files(path):
+        if (path / ".metadata").is_file():  # one process or FSDP at any world size: DCP reshards on load
+            state = {"model": model.state_dict()}
+            with safe_loading():
+                dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+            model.load_state_dict(state["model"])
+        elif (path / "latest").is_file():  # DeepSpeed: gather the fp32 partitions of every rank
+            from parallel.deepspeed import consolidated_state_dict
+
+            model.load_state_dict(consolidated_state_dict(path))
+        else:
+            raise CheckpointError(f"{path}: holds neither torch.distributed.checkpoint nor DeepSpeed files")
+
+
+def run_config(path: Path) -> DictConfig:
+    """The full config of the run a checkpoint belongs to: run_dir/config.yaml for a training checkpoint
+    (run_dir/checkpoints/step_N), or the config.yaml an export carries."""
+    path = Path(path)
+    for candidate in (path / RUN_CONFIG, path.parent.parent / RUN_CONFIG):
+        if candidate.is_file():
+            try:
+                config = OmegaConf.load(candidate)
+            except Exception as err:
+                raise CheckpointError(f"{candidate}: unreadable run config ({type(err).__name__})") from None
+            if not isinstance(config, DictConfig) or "model" not in config:
+                raise CheckpointError(f"{candidate}: not a run config (no model section)")
+            return config
+    raise CheckpointError(f"{path}: no {RUN_CONFIG} beside it or in its run directory")
 
 
 def _rng_state() -> dict:
@@ -100,10 +248,13 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"malformed RNG state in checkpoint ({type(err).__name__}: {err})") from None

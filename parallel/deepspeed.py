@@ -11,12 +11,14 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from parallel.checkpoint import CheckpointError
 from parallel.engine import Engine
 from parallel.topology import Topology
 from parallel.fsdp import apply_activation_checkpointing
 from parallel.materialize import build_model
+from parallel.safe_load import safe_loading
 from training.optim import build_optimizer, set_lr
 
 CHECKPOINT_TAG = "deepspeed"
@@ -64,11 +66,24 @@ class DeepSpeedEngine(Engine):
         self.ds.step()
         return float(self.ds.get_global_grad_norm())
 
-    def save_state(self, directory: Path, train_state: dict) -> None:
+    def save_state(self, directory: Path, train_state: dict, asynchronous: bool = False, group=None) -> None:
+        """DeepSpeed writes its own files, synchronously (no future to wait for)."""
         self.ds.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"train_state": train_state})
 
     def load_state(self, directory: Path, train_state: dict) -> None:
-        path, client_state = self.ds.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        with safe_loading(DEEPSPEED_CHECKPOINT_GLOBALS):
+            path, client_state = self.ds.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if path is None or client_state.get("train_state", {}).get("step") != train_state["step"]:
             raise CheckpointError(f"{directory}: no deepspeed checkpoint for step {train_state['step']} "
                                   "(was it written by another engine?)")
+
+
+def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, in one process without
+    a process group (DeepSpeed's zero_to_fp32), read with weights-only loading."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with safe_loading(DEEPSPEED_CHECKPOINT_GLOBALS):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CHECKPOINT_TAG)
+    # Activation checkpointing wraps each block; the plain model has no wrapper in its parameter names.
+    return {name.replace(_CHECKPOINT_PREFIX, ""): tensor for name, tensor in state.items()}

@@ -10,6 +10,7 @@ Losses: each rank's loss is the mean over its own tokens; every rank holds the s
 the engines average gradients over all data- and sequence-parallel ranks, which makes the gradient that of
 the mean over all tokens of the global batch, exactly as in one process.
 """
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from configs.schema import OptimConfig
+from parallel.safe_load import SafeFileSystemReader, safe_loading
 from parallel.sequence import SequenceParallel
 from parallel.topology import Topology
 from training.optim import build_optimizer, set_lr
@@ -64,13 +66,21 @@ class Engine:
         dist.all_reduce(tensor)
         return float(tensor) / self.topology.world_size
 
-    def save_state(self, directory: Path, train_state: dict) -> None:
-        """Model and optimizer into `directory` (torch.distributed.checkpoint, sharded as held)."""
+    def save_state(self, directory: Path, train_state: dict, asynchronous: bool = False,
+                   group: dist.ProcessGroup | None = None) -> Future | None:
+        """Model and optimizer into `directory` (torch.distributed.checkpoint, sharded as held). Asynchronous:
+        the state is copied to memory now and written by a background thread (collectives on `group`);
+        returns the future of that write."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+        state = {"model": model_sd, "optim": optim_sd}
+        if asynchronous:
+            return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
+        dcp.save(state, checkpoint_id=str(directory))
+        return None
 
     def load_state(self, directory: Path, train_state: dict) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory))
+        with safe_loading():
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

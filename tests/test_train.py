@@ -111,13 +111,15 @@ def test_a_killed_save_is_never_taken_for_a_checkpoint(tmp_path):
     engine = Engine(LM.from_config(cfg.model), cfg.optim, Topology())
     ckpt = Checkpointer(tmp_path, keep=2)
     saved = ckpt.save(1, engine, {"tokens_seen": 1, "model_config": {}})
+    ckpt.wait()
     half_written = tmp_path / ".step_000002.tmp"
     half_written.mkdir()
     (half_written / "__0_0.distcp").write_bytes(b"partial")
     assert ckpt.latest() == saved
     # The next save clears the leftover and completes.
     assert ckpt.save(2, engine, {"tokens_seen": 2, "model_config": {}}).name == "step_000002"
-    assert not half_written.exists()
+    ckpt.wait()
+    assert not half_written.exists() and ckpt.latest().name == "step_000002"
 
 
 def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
@@ -127,7 +129,9 @@ def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     batch = torch.randint(0, 500, (2, 17))
     source.backward(F.cross_entropy(source.model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()))
     source.step(1e-2)
-    path = Checkpointer(tmp_path, keep=1).save(1, source, {"tokens_seen": 7, "model_config": {"d_model": 64}})
+    checkpointer = Checkpointer(tmp_path, keep=1)
+    path = checkpointer.save(1, source, {"tokens_seen": 7, "model_config": {"d_model": 64}})
+    checkpointer.wait()
     torch.manual_seed(1)
     target = Engine(LM.from_config(cfg.model), cfg.optim, Topology())
     state = Checkpointer(tmp_path, keep=1).load(path, target, {"d_model": 64})
