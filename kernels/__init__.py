@@ -5,8 +5,9 @@ cached state) and sequence parallelism (an initial state from earlier ranks) all
 CUDA tensors take the Triton kernels, CPU tensors the chunked PyTorch path (see kernels/backend.py).
 """
 from kernels.conv import causal_conv1d
-from kernels.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-from kernels.gla import chunk_gla, fused_recurrent_gla
+from kernels.gated_delta_rule import (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule,
+                                      gated_delta_rule_state_summary)
+from kernels.gla import chunk_gla, fused_recurrent_gla, gla_state_summary
 
 __all__ = [
     "causal_conv1d",
@@ -14,4 +15,6 @@ __all__ = [
     "chunk_gla",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gla",
+    "gated_delta_rule_state_summary",
+    "gla_state_summary",
 ]

@@ -4,9 +4,9 @@ Each rank of an sp group holds the same rows, rank r the contiguous slice [r*T, 
 (T = local length). Layers that only look at their own token (norms, MLPs) need nothing. The others:
 
 - recurrent cores (GLA, Mamba2, Gated DeltaNet) are affine in the incoming state, S_out = M S_in + S_local,
-  so one run of the op gives this slice's (M, S_local), a differentiable all_gather gives every rank's, a
-  prefix combine gives this slice's incoming state, and a second run of the op starting from it gives the
-  outputs. Communication per layer is O(H K (K + V)) per row, independent of T.
+  so a state-only summary of the slice gives its (M, S_local) (M diagonal for GLA and Mamba2), a
+  differentiable all_gather gives every rank's, a prefix combine gives this slice's incoming state, and the
+  op run from it gives the outputs. Communication per layer is O(H K V) per row, independent of T.
 - short causal convolutions take the (W-1)-token halo of the previous rank(s) as their initial state;
 - attention all-gathers K and V (full attention), or takes only the previous rank's last window-1 keys.
 
@@ -23,8 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kernels import causal_conv1d
+from kernels import (causal_conv1d, chunk_gated_delta_rule, chunk_gla, gated_delta_rule_state_summary,
+                     gla_state_summary)
 from model.attention import document_starts
+
+# Each recurrent op's state-only pass: (S_local [N, H, K, V], transition) per sequence of cu_seqlens.
+_STATE_SUMMARIES = {chunk_gla: gla_state_summary, chunk_gated_delta_rule: gated_delta_rule_state_summary}
 
 
 class _AllGather(torch.autograd.Function):
@@ -151,32 +155,41 @@ class SequenceParallel:
     def scan(self, op: Callable, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, **gates: Tensor) -> Tensor:
         """The op's output over this slice, given the state every earlier rank leaves (op = chunk_gla or
         chunk_gated_delta_rule; gates = g, or g and beta)."""
+        if op not in _STATE_SUMMARIES:
+            raise ValueError(f"sequence-parallel scan: no state summary for {getattr(op, '__name__', op)}; "
+                             f"known ops: {', '.join(f.__name__ for f in _STATE_SUMMARIES)}")
         out_shape = v.shape
         q, k, v = self._flat(q), self._flat(k), self._flat(v)
         gates = {name: self._flat(gate) for name, gate in gates.items()}
-        num_keys, num_values, num_heads = k.shape[-1], v.shape[-1], k.shape[-2]
 
-        # 1. (S_local, M) of each row's last segment in one run: the state is affine in S_in column by column,
-        #    so appending K zero value columns that start from the identity yields M next to S_local.
-        #    Only a first segment continuing a document carries S_in; elsewhere M = 0 (the state was cut).
-        identity = torch.eye(num_keys, device=v.device).expand(self.batch_size, num_heads, -1, -1)
-        probe_state = self._to_segments(torch.cat([identity.new_zeros(*identity.shape[:-1], num_values), identity], dim=-1))
-        probe_v = torch.cat([v, v.new_zeros(*v.shape[:-1], num_keys)], dim=-1)
-        _, final = op(q, k, probe_v, scale=scale, **gates, initial_state=probe_state,
-                      output_final_state=True, cu_seqlens=self.cu_seqlens)
-        summaries = final[self.last_segment].float()  # [B, H, K, V+K] = (S_local | M)
+        # 1. (S_local, M) of each row's last segment, from the op's state-only summary (no outputs). Only a
+        #    first segment continuing a document carries S_in; elsewhere M = 0 (the state was cut).
+        local_states, transitions = _STATE_SUMMARIES[op](k, v, **gates, cu_seqlens=self.cu_seqlens)
+        local_state = local_states[self.last_segment].float()  # [B, H, K, V]
+        carries = self.segment_carries[self.last_segment]
+        transition = transitions[self.last_segment].float()  # [B, H, K, K], or the diagonal [B, H, K] / [B, H]
+        transition = transition * carries.view(-1, *(1,) * (transition.dim() - 1))
+        if transition.dim() == 2:  # a scalar gate per head: the diagonal is one value
+            transition = transition.unsqueeze(-1)
 
-        # 2. every rank's summary, then the exclusive prefix combine S_in(j+1) = M_j S_in(j) + S_local(j).
-        #    Every rank computes all prefixes and keeps its own, so the gathered tensors are in every rank's
-        #    graph: the all_gather's backward (which brings later ranks' gradients here) then runs on all.
-        gathered = _AllGather.apply(summaries, self.group)
-        incoming = [torch.zeros_like(summaries[..., :num_values])]
+        # 2. every rank's summary (one all_gather of both), then the exclusive prefix combine
+        #    S_in(j+1) = M_j S_in(j) + S_local(j). Every rank computes all prefixes and keeps its own, so the
+        #    gathered tensors are in every rank's graph: the all_gather's backward (which brings later ranks'
+        #    gradients here) then runs on all.
+        state_size = local_state[0].numel()
+        summary = torch.cat([local_state.flatten(1), transition.flatten(1)], dim=1)
+        gathered = _AllGather.apply(summary, self.group)
+        incoming = [torch.zeros_like(local_state)]
         with torch.autocast(v.device.type, enabled=False):  # states stay fp32 under bf16 autocast
-            for summary in gathered[:-1]:
-                incoming.append(summary[..., num_values:] @ incoming[-1] + summary[..., :num_values])
+            for rank_summary in gathered[:-1]:
+                state_j, transition_j = rank_summary.split([state_size, rank_summary.shape[1] - state_size], dim=1)
+                transition_j = transition_j.view(transition.shape)
+                carried = (transition_j @ incoming[-1] if transition_j.dim() == incoming[-1].dim()
+                           else transition_j.unsqueeze(-1) * incoming[-1])  # diagonal: scale the rows of S
+                incoming.append(carried + state_j.view(local_state.shape))
         state_in = torch.stack(incoming)[self.rank]
 
-        # 3. the outputs, rerun from the incoming state.
+        # 3. the outputs, run from the incoming state.
         initial_state = self._to_segments(state_in)
         o, _ = op(q, k, v, scale=scale, **gates, initial_state=initial_state, cu_seqlens=self.cu_seqlens)
         return o.reshape(out_shape)

@@ -13,6 +13,7 @@ from kernels.backend import use_triton
 from kernels.common import check_recurrent_inputs
 from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule_torch
 from kernels.gated_delta_rule.naive import naive_gated_delta_rule
+from kernels.gated_delta_rule.summary import gated_delta_rule_state_summary_torch
 
 
 def _check_gates(q: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> None:
@@ -52,5 +53,16 @@ def fused_recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.
     return naive_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "naive_gated_delta_rule",
-           "chunk_gated_delta_rule_torch"]
+def gated_delta_rule_state_summary(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                                   cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunk_gated_delta_rule's state-only pass (no outputs), for sequence parallelism: per sequence the final
+    state from a zero start, S_local [N,H,K,V] fp32, and the transition M [N,H,K,K]: the op's final state
+    from S_0 is M @ S_0 + S_local. PyTorch on every device (backward by autograd): the chunk-state
+    recurrence alone, on the WY factors."""
+    check_recurrent_inputs(k, k, v, None, cu_seqlens)
+    _check_gates(k, g, beta)
+    return gated_delta_rule_state_summary_torch(k, v, g, beta, cu_seqlens)
+
+
+__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gated_delta_rule_state_summary",
+           "naive_gated_delta_rule", "chunk_gated_delta_rule_torch"]

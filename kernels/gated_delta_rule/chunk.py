@@ -46,24 +46,13 @@ def chunk_gated_delta_rule_torch(
 
     # Padding after a sequence's end has k = v = beta = g = 0: it leaves the state unchanged.
     q, k, v, g, beta = (chunked(x) for x in (q, k, v, g, beta))
-    gamma = g.cumsum(-1)
-    # The diagonal of the decay (exp(0)) and the last token's decay to the chunk end are constants, not
-    # functions of gamma: written as exp(gamma_t - gamma_t) their gate gradients would be O(1) terms that
-    # cancel only up to rounding, swamping dg when the gates are tiny (g of -20 and below).
-    strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-    eye = torch.eye(C, dtype=dtype, device=q.device)
-    decay = torch.where(strictly_lower, gamma[..., :, None] - gamma[..., None, :], float("-inf")).exp() + eye
-    to_end = F.pad(g.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))  # gamma_C - gamma_t = sum_{s>t} g_s
-    A = beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay * strictly_lower
-    T_inv = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
-    W = T_inv @ (k * (beta * gamma.exp())[..., None])
-    U = T_inv @ (v * beta[..., None])
+    gamma, decay, W, U, k_to_end = wy_factors(k, v, g, beta)
     q_decayed = q * (scale * gamma.exp())[..., None]
     qk = (q @ k.transpose(-1, -2)) * decay * scale
 
     # Inter-chunk: scan over chunk index, all sequences at once. Grid slots past a sequence's end are
     # identity steps (W = U = 0, decay 1), so each sequence's final state passes through them unchanged.
-    k_to_end = layout.to_grid((k * to_end.exp()[..., None]).transpose(-1, -2), 0.0)
+    k_to_end = layout.to_grid(k_to_end, 0.0)
     decay_to_end = layout.to_grid(gamma[..., -1].exp()[..., None, None], 1.0)
     W, U = layout.to_grid(W, 0.0), layout.to_grid(U, 0.0)
     state = initial_state.to(dtype) if initial_state is not None else q.new_zeros(layout.num_seqs, H, K, V)
@@ -79,3 +68,23 @@ def chunk_gated_delta_rule_torch(
         o = q_decayed @ states_in + qk @ layout.from_grid(torch.stack(v_new, 1))
     o = layout.from_chunks(o.transpose(1, 2)).view(B, T, H, V)
     return o.to(out_dtype), (state if output_final_state else None)
+
+
+def wy_factors(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor):
+    """Per chunk (inputs [chunks, H, C, *D]): gamma [chunks, H, C], the causal decay exp(gamma_t - gamma_s)
+    [chunks, H, C, C], the WY factors W [.., C, K] and U [.., C, V], and (diag(exp(gamma_C - gamma)) K)^T
+    [.., K, C], so that a chunk maps its incoming state S to exp(gamma_C) S + k_to_end (U - W S)."""
+    C = k.shape[-2]
+    gamma = g.cumsum(-1)
+    # The diagonal of the decay (exp(0)) and the last token's decay to the chunk end are constants, not
+    # functions of gamma: written as exp(gamma_t - gamma_t) their gate gradients would be O(1) terms that
+    # cancel only up to rounding, swamping dg when the gates are tiny (g of -20 and below).
+    strictly_lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril(-1)
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    decay = torch.where(strictly_lower, gamma[..., :, None] - gamma[..., None, :], float("-inf")).exp() + eye
+    to_end = F.pad(g.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))  # gamma_C - gamma_t = sum_{s>t} g_s
+    A = beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay * strictly_lower
+    T_inv = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
+    W = T_inv @ (k * (beta * gamma.exp())[..., None])
+    U = T_inv @ (v * beta[..., None])
+    return gamma, decay, W, U, (k * to_end.exp()[..., None]).transpose(-1, -2)

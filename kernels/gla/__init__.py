@@ -12,6 +12,7 @@ from kernels.backend import use_triton
 from kernels.common import check_recurrent_inputs
 from kernels.gla.chunk import chunk_gla_torch
 from kernels.gla.naive import naive_recurrent_gla
+from kernels.gla.summary import gla_state_summary_torch
 
 
 def _check_gate(q: torch.Tensor, g: torch.Tensor) -> None:
@@ -47,4 +48,15 @@ def fused_recurrent_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     return naive_recurrent_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
-__all__ = ["chunk_gla", "fused_recurrent_gla", "naive_recurrent_gla", "chunk_gla_torch"]
+def gla_state_summary(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunk_gla's state-only pass (no outputs), for sequence parallelism: per sequence the final state from a
+    zero start, S_local [N,H,K,V] fp32, and the diagonal transition a, [N,H,K] (vector gate) or [N,H]
+    (scalar gate): chunk_gla's final state from S_0 is a[..., None] * S_0 + S_local (a[..., None, None]
+    for a scalar gate). PyTorch on every device (backward by autograd): one T x K x V contraction."""
+    check_recurrent_inputs(k, k, v, None, cu_seqlens)
+    _check_gate(k, g)
+    return gla_state_summary_torch(k, v, g, cu_seqlens)
+
+
+__all__ = ["chunk_gla", "fused_recurrent_gla", "gla_state_summary", "naive_recurrent_gla", "chunk_gla_torch"]

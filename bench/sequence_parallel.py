@@ -1,0 +1,191 @@
+"""Benchmark sequence parallelism: the compute it adds, and (with more processes) compute vs communication.
+
+One process (plain `python`): per mixer, the whole LM (n_layers of that mixer, forward + backward) on the
+same rows with the sp context of a 1-process gloo group (the summary pass, the prefix combine, the scan from
+the incoming state; the collectives move nothing) against without it. The ratio is the compute overhead of
+sequence parallelism (goal: at most 1.10).
+
+Several processes (torchrun): every rank holds its slice of the rows, T = R * seq_len; per mixer the step
+time, and its split into compute and communication (wall-clock time inside the sp collectives, all ranks'
+mean, per layer).
+
+    python bench/sequence_parallel.py                          # overhead per mixer, CPU fp32
+    python bench/sequence_parallel.py --mixers G --seq-len 4096 --repeats 9 --threads 1
+    torchrun --nproc_per_node=4 bench/sequence_parallel.py     # compute / communication split per layer
+Prints a table and writes JSON (device, versions, date, settings, results) to bench/results/.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import parallel.sequence as sequence  # noqa: E402
+from bench.kernels import print_table, versions  # noqa: E402
+from model import LM  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIXERS = {"G": "gla", "M": "mamba2", "D": "gated_deltanet"}
+
+
+class CollectiveTimer:
+    """Wall-clock seconds spent inside the sp collectives (forward and backward), by wrapping them."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def installed(self):
+        originals = {name: getattr(sequence, name) for name in ("_send_to_neighbour",)}
+        gather_forward, gather_backward = sequence._AllGather.forward, sequence._AllGather.backward
+
+        def timed(fn):
+            def wrapper(*args, **kwargs):
+                sync()
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                sync()
+                self.seconds += time.perf_counter() - start
+                return out
+            return wrapper
+
+        sequence._send_to_neighbour = timed(originals["_send_to_neighbour"])
+        sequence._AllGather.forward = staticmethod(timed(gather_forward))
+        sequence._AllGather.backward = staticmethod(timed(gather_backward))
+        try:
+            yield self
+        finally:
+            sequence._send_to_neighbour = originals["_send_to_neighbour"]
+            sequence._AllGather.forward = staticmethod(gather_forward)
+            sequence._AllGather.backward = staticmethod(gather_backward)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(mixer: str, args, device: torch.device) -> LM:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=args.vocab, d_model=args.d_model, pattern=mixer, n_layers=args.n_layers)
+    return LM.from_config(cfg).to(device)
+
+
+def step_seconds(lm: LM, tokens: torch.Tensor, cu_seqlens: torch.Tensor, sp_of) -> float:
+    """One forward + backward of the mean logit (the sp context is built inside, as train.py does per batch)."""
+    lm.zero_grad(set_to_none=True)
+    sync()
+    start = time.perf_counter()
+    sp = sp_of()
+    lm(tokens, cu_seqlens=cu_seqlens, sp=sp).float().mean().backward()
+    sync()
+    return time.perf_counter() - start
+
+
+def overhead(args, device: torch.device) -> list[dict]:
+    """One process: the LM with the sp context of a 1-process group vs without it."""
+    group = dist.group.WORLD
+    rows = []
+    for mixer in args.mixers:
+        lm = build(mixer, args, device)
+        tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
+        cu = torch.arange(args.batch + 1, device=device, dtype=torch.int32) * args.seq_len
+        starts = torch.ones(args.batch, dtype=torch.bool, device=device)
+        plain_of = lambda: None
+        sp_of = lambda: sequence.SequenceParallel(group, cu, starts)
+        for _ in range(args.warmup):
+            step_seconds(lm, tokens, cu, plain_of), step_seconds(lm, tokens, cu, sp_of)
+        plain, with_sp = [], []
+        for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
+            plain.append(step_seconds(lm, tokens, cu, plain_of))
+            with_sp.append(step_seconds(lm, tokens, cu, sp_of))
+        rows.append(dict(mixer=MIXERS[mixer], plain_s=statistics.median(plain), sp_s=statistics.median(with_sp),
+                         overhead=statistics.median(with_sp) / statistics.median(plain)))
+    return rows
+
+
+def split(args, device: torch.device) -> list[dict]:
+    """torchrun: every rank its slice of one document per row; step time split into compute and communication."""
+    group, rank, size = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    rows = []
+    for mixer in args.mixers:
+        lm = build(mixer, args, device)
+        torch.manual_seed(1)
+        tokens = torch.randint(0, args.vocab, (args.batch, size * args.seq_len), device=device)
+        local = tokens[:, rank * args.seq_len:(rank + 1) * args.seq_len]
+        cu = torch.arange(args.batch + 1, device=device, dtype=torch.int32) * args.seq_len
+        starts = torch.full((args.batch,), rank == 0, dtype=torch.bool, device=device)
+        sp_of = lambda: sequence.SequenceParallel(group, cu, starts)
+        for _ in range(args.warmup):
+            step_seconds(lm, local, cu, sp_of)
+        totals, comms = [], []
+        for _ in range(args.repeats):
+            timer = CollectiveTimer()
+            with timer.installed():
+                totals.append(step_seconds(lm, local, cu, sp_of))
+            comms.append(timer.seconds)
+        measured = torch.tensor([statistics.median(totals), statistics.median(comms)], dtype=torch.float64)
+        dist.all_reduce(measured)
+        step, comm = (measured / size).tolist()
+        rows.append(dict(mixer=MIXERS[mixer], ranks=size, step_s=step,
+                         compute_per_layer_s=(step - comm) / args.n_layers,
+                         communication_per_layer_s=comm / args.n_layers, communication_share=comm / step))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=list(MIXERS))
+    parser.add_argument("--d-model", type=int, default=768, help="the 125M presets' width")
+    parser.add_argument("--n-layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row per rank")
+    parser.add_argument("--repeats", type=int, default=7, help="median of this many steps")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    launched = "RANK" in os.environ  # torchrun
+    with tempfile.TemporaryDirectory() as tmp:
+        if launched:
+            if cuda:
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            dist.init_process_group("nccl" if cuda else "gloo")
+        else:
+            dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        device = torch.device("cuda" if cuda else "cpu")
+        try:
+            rows = split(args, device) if launched else overhead(args, device)
+        finally:
+            dist.destroy_process_group()
+    if launched and int(os.environ["RANK"]) != 0:
+        return
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    title = ("compute / communication per layer under sp (seconds, mean over ranks)" if launched else
+             "whole LM forward + backward with the sp context of a 1-process group vs without (median seconds)")
+    print_table(f"{title}; {args.n_layers} layers, d_model {args.d_model}, B {args.batch}, T {args.seq_len}", rows)
+    results = dict(device=device_name, versions=versions(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                   settings=vars(args), results=rows)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    path = RESULTS_DIR / f"sequence_parallel_{'split' if launched else 'overhead'}_{'cuda' if cuda else 'cpu'}_{stamp}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nresults written to {path}")
+
+
+if __name__ == "__main__":
+    main()
