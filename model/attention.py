@@ -1,29 +1,25 @@
 """Grouped-query attention with RoPE: full causal or sliding window, documents isolated.
 
 Every case (training rows, packed documents, sequence-parallel slices, the decode cache) reduces to
-the same three position tensors and one mask function, so there is a single attention code path:
-    mask = key_pos <= q_pos  and  key_pos >= q_doc_start  and  (window is None or q_pos - key_pos < window)
+the same three position tensors and one mask rule (model/attention_mask.py), so there is a single
+attention code path. The mask is never dense over the whole sequence, so the memory kept for the
+backward grows linearly with T:
+- CUDA training: FlexAttention (compiled) with the rule's BlockMask, built once per batch and window
+  and shared by every layer; fully masked blocks are skipped, a window costs O(T·window);
+- CPU, and decoding: SDPA over blocks of queries, each against only the keys it can see, with that
+  block's small mask; only q, k, v are saved and each block is recomputed in the backward.
 """
+import functools
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from model.attention_mask import attention_mask, flex_block_mask, query_blocks
 from model.config import ModelConfig
 from model.layers import apply_rotary
-
-
-def attention_mask(q_pos: torch.Tensor, q_doc_start: torch.Tensor, key_pos: torch.Tensor,
-                   window: Optional[int]) -> torch.Tensor:
-    """Boolean mask [B, 1, Tq, Tk] (True = attend) from query positions [Tq], each query's document
-    start [B, Tq] and key positions [Tk], all in the same (row) coordinates."""
-    q, k = q_pos[:, None], key_pos[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & (q - k < window)
-    allowed = allowed[None] & (k[None] >= q_doc_start[:, :, None])
-    return allowed[:, None]
 
 
 def document_starts(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int,
@@ -38,6 +34,70 @@ def document_starts(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int
     flat = torch.arange(batch * seq_len, device=device, dtype=cu_seqlens.dtype)
     start = cu_seqlens[torch.searchsorted(cu_seqlens, flat, right=True) - 1]
     return (start - (flat // seq_len) * seq_len).long().view(batch, seq_len)
+
+
+class QueryBlockAttention(torch.autograd.Function):
+    """SDPA over blocks of queries, each against only the keys the block can see (query_blocks) under the
+    block's own [B, 1, block, keys] mask. q [B, H, Tq, D]; k, v [B, H_kv, Tk, D]; positions as in
+    model/attention_mask.py.
+
+    Saves only q, k, v and the positions and recomputes each block in the backward, so what the backward
+    holds is O(T) and what one block allocates O(block x keys); the price is computing attention twice."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, q, k, v, q_pos, q_doc_start, key_pos, window):
+        ctx.blocks, ctx.window = query_blocks(q_pos, q_doc_start, key_pos, window), window
+        ctx.save_for_backward(q, k, v, q_pos, q_doc_start, key_pos)
+        positions = (q_pos, q_doc_start, key_pos, window)
+        return torch.cat([_attend_block(q[:, :, queries], k[:, :, keys], v[:, :, keys], positions, queries, keys)
+                          for queries, keys in ctx.blocks], dim=2)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_o):
+        q, k, v, *positions = ctx.saved_tensors
+        positions = (*positions, ctx.window)
+        grads = [torch.zeros_like(x) for x in (q, k, v)]
+        for queries, keys in ctx.blocks:
+            parts = [x.detach().requires_grad_() for x in (q[:, :, queries], k[:, :, keys], v[:, :, keys])]
+            with torch.enable_grad():
+                o = _attend_block(*parts, positions, queries, keys)
+            part_grads = torch.autograd.grad(o, parts, grad_o[:, :, queries])
+            for grad, part_grad, rows in zip(grads, part_grads, (queries, keys, keys)):
+                grad[:, :, rows] += part_grad
+        return *grads, None, None, None, None
+
+
+def _attend_block(q, k, v, positions, queries: slice, keys: slice) -> torch.Tensor:
+    """SDPA of one block: q its queries, k and v its keys (the `queries` and `keys` rows of positions)."""
+    q_pos, q_doc_start, key_pos, window = positions
+    mask = attention_mask(q_pos[queries], q_doc_start[:, queries], key_pos[keys], window)
+    # Expanding K/V keeps SDPA on its masked fused kernel (enable_gqa with a mask takes the math one).
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention and create_block_mask compiled once (the uncompiled ones materialise dense scores
+    and a dense mask)."""
+    return torch.compile(flex_attention), torch.compile(create_block_mask)
+
+
+_shared_block_masks: dict = {}  # window -> (layout, BlockMask) of the batch the layers saw last
+
+
+def shared_block_mask(layout: tuple, q_pos, q_doc_start, key_pos, window: Optional[int]) -> BlockMask:
+    """This batch's BlockMask, built by its first attention layer of this window and reused by the others.
+    layout = (the batch's cu_seqlens or sp object, or None, then the shapes): the same object with the same
+    shapes means the same positions (batches bring new cu_seqlens tensors; none is changed in place)."""
+    cached = _shared_block_masks.get(window)
+    if cached is None or cached[0][0] is not layout[0] or cached[0][1:] != layout[1:]:
+        block_mask = flex_block_mask(q_pos, q_doc_start, key_pos, window, build=_compiled_flex()[1])
+        _shared_block_masks[window] = cached = (layout, block_mask)
+    return cached[1]
 
 
 class Attention(nn.Module):
@@ -81,13 +141,13 @@ class Attention(nn.Module):
         else:
             key_pos = q_pos
 
-        mask = attention_mask(q_pos, q_doc_start, key_pos, self.window)
-        groups = self.num_heads // self.num_kv_heads
-        # Expanding K/V keeps SDPA on its masked memory-efficient kernel (enable_gqa with a mask falls
-        # back to the math kernel on CUDA).
-        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if x.is_cuda and cache is None:
+            layout = (cu_seqlens if sp is None else sp, B, T, key_pos.numel(), x.device)
+            block_mask = shared_block_mask(layout, q_pos, q_doc_start, key_pos, self.window)
+            o = _compiled_flex()[0](q, k, v, block_mask=block_mask, enable_gqa=True)
+        else:
+            o = QueryBlockAttention.apply(q, k, v, q_pos, q_doc_start, key_pos, self.window)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
     def _extend_cache(self, cache: dict, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):
