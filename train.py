@@ -6,9 +6,10 @@
     python train.py run.dir=runs/x resume=auto          # continue from the newest complete checkpoint
 
 Configs: configs/ (Hydra). Models: model/. Data: data/. Sharding, sequence parallelism and
-checkpoints: parallel/. Evaluation: eval/.
+checkpoints: parallel/. Evaluation: eval/. Signals, bad steps and exit codes: training/faults.py.
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,34 +19,35 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from configs.errors import run_cli
+from configs.errors import ConfigError, run_cli
 from configs.schema import load_config
-from data import PackedLoader, prepare_dataset
-from eval.perplexity import evaluate_held_out
-from parallel.checkpoint import Checkpointer
+from data import prepare_dataset
+from eval import run_tasks
 from parallel.build import build_engine
+from parallel.checkpoint import Checkpointer
 from parallel.topology import init_topology
-from training.metrics import MetricsLogger, truncate_metrics
+from training.faults import EXIT_DIVERGED, EXIT_PREEMPTED, StepGuard, StopSignals, TrainingDiverged
+from training.metrics import MetricsLogger, StepTimer, console_line, truncate_metrics
 from training.optim import lr_at
 from training.plots import plot_loss_curve
+from training.profile import StepProfiler
 
 
-def train(cfg, raw_cfg) -> dict:
+def train(cfg, raw_cfg, stop: StopSignals) -> int:
     topo = init_topology(cfg.parallel)
     run_dir = Path(cfg.run.dir)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
     resume_from = resolve_resume(cfg.resume, checkpointer)
+    micro_batch = resolve_micro_batch(cfg, raw_cfg, topo)
     torch.manual_seed(cfg.run.seed)
 
     dataset = prepare_dataset(cfg.data)
-    tokenizer = dataset.tokenizer
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if dataset.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's {dataset.vocab_size}")
     engine = build_engine(cfg, topo)  # builds the model, sharded as the engine holds it
-    loader = PackedLoader(dataset.train_sources, cfg.train.seq_len, cfg.train.micro_batch_size,
-                          cfg.train.global_batch_size, topo.dp_rank, topo.dp_size, topo.sp_rank, topo.sp_size,
-                          seed=cfg.run.seed, tokenizer_hash=tokenizer.hash, verify=dataset.verify)
-    micro_per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp_size)  # the loader checked it
+    loader = dataset.loader(cfg.train.seq_len, micro_batch, cfg.train.global_batch_size, topo.dp_rank, topo.dp_size,
+                            topo.sp_rank, topo.sp_size, seed=cfg.run.seed)
+    micro_per_step = cfg.train.global_batch_size // (micro_batch * topo.dp_size)  # the loader checked it
     autocast_dtype = autocast_dtype_for(cfg.train.dtype, topo.device)
     model_config = OmegaConf.to_container(raw_cfg.model)
 
@@ -62,7 +64,14 @@ def train(cfg, raw_cfg) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw_cfg))
     logger = MetricsLogger(run_dir, cfg.logging.wandb, OmegaConf.to_container(raw_cfg), enabled=topo.is_main)
 
+    def save(at_step: int) -> None:
+        checkpointer.save(at_step, engine, {"tokens_seen": tokens_seen, "loader": loader.state_dict(),
+                                            "model_config": model_config})
+
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    timer = StepTimer(engine.model.flops_per_token(cfg.train.seq_len), topo.device, topo.world_size)
+    guard = StepGuard(cfg.train.max_bad_steps, cfg.train.spike_factor)
+    profiler = StepProfiler(cfg.train.profile.steps, run_dir / "profile", topo.rank)
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not topo.is_main)
     engine.model.train()
     while step < cfg.train.max_steps:
@@ -77,45 +86,76 @@ def train(cfg, raw_cfg) -> dict:
             engine.backward(loss)
             loss_sum += loss.detach()
         lr = lr_at(step, cfg.train.max_steps, cfg.optim)
-        grad_norm = engine.step(lr)
+        grad_norm = engine.step(lr)  # a non-finite gradient norm: the update is skipped
+        loss_mean, stop_requested = engine.reduce_step(loss_sum.item(), stop.received is not None)
         step += 1
         tokens_seen += tokens_per_step
-        record = {"step": step, "loss": engine.all_reduce_mean(loss_sum.item()), "lr": lr, "grad_norm": grad_norm,
-                  "tokens_seen": tokens_seen, "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+        profiler.step(step)
+        record = {"step": step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "tokens_seen": tokens_seen,
+                  **timer.step(time.perf_counter() - started, tokens_per_step, cfg.train.max_steps - step),
+                  **guard.check(step, loss_mean, grad_norm)}
         logger.log(record)
+        logger.log(checkpointer.poll())  # a save finished in the background: when, and what it cost the loop
         progress.update(1)
-        if step % cfg.train.log_every == 0:
-            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
-            checkpointer.save(step, engine,
-                              {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "model_config": model_config})
+        if step % cfg.train.log_every == 0 and topo.is_main:
+            progress.write(console_line(record, cfg.train.max_steps))
+            plot_loss_curve(run_dir)
+        periodic = cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps)
+        if periodic or stop_requested:
+            save(step)
+        if stop_requested:
+            logger.log(checkpointer.wait())
+            progress.close()
+            logger.close()
+            if topo.is_main:
+                print(f"stopped by {stop.received or 'a signal to another rank'} at step {step}; checkpoint "
+                      f"saved, resume=auto continues (exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            logger.log({"step": step, **evaluate(cfg, engine.model, dataset, topo, autocast_dtype).as_dict()})
+            logger.log({"step": step, **evaluate(cfg, engine.model, dataset, topo, autocast_dtype)})
+    logger.log(checkpointer.wait())
     progress.close()
 
-    held_out = evaluate(cfg, engine.model, dataset, topo, autocast_dtype)
-    sample = generate_sample(cfg, engine.model, tokenizer, topo.device)
-    results = {"step": step, "tokens_seen": tokens_seen, **held_out.as_dict(), "sample": sample}
+    figures = evaluate(cfg, engine.model, dataset, topo, autocast_dtype, plot_dir=run_dir)
+    results = {"step": step, "tokens_seen": tokens_seen, **figures}
     if topo.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        plot = plot_loss_curve(run_dir, figures.get("held_out_loss"))
+        logger.summary(figures)
+        print("evaluation: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in figures.items()) + f"; loss curve: {plot}")
+    sample = generate_sample(cfg, engine.model, dataset.tokenizer, topo.device)  # last: a failure loses nothing
+    if topo.is_main and sample is not None:
         (run_dir / "sample.txt").write_text(sample)
-        plot = plot_loss_curve(run_dir, held_out.loss)
-        logger.summary(held_out.as_dict())
-        print(f"held-out: {held_out.loss:.4f} nats/token, {held_out.bits_per_byte:.4f} bits/byte "
-              f"({held_out.tokens} tokens); loss curve: {plot}")
         print(f"sample:\n{sample}")
     logger.close()
-    return results
+    return 0
 
 
 def resolve_resume(resume: str, checkpointer: Checkpointer) -> Path | None:
-    if resume == "auto":
+    # A worker that torchrun restarted after a failure continues the run: the newest complete checkpoint.
+    if resume == "auto" or (resume == "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0):
         return checkpointer.latest()
     if resume == "none":
         if checkpointer.latest() is not None:
-            raise ValueError(f"{checkpointer.root} already holds checkpoints: pass resume=auto or another run.dir")
+            raise ConfigError(f"{checkpointer.root} already holds checkpoints: pass resume=auto or another run.dir")
         return None
     return Path(resume)
+
+
+def resolve_micro_batch(cfg, raw_cfg, topo) -> int:
+    """train.micro_batch_size, or (when unset) the global batch split evenly over the data-parallel ranks."""
+    if cfg.train.micro_batch_size is not None:
+        return cfg.train.micro_batch_size
+    if cfg.train.global_batch_size % topo.dp_size:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} does not split over "
+                          f"{topo.dp_size} data-parallel ranks; set train.global_batch_size or train.micro_batch_size")
+    micro = cfg.train.global_batch_size // topo.dp_size
+    cfg.train.micro_batch_size = raw_cfg.train.micro_batch_size = micro
+    if topo.is_main:
+        print(f"train.micro_batch_size={micro}: global batch {cfg.train.global_batch_size} over {topo.dp_size} "
+              "data-parallel rank(s), no gradient accumulation (set it to accumulate)")
+    return micro
 
 
 def autocast_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -124,22 +164,35 @@ def autocast_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def evaluate(cfg, model, dataset, topo, autocast_dtype):
-    return evaluate_held_out(model, dataset.held_out_documents(), dataset.tokenizer.eos_id, cfg.train.seq_len,
-                             cfg.eval.batch_size, cfg.eval.held_out_tokens, topo.device, autocast_dtype,
-                             progress=topo.is_main)
+def evaluate(cfg, model, dataset, topo, autocast_dtype, plot_dir: Path | None = None) -> dict:
+    """The configured eval tasks on the live model (every rank takes part: the model may be sharded)."""
+    return run_tasks(cfg, model, dataset, topo.device, autocast_dtype, progress=topo.is_main,
+                     plot_dir=plot_dir if topo.is_main else None)
 
 
 @torch.no_grad()
-def generate_sample(cfg, model, tokenizer, device) -> str:
-    prompt = [tokenizer.eos_id] + tokenizer.encode(cfg.eval.sample_prompt)
-    out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=cfg.eval.sample_tokens,
-                         temperature=cfg.eval.sample_temperature)
-    return cfg.eval.sample_prompt + tokenizer.decode(out[0, len(prompt):].tolist())
+def generate_sample(cfg, model, tokenizer, device) -> str | None:
+    """A short continuation of eval.sample_prompt (None without a tokenizer, e.g. data=mqar); a failure is
+    reported in one line, never fatal."""
+    if tokenizer is None or cfg.eval.sample_tokens == 0:
+        return None
+    try:
+        prompt = [tokenizer.eos_id] + tokenizer.encode(cfg.eval.sample_prompt)
+        out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=cfg.eval.sample_tokens,
+                             temperature=cfg.eval.sample_temperature)
+        return cfg.eval.sample_prompt + tokenizer.decode(out[0, len(prompt):].tolist())
+    except Exception as err:  # the run's results are already written; a sample is not worth losing them
+        print(f"warning: sample failed ({type(err).__name__}: {err})", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str]) -> int:
-    return run_cli(lambda: train(*load_config(argv)))
+    with StopSignals() as stop:
+        try:
+            return run_cli(lambda: train(*load_config(argv), stop))
+        except TrainingDiverged as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

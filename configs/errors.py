@@ -24,17 +24,17 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def run_cli(entry_point) -> int:
-    """Run a command-line entry point: 0 when it returns, 2 and one line on stderr for a user error; any
-    other exception is a bug and propagates with its traceback."""
+    """Run a command-line entry point: its exit code (an int it returns, else 0), or 2 and one line on
+    stderr for a user error; any other exception is a bug and propagates with its traceback."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        entry_point()
+        code = entry_point()
     except (UserError, HydraException, OmegaConfBaseException) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def one_line(err: Exception) -> str:

@@ -1,7 +1,7 @@
 """The typed schema of the whole config, and the one way to load it.
 
-Each group's schema lives with its code (model/config.py, data/config.py, parallel/config.py); the
-training-loop groups live here. Hydra composes configs/config.yaml over this schema, so an unknown key
+Each group's schema lives with its code (model/config.py, data/config.py, parallel/config.py,
+eval/config.py); the training-loop groups live here. Hydra composes configs/config.yaml over this schema, so an unknown key
 or a wrong type fails at composition; `OmegaConf.to_object` then builds the dataclasses, whose
 __post_init__ rejects impossible values. Nothing is written before this succeeds.
 """
@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from configs.errors import ConfigError
 
 from data.config import DataConfig
+from eval.config import EvalConfig
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
 
@@ -59,38 +60,42 @@ class OptimConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: list[int] = field(default_factory=list)  # [first, last] optimizer steps to trace; [] = off
+
+    def __post_init__(self):
+        if self.steps and (len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]):
+            raise ConfigError(f"train.profile.steps must be [first, last] with 1 <= first <= last, got {self.steps}")
+
+
+@dataclass
 class TrainConfig:
     seq_len: int = 256
     global_batch_size: int = 8
-    micro_batch_size: int = 8
+    micro_batch_size: Optional[int] = None  # None: global batch / data-parallel ranks (no accumulation)
     max_steps: int = 560
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    async_checkpoint: bool = True
     eval_every: int = 0
     dtype: str = "auto"
+    max_bad_steps: int = 5
+    spike_factor: float = 3.0
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self):
-        for name in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps", "log_every"):
+        for name in ("seq_len", "global_batch_size", "max_steps", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size must be >= 1 or null, got {self.micro_batch_size}")
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError("train.checkpoint_every and train.eval_every must be >= 0, train.keep_checkpoints >= 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"train.dtype: '{self.dtype}' is not one of {', '.join(DTYPES)}")
-
-
-@dataclass
-class EvalConfig:
-    held_out_tokens: int = 150_000
-    batch_size: int = 8
-    sample_prompt: str = "def "
-    sample_tokens: int = 96
-    sample_temperature: float = 0.8
-
-    def __post_init__(self):
-        if self.held_out_tokens < 1 or self.batch_size < 1 or self.sample_tokens < 0 or self.sample_temperature < 0:
-            raise ConfigError("eval.held_out_tokens and eval.batch_size must be >= 1, sample_tokens/temperature >= 0")
+        if self.spike_factor <= 1:
+            raise ConfigError(f"train.spike_factor must be > 1, got {self.spike_factor}")
 
 
 @dataclass
@@ -131,7 +136,7 @@ class BatonConfig:
                                  f"(kernel chunk {KERNEL_CHUNK_SIZE} x parallel.sp {self.parallel.sp})")
         elif self.train.seq_len % self.parallel.sp:
             raise ConfigError(f"train.seq_len={self.train.seq_len} must be divisible by parallel.sp={self.parallel.sp}")
-        if self.train.global_batch_size % self.train.micro_batch_size:
+        if self.train.micro_batch_size and self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} must be a multiple of "
                              f"train.micro_batch_size={self.train.micro_batch_size}")
 

@@ -66,7 +66,7 @@ class Checkpointer:
         self.async_save = async_save
         self._pending: _PendingSave | None = None
         self._save_group = None  # a gloo group of its own, so background writes never race the step's collectives
-        self.last_save_seconds: dict = {}  # {"blocking": s the loop waited, "total": s until published}
+        self._blocking_s = 0.0
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -93,21 +93,22 @@ class Checkpointer:
         (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(_rng_state()))
         future = engine.save_state(tmp, dict(train_state, step=step), self.async_save, self._group())
         self._pending = _PendingSave(step, tmp, final, dict(train_state, step=step), future, started)
-        self.last_save_seconds = {"blocking": time.perf_counter() - started}
-        if future is None:
-            self.wait()
+        self._blocking_s = time.perf_counter() - started
         return final
 
-    def poll(self) -> None:
-        """Publish the save in flight if its files are written (called every step; never blocks)."""
-        if self._pending is not None and self._pending.future is not None and self._pending.future.done():
-            self.wait()
+    def poll(self) -> dict:
+        """Publish the save in flight if its files are written (called every step; never blocks). Returns
+        what `wait` returns when it published one, else {}."""
+        if self._pending is not None and (self._pending.future is None or self._pending.future.done()):
+            return self.wait()
+        return {}
 
-    def wait(self) -> None:
-        """Finish the save in flight (if any) and publish it."""
+    def wait(self) -> dict:
+        """Finish the save in flight (if any) and publish it. Returns {} or a metrics record of the save:
+        its step, the seconds the step loop spent in `save` and the seconds until it was published."""
         pending, self._pending = self._pending, None
         if pending is None:
-            return
+            return {}
         if pending.future is not None:
             pending.future.result()  # a failed write raises here, on the rank it failed on
         else:
@@ -121,7 +122,8 @@ class Checkpointer:
             os.replace(pending.tmp, pending.final)
             for old in self.complete()[: -self.keep]:
                 _remove(old)
-        self.last_save_seconds["total"] = time.perf_counter() - pending.started
+        return {"step": pending.step, "checkpoint_blocking_s": self._blocking_s,
+                "checkpoint_total_s": time.perf_counter() - pending.started}
 
     def _group(self):
         if not (dist.is_available() and dist.is_initialized()):

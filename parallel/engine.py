@@ -46,25 +46,28 @@ class Engine:
         loss.backward()
 
     def step(self, lr: float) -> float:
-        """Clip, update, zero the gradients; return the global gradient norm before clipping."""
+        """Clip, update, zero the gradients; return the global gradient norm before clipping. A non-finite
+        norm (a NaN or inf anywhere, on any rank) skips the update: parameters and optimizer state stay."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         if isinstance(norm, DTensor):  # sharded gradients: the norm is a partial sum over the shards
             norm = norm.full_tensor()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, norm)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
+        if torch.isfinite(norm):
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, norm)
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def all_reduce_mean(self, value: float) -> float:
-        """Mean of a per-rank number over all ranks (each rank's loss is over the same number of tokens)."""
+    def reduce_step(self, loss: float, stop: bool) -> tuple[float, bool]:
+        """One all-reduce per step: the mean of the ranks' losses (each over the same number of tokens), and
+        whether any rank was asked to stop, so that every rank stops after the same step."""
         if self.topology.world_size == 1:
-            return value
-        tensor = torch.tensor(value, dtype=torch.float64, device=self.topology.device)
-        dist.all_reduce(tensor)
-        return float(tensor) / self.topology.world_size
+            return loss, stop
+        values = torch.tensor([loss, float(stop)], dtype=torch.float64, device=self.topology.device)
+        dist.all_reduce(values)
+        return float(values[0]) / self.topology.world_size, bool(values[1] > 0)
 
     def save_state(self, directory: Path, train_state: dict, asynchronous: bool = False,
                    group: dist.ProcessGroup | None = None) -> Future | None:
