@@ -1,65 +1,59 @@
-"""Evaluate any saved checkpoint on the held-out split of the data it was trained on.
+"""Evaluate any checkpoint on the eval tasks: held-out perplexity and loss by position, passkey, MQAR.
 
-    python -m eval checkpoint=runs/default/checkpoints/step_000300 [eval.held_out_tokens=...] [other overrides]
+    python -m eval checkpoint=runs/default/checkpoints/step_000560 tasks=[ppl,passkey,mqar] out=DIR \
+        [eval.ppl.max_len=2048] [eval.mqar.num_kv_pairs=16] [data.path=...] [any other override]
 
-The run's config.yaml (two folders up) gives the model and data; overrides on the command line apply on
-top. Results go to eval.json beside the checkpoint and are printed. Single process, CPU or GPU.
+The run's config (parallel.checkpoint.run_config: the run directory's config.yaml, or the one an export
+carries) gives the model, data and eval settings; overrides apply on top and are validated like the
+training config. `tasks=` is eval.tasks. Writes out/eval.json (default out: the checkpoint directory) and
+each task's PNG, prints a summary table. Single process, CPU or GPU. A bad override, an unknown task or a
+checkpoint it cannot load: one line and exit 2.
 """
-import json
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
-from configs.schema import typed
-from data import prepare_dataset
-from eval.perplexity import evaluate_held_out
-from model import LM
-from parallel.checkpoint import TRAIN_STATE, CheckpointError
+from configs.errors import ConfigError, run_cli
+from eval.checkpoint import load_checkpoint
+from eval.results import summary_table, write_results
+from eval.tasks import evaluate_tasks
+
+USAGE = "usage: python -m eval checkpoint=<checkpoint dir> [tasks=[ppl,passkey,mqar]] [out=<dir>] [overrides]"
 
 
-def evaluate_checkpoint(checkpoint: Path, overrides: list[str]) -> dict:
-    if not (checkpoint / TRAIN_STATE).is_file():
-        raise CheckpointError(f"{checkpoint}: not a complete checkpoint (no {TRAIN_STATE})")
-    if not (checkpoint / ".metadata").is_file():
-        raise CheckpointError(f"{checkpoint}: no torch.distributed.checkpoint metadata (DeepSpeed checkpoints "
-                              "need DeepSpeed's zero_to_fp32 first)")
-    run_config = OmegaConf.merge(OmegaConf.load(checkpoint.parent.parent / "config.yaml"),
-                                 OmegaConf.from_dotlist(overrides))
-    cfg = typed(run_config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = LM.from_config(cfg.model).to(device)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    model.load_state_dict(state["model"])
-    dataset = prepare_dataset(cfg.data)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    result = evaluate_held_out(model, dataset.held_out_documents(), dataset.tokenizer.eos_id, cfg.train.seq_len,
-                               cfg.eval.batch_size, cfg.eval.held_out_tokens, device, autocast)
-    step = json.loads((checkpoint / TRAIN_STATE).read_text())["step"]
-    return {"checkpoint": str(checkpoint), "step": step, **result.as_dict()}
+def parse_args(argv: list[str]) -> tuple[Path, Path, list[str]]:
+    """(checkpoint, out, config overrides) from `key=value` arguments."""
+    named, overrides = {}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"{arg}: expected key=value ({USAGE})")
+        if key in ("checkpoint", "out"):
+            named[key] = value
+        elif key == "tasks":
+            overrides.append(f"eval.tasks={value if value.startswith('[') else '[' + value + ']'}")
+        else:
+            overrides.append(arg)
+    if "checkpoint" not in named:
+        raise ConfigError(f"no checkpoint given ({USAGE})")
+    checkpoint = Path(named["checkpoint"])
+    return checkpoint, Path(named.get("out", checkpoint)), overrides
+
+
+def evaluate_checkpoint(checkpoint: Path, out: Path, overrides: list[str], progress: bool = True) -> list:
+    loaded = load_checkpoint(checkpoint, overrides)
+    results = evaluate_tasks(loaded.cfg, loaded.model, loaded.dataset, loaded.device, loaded.autocast_dtype, progress)
+    header = {"checkpoint": str(checkpoint), "step": loaded.step, "params": loaded.model.num_params(),
+              "model": OmegaConf.to_container(loaded.raw.model), "data": OmegaConf.to_container(loaded.raw.data)}
+    written = write_results(results, out, header)
+    print(summary_table(results))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return results
 
 
 def main(argv: list[str]) -> int:
-    from train import is_user_error, one_line
-
-    checkpoints = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
-    if len(checkpoints) != 1:
-        print("error: usage: python -m eval checkpoint=<run>/checkpoints/step_N [overrides]", file=sys.stderr)
-        return 2
-    checkpoint = Path(checkpoints[0])
-    try:
-        results = evaluate_checkpoint(checkpoint, [a for a in argv if not a.startswith("checkpoint=")])
-    except Exception as err:
-        if not is_user_error(err):
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    (checkpoint / "eval.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
-    return 0
+    return run_cli(lambda: evaluate_checkpoint(*parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""Held-out loss in nats per token and bits per byte.
+"""The ppl task: held-out loss in nats per token and bits per byte, and loss by position.
 
-Held-out documents are packed exactly as in training (`EOS doc EOS doc ...`, rows of seq_len + 1
+Held-out figures: documents are packed exactly as in training (`EOS doc EOS doc ...`, rows of seq_len + 1
 tokens overlapping by one, the last row padded and its padding ignored; the recurrent state and attention reset at each EOS), so every token of
 the evaluated stream is predicted exactly once. Bits per byte divides the summed loss by the UTF-8
 bytes of the documents scored, which makes models with different tokenizers comparable.
+
+Loss by position: the first max_len tokens of long held-out documents scored in one pass, state carried
+across the whole length (not reset at each training-length row), averaged per position: how a model
+uses context out to and beyond the length it was trained on (the curves of Mamba and Stuffed Mamba).
 """
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -14,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from configs.errors import DataError
+from eval.results import TaskResult, plt, save_figure
 
 
 @dataclass
@@ -38,7 +45,7 @@ def held_out_stream(documents: Iterable[tuple[np.ndarray, int]], eos_id: int, ma
         n_tokens += len(tokens) + 1
         n_bytes += doc_bytes
     if not pieces:
-        raise ValueError("held-out split has no documents")
+        raise DataError("held-out split has no documents")
     return np.concatenate(pieces), n_bytes
 
 
@@ -76,3 +83,102 @@ def evaluate_held_out(model, documents, eos_id: int, seq_len: int, batch_size: i
         total_nats += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
     model.train(was_training)
     return HeldOutResult(total_nats / n_targets, total_nats / math.log(2) / n_bytes, n_targets, n_bytes)
+
+
+@torch.no_grad()
+def score_tokens(model, inputs: torch.Tensor, targets: torch.Tensor, chunk_len: int,
+                 autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each target [B, T] and whether it was the argmax, from one pass over the rows:
+    chunks of chunk_len tokens through `model.step`, the recurrent state and attention KV carried from one
+    chunk to the next, so position t is scored with all t tokens before it (also past the training length)."""
+    state = model.init_state(inputs.shape[0])
+    logprobs, greedy = [], []
+    for start in range(0, inputs.shape[1], chunk_len):
+        with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits, state = model.step(inputs[:, start:start + chunk_len], state)
+        logits = logits.float().log_softmax(-1)
+        target = targets[:, start:start + chunk_len]
+        logprobs.append(logits.gather(-1, target.clamp(min=0)[..., None])[..., 0])
+        greedy.append(logits.argmax(-1) == target)
+    return torch.cat(logprobs, dim=1), torch.cat(greedy, dim=1)
+
+
+@dataclass
+class PositionCurve:
+    """Mean loss (nats) at each position 1..max_len over `documents` held-out documents, and in buckets."""
+    loss: np.ndarray        # [max_len]: loss of the token predicted from `position` tokens of context
+    documents: int
+    edges: list[int]        # bucket b holds positions edges[b] <= p < edges[b + 1]
+
+    def buckets(self) -> list[dict]:
+        return [{"start": lo, "end": hi - 1, "loss": float(self.loss[lo - 1:hi - 1].mean())}
+                for lo, hi in zip(self.edges[:-1], self.edges[1:])]
+
+    def mean_between(self, first: int, last: int) -> float | None:
+        part = self.loss[first - 1:last]
+        return float(part.mean()) if len(part) else None
+
+
+def position_edges(max_len: int, num_buckets: int) -> list[int]:
+    """Log-spaced bucket edges over positions [1, max_len], each bucket at least one position."""
+    return sorted({int(round(e)) for e in np.geomspace(1, max_len + 1, num_buckets + 1)})
+
+
+@torch.no_grad()
+def loss_by_position(model, documents: Iterable[tuple[np.ndarray, int]], eos_id: int, max_len: int,
+                     max_documents: int, num_buckets: int, chunk_len: int, batch_size: int, device: torch.device,
+                     autocast_dtype: torch.dtype | None = None, progress: bool = True) -> PositionCurve:
+    """Score the first max_len tokens of each held-out document at least that long (`EOS doc`, as packed
+    in training), in one pass with the state carried (score_tokens), and average the loss per position."""
+    rows, longest = [], 0
+    for tokens, _ in documents:
+        longest = max(longest, len(tokens))
+        if len(tokens) >= max_len:
+            rows.append(np.concatenate([[eos_id], tokens[:max_len]]).astype(np.int64))
+            if len(rows) == max_documents:
+                break
+    if not rows:
+        raise DataError(f"eval.ppl.max_len={max_len}: no held-out document is that long (longest: {longest} "
+                        "tokens); lower eval.ppl.max_len")
+    rows = torch.from_numpy(np.stack(rows))
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(max_len, dtype=torch.float64)
+    for start in tqdm(range(0, len(rows), batch_size), desc="ppl by position", disable=not progress, leave=False):
+        batch = rows[start:start + batch_size].to(device)
+        logprobs, _ = score_tokens(model, batch[:, :-1], batch[:, 1:], chunk_len, autocast_dtype)
+        total -= logprobs.double().sum(0).cpu()
+    model.train(was_training)
+    return PositionCurve((total / len(rows)).numpy(), len(rows), position_edges(max_len, num_buckets))
+
+
+def run(cfg, model, dataset, device, autocast_dtype=None, progress=True) -> TaskResult:
+    """The ppl task: held-out figures and the per-position curve (settings from cfg.eval / cfg.eval.ppl)."""
+    seq_len, settings = cfg.train.seq_len, cfg.eval.ppl
+    max_len = settings.max_len or 4 * seq_len
+    chunk_len = settings.chunk_len or seq_len
+    eos_id = dataset.tokenizer.eos_id
+    held_out = evaluate_held_out(model, dataset.held_out_documents(), eos_id, seq_len, cfg.eval.batch_size,
+                                 cfg.eval.held_out_tokens, device, autocast_dtype, progress)
+    curve = loss_by_position(model, dataset.held_out_documents(), eos_id, max_len, settings.max_documents,
+                             settings.num_buckets, chunk_len, cfg.eval.batch_size, device, autocast_dtype, progress)
+    figures = {**held_out.as_dict(), "ppl_loss_within_train_len": curve.mean_between(1, seq_len),
+               "ppl_loss_beyond_train_len": curve.mean_between(seq_len + 1, max_len)}
+    return TaskResult("ppl", {"max_len": max_len, "chunk_len": chunk_len, "num_buckets": settings.num_buckets,
+                              "documents": curve.documents, "held_out_tokens": cfg.eval.held_out_tokens,
+                              "train_seq_len": seq_len},
+                      figures, {"buckets": curve.buckets()}, lambda out: plot_loss_by_position(curve, seq_len, out))
+
+
+def plot_loss_by_position(curve: PositionCurve, train_len: int, out_dir: Path) -> Path:
+    buckets = curve.buckets()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([(b["start"] * b["end"]) ** 0.5 for b in buckets], [b["loss"] for b in buckets], marker="o", ms=3)
+    ax.axvline(train_len, color="k", ls="--", lw=1, label=f"training length {train_len}")
+    ax.set_xscale("log")
+    ax.set_xlabel("position in document (tokens)")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(f"loss by position ({curve.documents} held-out documents)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return save_figure(fig, out_dir / "ppl_by_position.png")

@@ -1,0 +1,37 @@
+"""The evaluation tasks by name, and the one function that runs the configured ones on a live model:
+at the end of training, every train.eval_every steps, and in `python -m eval` on a checkpoint.
+
+Every rank calls it (a sharded model's forward needs them all); only rank 0 passes progress and plot_dir.
+"""
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from eval import mqar, passkey, perplexity
+from eval.config import DEFAULT_TASKS
+from eval.results import TaskResult, flat_figures
+
+TASK_RUNNERS = {"ppl": perplexity.run, "passkey": passkey.run, "mqar": mqar.run}
+
+
+def configured_tasks(cfg) -> list[str]:
+    """eval.tasks, or what the data is for: ppl for text, mqar for data=mqar, passkey for data=passkey."""
+    return list(cfg.eval.tasks) if cfg.eval.tasks is not None else DEFAULT_TASKS.get(cfg.data.source, ["ppl"])
+
+
+def evaluate_tasks(cfg, model, dataset, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
+                   progress: bool = True) -> list[TaskResult]:
+    return [TASK_RUNNERS[name](cfg, model, dataset, device, autocast_dtype, progress) for name in configured_tasks(cfg)]
+
+
+def run_tasks(cfg, model, dataset, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
+              progress: bool = True, plot_dir: Optional[Path] = None) -> dict:
+    """Run cfg's eval tasks on `model`; return their flat figures (held_out_loss, held_out_bpb,
+    ppl_loss_beyond_train_len, passkey_accuracy, mqar_accuracy, ...) and draw their PNGs into plot_dir."""
+    results = evaluate_tasks(cfg, model, dataset, device, autocast_dtype, progress)
+    if plot_dir is not None:
+        for result in results:
+            if result.plot is not None:
+                result.plot(Path(plot_dir))
+    return flat_figures(results)
