@@ -43,21 +43,6 @@ def bench_prepare(out_dir: Path, workers: int) -> Path:
     return out
 
 
-def short_document_set(root: Path, n_docs: int = 200_000, mean_len: int = 200) -> Path:
-    """Many short documents: the loader's worst case (most pieces per row)."""
-    rng = np.random.default_rng(0)
-    docs = [rng.integers(10, 8000, n) for n in rng.geometric(1 / mean_len, n_docs)]
-    for split in SPLITS:
-        (root / split).mkdir(parents=True, exist_ok=True)
-    per_shard = n_docs // 4
-    for i in range(4):
-        chunk = docs[i * per_shard:(i + 1) * per_shard]
-        write_shard(root / "train" / shard_name(i), chunk, [len(d) for d in chunk], token_dtype(8192), "x" * 64)
-        write_shard(root / "held_out" / shard_name(i), [], [], token_dtype(8192), "x" * 64)
-    write_json(root / MANIFEST, build_manifest(root, 4, "x" * 64, 8192, 2, {}))
-    return root
-
-
 def bench_loader(name: str, train_dir: Path, seq_len: int, micro_batch: int, batches: int) -> None:
     loader = PackedLoader(train_dir, seq_len, micro_batch, micro_batch * 2, dp_rank=1, dp_size=2, seed=0)
     next(loader)  # the first epoch's order
@@ -70,16 +55,17 @@ def bench_loader(name: str, train_dir: Path, seq_len: int, micro_batch: int, bat
           f"per process ({seconds / batches * 1e3:.2f} ms/batch)")
 
 
-def synthetic_set(root: Path, n_docs: int, docs_per_shard: int, max_len: int = 64) -> Path:
-    """n_docs documents of random length 1..max_len, docs_per_shard per shard, written as prepare writes them."""
-    rng = np.random.default_rng(n_docs)
+def synthetic_set(root: Path, lengths: np.ndarray, docs_per_shard: int, seed: int = 0) -> Path:
+    """Documents of the given lengths (random token ids), docs_per_shard per shard, written as prepare writes them."""
+    rng = np.random.default_rng(seed)
     for split in SPLITS:
         (root / split).mkdir(parents=True, exist_ok=True)
-    n_shards = -(-n_docs // docs_per_shard)
+    n_shards = -(-len(lengths) // docs_per_shard)
     for i in range(n_shards):
-        lengths = rng.integers(1, max_len + 1, min(docs_per_shard, n_docs - i * docs_per_shard))
-        docs = np.split(rng.integers(10, 8000, int(lengths.sum()), dtype=np.uint16), np.cumsum(lengths)[:-1])
-        write_shard(root / "train" / shard_name(i), docs, (4 * lengths).tolist(), token_dtype(8192), "x" * 64)
+        shard_lengths = lengths[i * docs_per_shard:(i + 1) * docs_per_shard]
+        tokens = rng.integers(10, 8000, int(shard_lengths.sum()), dtype=np.uint16)
+        docs = np.split(tokens, np.cumsum(shard_lengths)[:-1])
+        write_shard(root / "train" / shard_name(i), docs, (4 * shard_lengths).tolist(), token_dtype(8192), "x" * 64)
         write_shard(root / "held_out" / shard_name(i), [], [], token_dtype(8192), "x" * 64)
     write_json(root / MANIFEST, build_manifest(root, n_shards, "x" * 64, 8192, 2, {}))
     return root
@@ -109,20 +95,25 @@ def measure_loader(train_dir: Path, seq_len: int, micro_batch: int, batches: int
 
 
 def bench_synthetic(sizes: list[int], docs_per_shard: int, seq_len: int, micro_batch: int, batches: int) -> None:
+    """Per size: the loader of job rank 0 (which hashes every shard under data.verify=full) and of job rank 1
+    (sizes only), each in a fresh process."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n_docs in sizes:
-            root = synthetic_set(Path(tmp) / f"n{n_docs}", n_docs, docs_per_shard)
+            lengths = np.random.default_rng(n_docs).integers(1, 65, n_docs)
+            root = synthetic_set(Path(tmp) / f"n{n_docs}", lengths, docs_per_shard)
             command = [sys.executable, "-m", "bench.data", "--measure-loader", str(root / "train"),
                        "--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--batches", str(batches)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            ranks = [json.loads(subprocess.run(command, capture_output=True, text=True, check=True,
+                                               env={**os.environ, "RANK": str(rank)}).stdout) for rank in (0, 1)]
             result = {"documents": n_docs, "shards": -(-n_docs // docs_per_shard),
-                      "tokens": read_manifest(root)["splits"]["train"]["num_tokens"], **json.loads(done.stdout)}
+                      "tokens": read_manifest(root)["splits"]["train"]["num_tokens"], "job_rank_0": ranks[0],
+                      "job_rank_1": ranks[1]}
             results.append(result)
-            print(f"{n_docs:,} documents in {result['shards']} shards: +{result['rss_growth_mib']:.1f} MiB resident, "
-                  f"built in {result['build_s']:.2f}s, first batch {result['first_batch_s']:.3f}s, "
-                  f"{result['tokens_per_s'] / 1e6:.2f}M tokens/s over {batches} batches "
-                  f"({result['steady_tokens_per_s'] / 1e6:.2f}M after the first)")
+            print(f"{n_docs:,} documents in {result['shards']} shards: " + "; ".join(
+                f"job rank {rank}: +{r['rss_growth_mib']:.1f} MiB resident, built in {r['build_s']:.2f}s, "
+                f"first batch {r['first_batch_s']:.3f}s, {r['tokens_per_s'] / 1e6:.2f}M tokens/s over {batches} "
+                f"batches ({r['steady_tokens_per_s'] / 1e6:.2f}M after the first)" for rank, r in enumerate(ranks)))
             shutil.rmtree(root)
     out = Path(__file__).parent / "results" / f"data_synthetic_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.write_text(json.dumps({"seq_len": seq_len, "micro_batch": micro_batch, "dp_size": 8, "batches": batches,
@@ -153,7 +144,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = bench_prepare(Path(tmp), args.workers)
         bench_loader("stdlib", out / "train", args.seq_len, args.micro_batch, args.batches)
-        short = short_document_set(Path(tmp) / "short")
+        lengths = np.random.default_rng(0).geometric(1 / 200, 200_000)  # the loader's worst case: most pieces per row
+        short = synthetic_set(Path(tmp) / "short", lengths, 50_000)
         bench_loader("200-token documents", short / "train", args.seq_len, args.micro_batch, args.batches)
 
 

@@ -56,7 +56,7 @@ class PackedRows:
         return self.epochs[epoch]
 
     def shard_layout(self, epoch: int, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(start in the .bin of each document in its epoch order, end of its `EOS doc` segment in the shard's
+        """(start in the .bin of each document in its epoch order, start of its `EOS doc` segment in the shard's
         part of the layout, the shard's tokens): O(documents of one shard), kept for OPEN_SHARDS shards."""
         key = (epoch, shard)
         if key in self.open:
@@ -65,8 +65,9 @@ class PackedRows:
         index = self.shards[shard].index
         lengths = index.document_lengths()
         order = np.random.default_rng([self.seed, epoch, shard]).permutation(len(lengths))
-        self.open[key] = (np.asarray(index.arrays()[0][:-1][order]), np.cumsum(lengths[order] + 1),
-                          self.shards[shard].tokens())
+        segment_start = np.zeros(len(lengths), np.int64)
+        np.cumsum(lengths[order][:-1] + 1, out=segment_start[1:])
+        self.open[key] = np.asarray(index.arrays()[0][:-1][order]), segment_start, self.shards[shard].tokens()
         if len(self.open) > OPEN_SHARDS:
             self.open.popitem(last=False)
         return self.open[key]
@@ -77,28 +78,20 @@ class PackedRows:
         start = (index % self.rows_per_epoch) * self.seq_len
         order, shard_end = self.epoch(epoch)
         p = int(np.searchsorted(shard_end, start, side="right"))  # the shard holding token `start`
-        out = np.empty(self.seq_len + 1, np.int64)
+        out = np.full(self.seq_len + 1, self.eos_id, np.int64)
         starts = []
-        pos = 0
-        while pos < len(out):
+        pos = start  # the layout position up to which `out` is filled
+        while pos < start + len(out):
             shard = int(order[p])
-            doc_start, seg_end, tokens = self.shard_layout(epoch, shard)
-            shard_start = int(shard_end[p]) - int(self.layout_tokens[shard])
-            j = int(np.searchsorted(seg_end, start + pos - shard_start, side="right"))
-            while pos < len(out) and j < len(seg_end):
-                end = int(seg_end[j])
-                seg_len = end - (int(seg_end[j - 1]) if j else 0)
-                offset = start + pos - shard_start - (end - seg_len)
-                if offset == 0:
-                    out[pos] = self.eos_id
-                    starts.append(pos)
-                    pos, offset = pos + 1, 1
-                n = min(len(out) - pos, seg_len - offset)
-                first = int(doc_start[j]) + offset - 1
-                out[pos:pos + n] = tokens[first:first + n]
-                pos += n
-                j += 1
-            p += 1
+            stop = min(start + len(out), int(shard_end[p]))
+            doc_start, segment_start, tokens = self.shard_layout(epoch, shard)
+            local = np.arange(pos, stop) - (int(shard_end[p]) - int(self.layout_tokens[shard]))
+            segment = np.searchsorted(segment_start, local, side="right") - 1
+            offset = local - segment_start[segment]  # 0: the segment's EOS, k: token k - 1 of its document
+            in_doc = np.flatnonzero(offset)
+            out[pos - start + in_doc] = tokens[doc_start[segment[in_doc]] + offset[in_doc] - 1]
+            starts.extend((pos - start + np.flatnonzero(offset == 0)).tolist())
+            pos, p = stop, p + 1
         return out, starts
 
 

@@ -87,7 +87,7 @@ class ShardIndex:
 
     def document_lengths(self) -> np.ndarray:
         """Tokens of every document (int64 [N], in memory: O(one shard)); decreasing offsets are an error."""
-        lengths = np.diff(self.arrays()[0])
+        lengths = np.diff(np.asarray(self.arrays()[0]))  # a plain array: the map is released with the view
         if lengths.size and lengths.min() < 0:
             raise ValueError(f"{self.path}: inconsistent shard index (document offsets decrease)")
         return lengths

@@ -1,5 +1,6 @@
 """The packed loader: packing, cu_seqlens, rank slicing, exact resume and resharding, mixtures, bad input."""
 import json
+import mmap
 from collections import Counter
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from shard_fixtures import EOS, make_prepared, small_dataset, synthetic_docs  # noqa: F401 (fixture)
-from data.loader import MIX_BLOCK, PackedLoader
+from data.loader import MIX_BLOCK, OPEN_SHARDS, PackedLoader
 
 
 def full_rows(batch: dict) -> np.ndarray:
@@ -195,3 +196,31 @@ def test_bad_loader_input_gives_one_clear_error(small_dataset, tmp_path):
         PackedLoader(tmp_path / "nowhere" / "train", 16, 1, 1)
     with pytest.raises(ValueError, match="pass one split"):
         PackedLoader(train_dir.parent, 16, 1, 1)
+
+
+def arrays_in_memory(obj, seen: set) -> list[np.ndarray]:
+    """Every numpy array reachable from obj's attributes and containers, except memory maps of files."""
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        base = obj
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = getattr(base, "base", None)
+        return [] if base is not None else [obj]
+    children = (list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple))
+                else list(vars(obj).values()) if hasattr(obj, "__dict__") else [])
+    return [a for child in children for a in arrays_in_memory(child, seen)]
+
+
+def test_loader_memory_grows_with_shards_not_documents(tmp_path):
+    docs_per_shard, n_shards = 1000, 10
+    root = make_prepared(tmp_path / "many", [synthetic_docs(docs_per_shard, s, max_len=8) for s in range(n_shards)])
+    loader = PackedLoader(root / "train", 64, 4, 8, 1, 2, seed=0)
+    for _ in range(loader.datasets[0].rows_per_epoch // 8 + 4):  # through every shard, into the next epoch
+        next(loader)
+    held = arrays_in_memory(loader, set())
+    # Per shard: totals (O(shards)); per open shard: document starts and segment ends; the mixture block.
+    assert max(a.size for a in held) <= max(docs_per_shard, MIX_BLOCK) < n_shards * docs_per_shard
+    assert sum(a.size for a in held) <= 2 * OPEN_SHARDS * docs_per_shard + 2 * MIX_BLOCK + 8 * n_shards
+    assert len(loader.datasets[0].open) == OPEN_SHARDS
