@@ -3,13 +3,13 @@
 One process (plain `python`): per mixer, the whole LM (n_layers of that mixer, forward + backward) on the
 same rows with the sp context of a 1-process gloo group (the summary pass, the prefix combine, the scan from
 the incoming state; the collectives move nothing) against without it. The ratio is the compute overhead of
-sequence parallelism (goal: at most 1.10).
+sequence parallelism (goal: at most 1.10). CPU figures are process CPU seconds (robust to a loaded machine).
 
 Several processes (torchrun): every rank holds its slice of the rows, T = R * seq_len; per mixer the step
 time, and its split into compute and communication (wall-clock time inside the sp collectives, all ranks'
 mean, per layer).
 
-    python bench/sequence_parallel.py                          # overhead per mixer, CPU fp32
+    python bench/sequence_parallel.py --threads 1              # overhead per mixer, CPU fp32
     python bench/sequence_parallel.py --mixers G --seq-len 4096 --repeats 9 --threads 1
     torchrun --nproc_per_node=4 bench/sequence_parallel.py     # compute / communication split per layer
 Prints a table and writes JSON (device, versions, date, settings, results) to bench/results/.
@@ -82,20 +82,22 @@ def build(mixer: str, args, device: torch.device) -> LM:
     return LM.from_config(cfg).to(device)
 
 
-def step_seconds(lm: LM, tokens: torch.Tensor, cu_seqlens: torch.Tensor, sp_of) -> float:
+def step_seconds(lm: LM, tokens: torch.Tensor, cu_seqlens: torch.Tensor, sp_of, clock=time.perf_counter) -> float:
     """One forward + backward of the mean logit (the sp context is built inside, as train.py does per batch)."""
     lm.zero_grad(set_to_none=True)
     sync()
-    start = time.perf_counter()
+    start = clock()
     sp = sp_of()
     lm(tokens, cu_seqlens=cu_seqlens, sp=sp).float().mean().backward()
     sync()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def overhead(args, device: torch.device) -> list[dict]:
-    """One process: the LM with the sp context of a 1-process group vs without it."""
+    """One process: the LM with the sp context of a 1-process group vs without it. On the CPU the clock is the
+    process's CPU time, which other processes' load on a shared machine does not inflate (use --threads 1)."""
     group = dist.group.WORLD
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     rows = []
     for mixer in args.mixers:
         lm = build(mixer, args, device)
@@ -107,9 +109,9 @@ def overhead(args, device: torch.device) -> list[dict]:
         for _ in range(args.warmup):
             step_seconds(lm, tokens, cu, plain_of), step_seconds(lm, tokens, cu, sp_of)
         plain, with_sp = [], []
-        for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
-            plain.append(step_seconds(lm, tokens, cu, plain_of))
-            with_sp.append(step_seconds(lm, tokens, cu, sp_of))
+        for _ in range(args.repeats):  # interleaved, so a change of load hits both alike
+            plain.append(step_seconds(lm, tokens, cu, plain_of, clock))
+            with_sp.append(step_seconds(lm, tokens, cu, sp_of, clock))
         rows.append(dict(mixer=MIXERS[mixer], plain_s=statistics.median(plain), sp_s=statistics.median(with_sp),
                          overhead=statistics.median(with_sp) / statistics.median(plain)))
     return rows
@@ -152,9 +154,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row per rank")
-    parser.add_argument("--repeats", type=int, default=7, help="median of this many steps")
+    parser.add_argument("--repeats", type=int, default=5, help="median of this many steps")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tag", default="", help="added to the JSON file's name (e.g. before)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,7 +185,8 @@ def main() -> None:
                    settings=vars(args), results=rows)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    path = RESULTS_DIR / f"sequence_parallel_{'split' if launched else 'overhead'}_{'cuda' if cuda else 'cpu'}_{stamp}.json"
+    kind = "_".join(filter(None, ["split" if launched else "overhead", "cuda" if cuda else "cpu", args.tag]))
+    path = RESULTS_DIR / f"sequence_parallel_{kind}_{stamp}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"\nresults written to {path}")
 

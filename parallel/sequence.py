@@ -120,6 +120,13 @@ class SequenceParallel:
         self.segment_row = torch.searchsorted(row_starts, seg_starts, right=True) - 1
         self.segment_carries = torch.zeros(num_segments, dtype=torch.bool, device=device)
         self.segment_carries[self.first_segment] = self.continues
+        # Only each row's last segment hands a state on: the summaries run on its tokens alone, packed as
+        # B sequences (tail_cu_seqlens) gathered from the flattened slice by tail_tokens.
+        tail_starts = seg_starts[self.last_segment]
+        tail_lengths = row_starts + self.seq_len - tail_starts
+        self.tail_cu_seqlens = torch.cat([tail_lengths.new_zeros(1), tail_lengths.cumsum(0)]).to(torch.int32)
+        tail_offsets = torch.repeat_interleave(tail_starts - self.tail_cu_seqlens[:-1], tail_lengths)
+        self.tail_tokens = tail_offsets + torch.arange(tail_offsets.numel(), device=device)
         self._doc_start = self._global_document_starts()
 
     @classmethod
@@ -164,10 +171,12 @@ class SequenceParallel:
 
         # 1. (S_local, M) of each row's last segment, from the op's state-only summary (no outputs). Only a
         #    first segment continuing a document carries S_in; elsewhere M = 0 (the state was cut).
-        local_states, transitions = _STATE_SUMMARIES[op](k, v, **gates, cu_seqlens=self.cu_seqlens)
-        local_state = local_states[self.last_segment].float()  # [B, H, K, V]
+        tail = lambda x: x.index_select(1, self.tail_tokens)
+        local_state, transition = _STATE_SUMMARIES[op](tail(k), tail(v), **{name: tail(gate) for name, gate in gates.items()},
+                                                       cu_seqlens=self.tail_cu_seqlens)
+        local_state = local_state.float()  # [B, H, K, V]
         carries = self.segment_carries[self.last_segment]
-        transition = transitions[self.last_segment].float()  # [B, H, K, K], or the diagonal [B, H, K] / [B, H]
+        transition = transition.float()  # [B, H, K, K], or the diagonal [B, H, K] / [B, H]
         transition = transition * carries.view(-1, *(1,) * (transition.dim() - 1))
         if transition.dim() == 2:  # a scalar gate per head: the diagonal is one value
             transition = transition.unsqueeze(-1)
