@@ -79,6 +79,9 @@ def _attend_block(q, k, v, positions, queries: slice, keys: slice) -> torch.Tens
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+FLEX_DEVICE_TYPES = {"cuda"}  # FlexAttention has no CPU backward: CPU takes the query-block path
+
+
 @functools.cache
 def _compiled_flex():
     """flex_attention and create_block_mask compiled once (the uncompiled ones materialise dense scores
@@ -142,7 +145,7 @@ class Attention(nn.Module):
             key_pos = q_pos
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if x.is_cuda and cache is None:
+        if x.device.type in FLEX_DEVICE_TYPES and cache is None:
             layout = (cu_seqlens if sp is None else sp, B, T, key_pos.numel(), x.device)
             block_mask = shared_block_mask(layout, q_pos, q_doc_start, key_pos, self.window)
             o = _compiled_flex()[0](q, k, v, block_mask=block_mask, enable_gqa=True)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-BLOCK_SIZE = 128  # queries per block on the CPU path; FlexAttention's default block size too
+BLOCK_SIZE = 128  # queries per block on the CPU path, and FlexAttention's (query and key) block size
 
 
 def visible(q_pos: torch.Tensor, q_doc_start: torch.Tensor, key_pos: torch.Tensor,
@@ -61,4 +61,5 @@ def flex_block_mask(q_pos: torch.Tensor, q_doc_start: torch.Tensor, key_pos: tor
     def mask_mod(b, h, q_idx, kv_idx):
         return visible(q_pos[q_idx], q_doc_start[b, q_idx], key_pos[kv_idx], window)
 
-    return build(mask_mod, q_doc_start.shape[0], None, q_pos.numel(), key_pos.numel(), device=q_pos.device)
+    return build(mask_mod, q_doc_start.shape[0], None, q_pos.numel(), key_pos.numel(), device=q_pos.device,
+                 BLOCK_SIZE=BLOCK_SIZE)

@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bench.attention_memory import packed_documents, saved_bytes
+from model import attention
 from model.attention import QueryBlockAttention
 from model.attention_mask import BLOCK_SIZE, attention_mask, flex_block_mask, query_blocks
 from model.config import AttentionConfig
@@ -127,3 +128,25 @@ def test_flex_attention_on_cuda_matches_the_query_block_path(make_lm, pattern):
     for grad_cuda, grad_cpu in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(grad_cuda, grad_cpu, atol=1e-4, rtol=1e-3)
 
+
+
+def test_model_flex_branch_shares_one_block_mask_per_batch_and_window(make_lm, monkeypatch):
+    """The model's FlexAttention branch, run by FlexAttention's uncompiled forward on CPU, gives the
+    query-block path's logits, and builds one BlockMask per batch and window for all its layers."""
+    lm = make_lm("AWAW")
+    builds = []
+
+    def counting_create_block_mask(*args, **kwargs):
+        builds.append(args[0])
+        return create_block_mask(*args, **kwargs)
+
+    ids = torch.randint(0, VOCAB, (2, 150))
+    cu_seqlens = torch.tensor([0, 40, 150, 151, 300], dtype=torch.int32)
+    with torch.no_grad():
+        expected = lm(ids, cu_seqlens=cu_seqlens)
+        monkeypatch.setattr(attention, "FLEX_DEVICE_TYPES", {"cpu"})
+        monkeypatch.setattr(attention, "_compiled_flex", lambda: (flex_attention, counting_create_block_mask))
+        torch.testing.assert_close(lm(ids, cu_seqlens=cu_seqlens), expected, atol=1e-5, rtol=1e-4)
+        assert len(builds) == 2  # A and W layers, each pair sharing its mask
+        lm(ids, cu_seqlens=cu_seqlens.clone())  # a new batch
+        assert len(builds) == 4
