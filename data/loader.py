@@ -67,7 +67,8 @@ class PackedRows:
         order = np.random.default_rng([self.seed, epoch, shard]).permutation(len(lengths))
         segment_start = np.zeros(len(lengths), np.int64)
         np.cumsum(lengths[order][:-1] + 1, out=segment_start[1:])
-        self.open[key] = np.asarray(index.arrays()[0][:-1][order]), segment_start, self.shards[shard].tokens()
+        self.open[key] = (np.asarray(index.arrays()[0][:-1][order]), segment_start,
+                          np.asarray(self.shards[shard].tokens()))  # a plain view of the map: faster to index
         if len(self.open) > OPEN_SHARDS:
             self.open.popitem(last=False)
         return self.open[key]
@@ -85,12 +86,18 @@ class PackedRows:
             shard = int(order[p])
             stop = min(start + len(out), int(shard_end[p]))
             doc_start, segment_start, tokens = self.shard_layout(epoch, shard)
-            local = np.arange(pos, stop) - (int(shard_end[p]) - int(self.layout_tokens[shard]))
-            segment = np.searchsorted(segment_start, local, side="right") - 1
-            offset = local - segment_start[segment]  # 0: the segment's EOS, k: token k - 1 of its document
-            in_doc = np.flatnonzero(offset)
-            out[pos - start + in_doc] = tokens[doc_start[segment[in_doc]] + offset[in_doc] - 1]
-            starts.extend((pos - start + np.flatnonzero(offset == 0)).tolist())
+            shard_start = int(shard_end[p]) - int(self.layout_tokens[shard])
+            lo, hi = pos - shard_start, stop - shard_start  # this piece of the row, in the shard's part
+            first, last = np.searchsorted(segment_start, [lo, hi - 1], side="right") - 1  # its segments
+            begin = segment_start[first:last + 1]
+            counts = np.diff(np.concatenate([[lo], begin[1:], [hi]]))  # tokens of each segment in [lo, hi)
+            # Layout position x of segment k holds its EOS at x == begin[k], else token x - begin[k] - 1 of it.
+            source = np.arange(lo, hi) + np.repeat(doc_start[first:last + 1] - begin - 1, counts)
+            eos = begin[begin >= lo] - lo
+            is_token = np.ones(hi - lo, bool)
+            is_token[eos] = False
+            out[pos - start:stop - start][is_token] = tokens[source[is_token]]
+            starts.extend((pos - start + eos).tolist())
             pos, p = stop, p + 1
         return out, starts
 
