@@ -56,11 +56,11 @@ def _store_block(ptr, value, rows, row_mask, cols, H: tl.constexpr, D: tl.conste
 
 
 @triton.jit
-def _state_block(ptr, i_state, i_h, cols_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
-    """Pointers and mask of the [BK, len(cols_v)] block of state i_state, head i_h, in a [*, H, K, V] tensor."""
-    o_k = tl.arange(0, BK)
+def _state_block(ptr, i_state, i_h, rows_k, cols_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Pointers and mask of the [len(rows_k), len(cols_v)] block of state i_state, head i_h, in a [*, H, K, V]
+    tensor."""
     base = (i_state.to(tl.int64) * H + i_h) * K * V
-    return ptr + base + o_k[:, None] * V + cols_v[None, :], (o_k[:, None] < K) & (cols_v[None, :] < V)
+    return ptr + base + rows_k[:, None] * V + cols_v[None, :], (rows_k[:, None] < K) & (cols_v[None, :] < V)
 
 
 @triton.jit
@@ -108,10 +108,13 @@ def _wy_kernel(
     b_gamma = tl.cumsum(tl.load(g + rows * H + i_h, mask=valid, other=0.0).to(tl.float32), axis=0)
     tl.store(gamma + rows * H + i_h, b_gamma, mask=valid)
     b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    b_k = _load_block(k, rows, valid, tl.arange(0, BK), H, K, i_h)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        b_k = _load_block(k, rows, valid, i_k * BK + tl.arange(0, BK), H, K, i_h)
+        b_kk += _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION)
 
     strictly_lower = o_i[:, None] > o_i[None, :]
-    b_a = b_beta[:, None] * _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION) * _decay(b_gamma, strictly_lower)
+    b_a = b_beta[:, None] * b_kk * _decay(b_gamma, strictly_lower)
     # T = (I + A)^{-1}. First the 16x16 diagonal blocks D by forward substitution, the four blocks side by side
     # (row i of every block at once): with X = D - I, X_r = -A_r - sum_{j<r} A_rj X_j. Then, with L the blocks
     # of A below the diagonal, I + A = (I + A_diag)(I + D L) and N = D L has N^4 = 0, so
@@ -128,8 +131,11 @@ def _wy_kernel(
     if STORE_T:
         _store_block(t_inv, b_t, rows, valid, o_i, H, BT, i_h)
 
-    b_w = _dot(b_t, b_k * (b_beta * tl.exp(b_gamma))[:, None], DT, DOT_PRECISION)
-    _store_block(w, b_w, rows, valid, tl.arange(0, BK), H, K, i_h)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        cols_k = i_k * BK + tl.arange(0, BK)
+        b_w = _dot(b_t, _load_block(k, rows, valid, cols_k, H, K, i_h) * (b_beta * tl.exp(b_gamma))[:, None], DT,
+                   DOT_PRECISION)
+        _store_block(w, b_w, rows, valid, cols_k, H, K, i_h)
     for i_v in range(0, tl.cdiv(V, BV)):
         cols_v = i_v * BV + tl.arange(0, BV)
         b_u = _dot(b_t, _load_block(v, rows, valid, cols_v, H, V, i_h) * b_beta[:, None], DT, DOT_PRECISION)
@@ -154,10 +160,10 @@ def _state_fwd_kernel(
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        p, m = _state_block(initial_state, i_n, i_h, cols_v, H, K, V, BK)
+        p, m = _state_block(initial_state, i_n, i_h, cols_k, cols_v, H, K, V)
         b_h += tl.load(p, mask=m, other=0.0).to(tl.float32)
     for i_t in range(0, tl.cdiv(eos - bos, BT)):
-        p, m = _state_block(h, first_chunk + i_t, i_h, cols_v, H, K, V, BK)
+        p, m = _state_block(h, first_chunk + i_t, i_h, cols_k, cols_v, H, K, V)
         tl.store(p, b_h, mask=m)
         rows = bos + i_t * BT + tl.arange(0, BT)
         valid = rows < eos
@@ -169,7 +175,7 @@ def _state_fwd_kernel(
         b_k_to_end = _load_block(k, rows, valid, cols_k, H, K, i_h) * tl.exp(b_gamma_last - b_gamma)[:, None]
         b_h = b_h * tl.exp(b_gamma_last) + _dot(tl.trans(b_k_to_end), b_vn, DT, DOT_PRECISION)
     if STORE_FINAL_STATE:
-        p, m = _state_block(final_state, i_n, i_h, cols_v, H, K, V, BK)
+        p, m = _state_block(final_state, i_n, i_h, cols_k, cols_v, H, K, V)
         tl.store(p, b_h, mask=m)
 
 
@@ -184,16 +190,19 @@ def _output_kernel(
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, valid, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_i = tl.arange(0, BT)
-    cols_k = tl.arange(0, BK)
     cols_v = i_v * BV + tl.arange(0, BV)
-    b_q = _load_block(q, rows, valid, cols_k, H, K, i_h)
-    b_k = _load_block(k, rows, valid, cols_k, H, K, i_h)
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        cols_k = i_k * BK + tl.arange(0, BK)
+        b_q = _load_block(q, rows, valid, cols_k, H, K, i_h)
+        p, m = _state_block(h, i_c, i_h, cols_k, cols_v, H, K, V)
+        b_qk += _dot(b_q, tl.trans(_load_block(k, rows, valid, cols_k, H, K, i_h)), DT, DOT_PRECISION)
+        b_o += _dot(b_q, tl.load(p, mask=m, other=0.0), DT, DOT_PRECISION)
     b_gamma, _ = _load_gamma(gamma, rows, valid, last, H, i_h)
-    p, m = _state_block(h, i_c, i_h, cols_v, H, K, V, BK)
-    b_h = tl.load(p, mask=m, other=0.0)
-    b_qk = _dot(b_q, tl.trans(b_k), DT, DOT_PRECISION) * _decay(b_gamma, o_i[:, None] >= o_i[None, :])
-    b_o = _dot(b_q, b_h, DT, DOT_PRECISION) * tl.exp(b_gamma)[:, None]
-    b_o += _dot(b_qk, _load_block(v_new, rows, valid, cols_v, H, V, i_h), DT, DOT_PRECISION)
+    b_qk = b_qk * _decay(b_gamma, o_i[:, None] >= o_i[None, :])
+    b_o = b_o * tl.exp(b_gamma)[:, None] + _dot(b_qk, _load_block(v_new, rows, valid, cols_v, H, V, i_h), DT,
+                                                 DOT_PRECISION)
     _store_block(o, b_o * scale, rows, valid, cols_v, H, V, i_h)
 
 
@@ -216,12 +225,12 @@ def _state_bwd_kernel(
 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRAD:
-        p, m = _state_block(d_final_state, i_n, i_h, cols_v, H, K, V, BK)
+        p, m = _state_block(d_final_state, i_n, i_h, cols_k, cols_v, H, K, V)
         b_dh += tl.load(p, mask=m, other=0.0).to(tl.float32)
     num_chunks = tl.cdiv(eos - bos, BT)
     for i in range(0, num_chunks):
         i_t = num_chunks - 1 - i
-        p, m = _state_block(dh, first_chunk + i_t, i_h, cols_v, H, K, V, BK)
+        p, m = _state_block(dh, first_chunk + i_t, i_h, cols_k, cols_v, H, K, V)
         tl.store(p, b_dh, mask=m)
         rows = bos + i_t * BT + o_i
         valid = rows < eos
@@ -240,7 +249,7 @@ def _state_bwd_kernel(
         b_dh += _dot(tl.trans(b_q * (scale * tl.exp(b_gamma))[:, None]), b_do, DT, DOT_PRECISION)
         b_dh -= _dot(tl.trans(b_w), b_dvn, DT, DOT_PRECISION)
     if USE_INITIAL_STATE:
-        p, m = _state_block(d_initial_state, i_n, i_h, cols_v, H, K, V, BK)
+        p, m = _state_block(d_initial_state, i_n, i_h, cols_k, cols_v, H, K, V)
         tl.store(p, b_dh.to(p.dtype.element_ty), mask=m)
 
 
@@ -256,78 +265,97 @@ def _intra_bwd_kernel(
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, valid, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_i = tl.arange(0, BT)
-    cols_k = tl.arange(0, BK)
     causal = o_i[:, None] >= o_i[None, :]
     strictly_lower = o_i[:, None] > o_i[None, :]
-    b_q = _load_block(q, rows, valid, cols_k, H, K, i_h)
-    b_k = _load_block(k, rows, valid, cols_k, H, K, i_h)
     b_t = _load_block(t_inv, rows, valid, o_i, H, BT, i_h)
     b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
     b_gamma, b_gamma_last = _load_gamma(gamma, rows, valid, last, H, i_h)
     b_exp = tl.exp(b_gamma)
 
-    # The sums over V, one block of V at a time so registers stay bounded for V up to 256.
+    # Registers hold [BT, BT] matrices and [BT, BK] / [BT, BV] blocks only: the sums over V run one block of V
+    # at a time, and the products with the state one block of keys at a time (two passes, since dk needs dA,
+    # which needs dT summed over all keys). First the sums over V alone:
     b_dqk = tl.zeros([BT, BT], dtype=tl.float32)  # dO V_new^T
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)  # dT = dW (beta exp(gamma) K)^T + dU (beta V)^T; dU = dV_new
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
-    b_dk_state = tl.zeros([BT, BK], dtype=tl.float32)  # V_new dS^T
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # -dV_new S^T
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    b_h_dh = tl.zeros([BK], dtype=tl.float32)  # rows of S * dS, summed over V
     for i_v in range(0, tl.cdiv(V, BV)):
         cols_v = i_v * BV + tl.arange(0, BV)
         b_v = _load_block(v, rows, valid, cols_v, H, V, i_h)
-        b_vn = _load_block(v_new, rows, valid, cols_v, H, V, i_h)
         b_dvn = _load_block(dv_new, rows, valid, cols_v, H, V, i_h)
-        b_do = _load_block(do, rows, valid, cols_v, H, V, i_h)
-        p, m = _state_block(h, i_c, i_h, cols_v, H, K, V, BK)
-        b_h = tl.load(p, mask=m, other=0.0)
-        p, m = _state_block(dh, i_c, i_h, cols_v, H, K, V, BK)
-        b_dh = tl.load(p, mask=m, other=0.0)
-        b_dqk += _dot(b_do, tl.trans(b_vn), DT, DOT_PRECISION)
-        b_dq += _dot(b_do, tl.trans(b_h), DT, DOT_PRECISION)
-        b_dk_state += _dot(b_vn, tl.trans(b_dh), DT, DOT_PRECISION)
-        b_dw -= _dot(b_dvn, tl.trans(b_h), DT, DOT_PRECISION)
+        b_dqk += _dot(_load_block(do, rows, valid, cols_v, H, V, i_h),
+                      tl.trans(_load_block(v_new, rows, valid, cols_v, H, V, i_h)), DT, DOT_PRECISION)
         b_dt += _dot(b_dvn, tl.trans(b_v * b_beta[:, None]), DT, DOT_PRECISION)
         b_dvb = _dot(tl.trans(b_t), b_dvn, DT, DOT_PRECISION)  # d(beta V) = T^T dU
         _store_block(dv, b_dvb * b_beta[:, None], rows, valid, cols_v, H, V, i_h)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
-        b_h_dh += tl.sum(b_h * b_dh, axis=1)
-
-    # Output O = scale (exp(gamma) Q S + (Q K^T * decay) V_new) and the state hand-off's K term.
     b_dqk = b_dqk * _decay(b_gamma, causal) * scale
-    b_dq = b_dq * (scale * b_exp)[:, None]
-    b_dgamma = tl.sum(b_q * b_dq, axis=1)
-    b_dq += _dot(b_dqk, b_k, DT, DOT_PRECISION)
-    b_dk_state = b_dk_state * tl.exp(b_gamma_last - b_gamma)[:, None]
-    b_dk = _dot(tl.trans(b_dqk), b_q, DT, DOT_PRECISION) + b_dk_state
+
+    # Output O = scale (exp(gamma) Q S + (Q K^T * decay) V_new): dq, and dT's W term (dW = -dV_new S^T).
     # Gate gradients take only the pairs i > j, each +m_ij to gamma_i and -m_ij to gamma_j: the diagonal
     # (exp(0)) and the last token's decay to the chunk end are constants, and summing their O(1) terms with
     # opposite signs would swamp dg when the gates are tiny.
-    b_m = tl.where(strictly_lower, b_dqk * _dot(b_q, tl.trans(b_k), DT, DOT_PRECISION), 0.0)
-    b_dgamma += tl.sum(b_m, axis=1) - tl.sum(b_m, axis=0)
+    b_dgamma = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        cols_k = i_k * BK + tl.arange(0, BK)
+        b_q = _load_block(q, rows, valid, cols_k, H, K, i_h)
+        b_k = _load_block(k, rows, valid, cols_k, H, K, i_h)
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            cols_v = i_v * BV + tl.arange(0, BV)
+            p, m = _state_block(h, i_c, i_h, cols_k, cols_v, H, K, V)
+            b_h = tl.load(p, mask=m, other=0.0)
+            b_dq += _dot(_load_block(do, rows, valid, cols_v, H, V, i_h), tl.trans(b_h), DT, DOT_PRECISION)
+            b_dw -= _dot(_load_block(dv_new, rows, valid, cols_v, H, V, i_h), tl.trans(b_h), DT, DOT_PRECISION)
+        b_dq = b_dq * (scale * b_exp)[:, None]
+        b_dgamma += tl.sum(b_q * b_dq, axis=1)
+        b_dq += _dot(b_dqk, b_k, DT, DOT_PRECISION)
+        _store_block(dq, b_dq, rows, valid, cols_k, H, K, i_h)
+        b_m = tl.where(strictly_lower, b_dqk * _dot(b_q, tl.trans(b_k), DT, DOT_PRECISION), 0.0)
+        b_dgamma += tl.sum(b_m, axis=1) - tl.sum(b_m, axis=0)
+        b_dt += _dot(b_dw, tl.trans(b_k * (b_beta * b_exp)[:, None]), DT, DOT_PRECISION)
 
     # WY factors: V_new = U - W S, W = T diag(beta exp(gamma)) K, U = T diag(beta) V, T = (I + A)^{-1}.
-    b_dt += _dot(b_dw, tl.trans(b_k * (b_beta * b_exp)[:, None]), DT, DOT_PRECISION)
     b_da = -_dot(_dot(tl.trans(b_t), b_dt, DT, DOT_PRECISION), tl.trans(b_t), DT, DOT_PRECISION)
     b_da = b_da * _decay(b_gamma, strictly_lower)  # dA * exp(gamma_i - gamma_j): d(beta_i k_i . k_j)
-    b_dkb = _dot(tl.trans(b_t), b_dw, DT, DOT_PRECISION)  # d(beta exp(gamma) K) = T^T dW
-    b_dk += b_dkb * (b_beta * b_exp)[:, None]
-    b_dk += _dot(b_da, b_k, DT, DOT_PRECISION) * b_beta[:, None]
-    b_dk += _dot(tl.trans(b_da), b_k * b_beta[:, None], DT, DOT_PRECISION)
-    b_da_kk = b_da * _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION)
-    b_dkb_k = tl.sum(b_dkb * b_k, axis=1)
-    b_dbeta += b_dkb_k * b_exp + tl.sum(b_da_kk, axis=1)
-    b_da_a = b_da_kk * b_beta[:, None]  # dA * A
-    b_dgamma += b_dkb_k * b_beta * b_exp + tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0)
+    # dk, key block by key block: the output's and the state hand-off's terms (dS from the chunk's end), and
+    # the WY factors'.
+    b_h_dh = tl.zeros([BK], dtype=tl.float32)  # rows of S * dS, summed over V
+    b_k_dk_state = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        cols_k = i_k * BK + tl.arange(0, BK)
+        b_q = _load_block(q, rows, valid, cols_k, H, K, i_h)
+        b_k = _load_block(k, rows, valid, cols_k, H, K, i_h)
+        b_dk_state = tl.zeros([BT, BK], dtype=tl.float32)  # V_new dS^T
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            cols_v = i_v * BV + tl.arange(0, BV)
+            p, m = _state_block(h, i_c, i_h, cols_k, cols_v, H, K, V)
+            b_h = tl.load(p, mask=m, other=0.0)
+            p, m = _state_block(dh, i_c, i_h, cols_k, cols_v, H, K, V)
+            b_dh = tl.load(p, mask=m, other=0.0)
+            b_dk_state += _dot(_load_block(v_new, rows, valid, cols_v, H, V, i_h), tl.trans(b_dh), DT,
+                               DOT_PRECISION)
+            b_dw -= _dot(_load_block(dv_new, rows, valid, cols_v, H, V, i_h), tl.trans(b_h), DT, DOT_PRECISION)
+            b_h_dh += tl.sum(b_h * b_dh, axis=1)
+        b_dk_state = b_dk_state * tl.exp(b_gamma_last - b_gamma)[:, None]
+        b_k_dk_state += tl.sum(b_k * b_dk_state, axis=1)
+        b_dkb = _dot(tl.trans(b_t), b_dw, DT, DOT_PRECISION)  # d(beta exp(gamma) K) = T^T dW
+        b_dk = _dot(tl.trans(b_dqk), b_q, DT, DOT_PRECISION) + b_dk_state + b_dkb * (b_beta * b_exp)[:, None]
+        b_dk += _dot(b_da, b_k, DT, DOT_PRECISION) * b_beta[:, None]
+        b_dk += _dot(tl.trans(b_da), b_k * b_beta[:, None], DT, DOT_PRECISION)
+        _store_block(dk, b_dk, rows, valid, cols_k, H, K, i_h)
+        b_da_kk = b_da * _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION)
+        b_dkb_k = tl.sum(b_dkb * b_k, axis=1)
+        b_dbeta += b_dkb_k * b_exp + tl.sum(b_da_kk, axis=1)
+        b_da_a = b_da_kk * b_beta[:, None]  # dA * A
+        b_dgamma += b_dkb_k * b_beta * b_exp + tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0)
     # g_t enters gamma_s for every s >= t of the chunk, gamma_C (all t), and gamma_C - gamma_j for j < t.
     later = o_i[None, :] >= o_i[:, None]  # [t, s]: s >= t
     b_dg = tl.sum(tl.where(later, b_dgamma[None, :], 0.0), axis=1)
     b_dg += tl.exp(b_gamma_last) * tl.sum(b_h_dh)
-    b_dg += tl.sum(tl.where(later, 0.0, tl.sum(b_k * b_dk_state, axis=1)[None, :]), axis=1)
+    b_dg += tl.sum(tl.where(later, 0.0, b_k_dk_state[None, :]), axis=1)
 
-    _store_block(dq, b_dq, rows, valid, cols_k, H, K, i_h)
-    _store_block(dk, b_dk, rows, valid, cols_k, H, K, i_h)
     tl.store(dbeta + rows * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=valid)
     tl.store(dg + rows * H + i_h, b_dg.to(dg.dtype.element_ty), mask=valid)
 
@@ -360,6 +388,11 @@ def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension >= 16
 
 
+def _key_block(K: int) -> int:
+    """Keys per block where a kernel loops over key blocks (64, as flash-linear-attention's kernels)."""
+    return min(64, _block(K))
+
+
 def _wy(k, v, g, beta, chunks: ChunkList, store_t: bool, precision: str):
     TT, H, K = k.shape
     V = v.shape[-1]
@@ -371,7 +404,7 @@ def _wy(k, v, g, beta, chunks: ChunkList, store_t: bool, precision: str):
     if chunks.num_chunks:
         _wy_kernel[(chunks.num_chunks, H)](
             k, v, g, beta, gamma, w, u, t_inv, chunks.cu_seqlens, chunks.chunk_indices,
-            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_block(K), STORE_T=store_t, DOT_PRECISION=precision,
+            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_key_block(K), STORE_T=store_t, DOT_PRECISION=precision,
         )
     return gamma, w, u, t_inv
 
@@ -410,7 +443,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
         grid = lambda meta: (triton.cdiv(V, meta["BV"]), chunks.num_chunks, H)  # noqa: E731
         _output_kernel[grid](
             q, k, gamma, h, v_new, o, scale, chunks.cu_seqlens, chunks.chunk_indices,
-            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_block(K), DOT_PRECISION=precision,
+            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_key_block(K), DOT_PRECISION=precision,
         )
     return o.view(B, T, H, V), final_state
 
@@ -438,7 +471,7 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, chunks: C
         _intra_bwd_kernel[(chunks.num_chunks, H)](
             q, k, v, beta, gamma, t_inv, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg, scale,
             chunks.cu_seqlens, chunks.chunk_indices,
-            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_block(K), DOT_PRECISION=precision,
+            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_key_block(K), DOT_PRECISION=precision,
         )
     if d_h0 is not None:
         d_h0 = d_h0.to(initial_state.dtype)
