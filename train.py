@@ -26,7 +26,8 @@ from eval import run_tasks
 from parallel.build import build_engine
 from parallel.checkpoint import Checkpointer
 from parallel.topology import init_topology
-from training.faults import EXIT_DIVERGED, EXIT_PREEMPTED, StepGuard, StopSignals, TrainingDiverged
+from training.faults import (EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_TIMEOUT, StepGuard, StopSignals, TrainingDiverged,
+                             describe_timeout)
 from training.metrics import MetricsLogger, StepTimer, console_line, truncate_metrics
 from training.optim import lr_at
 from training.plots import plot_loss_curve
@@ -95,6 +96,7 @@ def train(cfg, raw_cfg, stop: StopSignals) -> int:
                   **timer.step(time.perf_counter() - started, tokens_per_step, cfg.train.max_steps - step),
                   **guard.check(step, loss_mean, grad_norm)}
         logger.log(record)
+        guard.raise_if_diverged()
         logger.log(checkpointer.poll())  # a save finished in the background: when, and what it cost the loop
         progress.update(1)
         if step % cfg.train.log_every == 0 and topo.is_main:
@@ -193,6 +195,12 @@ def main(argv: list[str]) -> int:
         except TrainingDiverged as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_DIVERGED
+        except RuntimeError as err:
+            timeout = describe_timeout(err, load_config(argv)[0].parallel.timeout_s)
+            if timeout is None:
+                raise
+            print(f"error: rank {os.environ.get('RANK', 0)}: {timeout}", file=sys.stderr)
+            return EXIT_TIMEOUT
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from parallel.checkpoint import CheckpointError
@@ -22,6 +25,9 @@ from parallel.safe_load import safe_loading
 from training.optim import build_optimizer, set_lr
 
 CHECKPOINT_TAG = "deepspeed"
+# The only non-tensor classes DeepSpeed's checkpoint files hold (read off ZeRO 1, 2 and 3 checkpoints);
+# loading admits these and plain tensors/containers, nothing else (parallel/safe_load.py).
+DEEPSPEED_CHECKPOINT_GLOBALS = (LossScaler, ZeroStageEnum, fragment_address)
 
 
 def deepspeed_config(cfg, topology: Topology, micro_steps: int) -> dict:

@@ -20,24 +20,7 @@ from model import LM
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine
 from parallel.topology import Topology
-
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.d_model=64", "model.gla.num_heads=2", "model.attention.num_heads=2", "train.seq_len=64",
-         "train.global_batch_size=4", "train.micro_batch_size=2", "optim.warmup_steps=2",
-         "logging.wandb.mode=disabled", "eval.held_out_tokens=2000", "eval.sample_tokens=8", "train.log_every=1"]
-
-
-def run_train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "train.py", *SMALL, *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+from training_runs import REPO, SMALL, losses, run_train
 
 
 def test_engine_steps_lower_the_loss_on_a_fixed_batch():
