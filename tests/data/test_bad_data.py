@@ -196,6 +196,19 @@ def test_interrupted_prepare_refuses_a_changed_input(tmp_path, capsys, monkeypat
     assert code == 1 and "changed since the interrupted prepare" in err
 
 
+def test_interrupted_prepare_of_an_older_format_is_not_continued(tmp_path, capsys, monkeypatch):
+    text = write_text_files(tmp_path / "text", corpus(30, seed=2))
+    monkeypatch.setattr("data.prepare.tokenize_all", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        main([f"source={text}", f"out={tmp_path / 'out'}", *SETTINGS])
+    monkeypatch.undo()
+    plan = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    del plan["format_version"]  # as format 1 wrote it: its finished shards would be .npz indexes
+    (tmp_path / "out" / "prepare.json").write_text(json.dumps(plan))
+    code, err = run_cli(capsys, f"source={text}", f"out={tmp_path / 'out'}", *SETTINGS)
+    assert code == 1 and "an interrupted prepare of format 1" in err and "re-run" in err
+
+
 def test_cli_usage_and_unknown_keys(capsys):
     code, err = run_cli(capsys, "source=x", "out=y", "no_such_key=1")
     assert code == 1 and "no_such_key" in err
