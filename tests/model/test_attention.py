@@ -149,3 +149,25 @@ def test_model_flex_branch_shares_one_block_mask_per_batch_and_window(make_lm, m
         assert builds == [(150, 150)] * 2  # one for the A layers, one for the W layers
         lm(ids, cu_seqlens=cu_seqlens.clone())  # a new batch
         assert len(builds) == 4
+
+
+def test_prefill_and_decode_build_only_per_block_masks(make_lm, monkeypatch):
+    """Generation never builds a [T, T] mask: a prefill attends block by block (a W layer to at most
+    block + window - 1 keys), a decode step with one [1, keys] mask over only the keys it can see."""
+    lm = make_lm("AW")
+    window = lm.config.attention.window
+    shapes = []
+
+    def recording_mask(*args):
+        mask = attention_mask(*args)
+        shapes.append((args[3], mask.shape[-2:]))
+        return mask
+
+    monkeypatch.setattr(attention, "attention_mask", recording_mask)
+    with torch.no_grad():
+        _, state = lm.step(torch.randint(0, VOCAB, (2, 300)), lm.init_state(2))
+        lm.step(torch.randint(0, VOCAB, (2,)), state)
+    full = [shape for layer_window, shape in shapes if layer_window is None]
+    windowed = [shape for layer_window, shape in shapes if layer_window == window]
+    assert full == [(128, 128), (128, 256), (44, 300), (1, 301)]
+    assert windowed == [(128, 128), (128, 128 + window - 1), (44, 44 + window - 1), (1, window)]
