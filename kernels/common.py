@@ -51,6 +51,16 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+NEGLIGIBLE_LOG_DECAY = -60.0  # below e^-60 a decayed term is dropped: far under fp32/fp64 rounding of O(1) terms
+
+
+def decay_or_zero(log_decay: torch.Tensor) -> torch.Tensor:
+    """exp(log_decay), exactly 0 where it is below e^-60. Never a denormal number: x86 CPUs compute with
+    denormals some 100x slower, and long sequences decay into them (e^-87 and below in fp32)."""
+    kept = log_decay > NEGLIGIBLE_LOG_DECAY
+    return torch.where(kept, torch.exp(log_decay.clamp(min=NEGLIGIBLE_LOG_DECAY)), 0.0)
+
+
 @dataclass
 class ChunkLayout:
     """Where each token and each chunk goes in the chunked layout (PyTorch paths)."""

@@ -71,9 +71,21 @@ def chunk_gated_delta_rule_torch(
 
 
 def wy_factors(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor):
+    """Per chunk (inputs [chunks, H, C, *D]): wy_system's gamma, decay and k_to_end, and the WY factors
+    W = T diag(beta exp(gamma)) K [.., C, K] and U = T diag(beta) V [.., C, V] (T the system's inverse), so
+    that a chunk maps its incoming state S to exp(gamma_C) S + k_to_end (U - W S)."""
+    gamma, decay, system, k_to_end = wy_system(k, g, beta)
+    eye = torch.eye(k.shape[-2], dtype=k.dtype, device=k.device)
+    T_inv = torch.linalg.solve_triangular(system, eye.expand_as(system), upper=False, unitriangular=True)
+    W = T_inv @ (k * (beta * gamma.exp())[..., None])
+    U = T_inv @ (v * beta[..., None])
+    return gamma, decay, W, U, k_to_end
+
+
+def wy_system(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor):
     """Per chunk (inputs [chunks, H, C, *D]): gamma [chunks, H, C], the causal decay exp(gamma_t - gamma_s)
-    [chunks, H, C, C], the WY factors W [.., C, K] and U [.., C, V], and (diag(exp(gamma_C - gamma)) K)^T
-    [.., K, C], so that a chunk maps its incoming state S to exp(gamma_C) S + k_to_end (U - W S)."""
+    [.., C, C], the unit lower-triangular system I + A of the UT transform [.., C, C], and
+    k_to_end = (diag(exp(gamma_C - gamma)) K)^T [.., K, C]."""
     C = k.shape[-2]
     gamma = g.cumsum(-1)
     # The diagonal of the decay (exp(0)) and the last token's decay to the chunk end are constants, not
@@ -84,7 +96,4 @@ def wy_factors(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Te
     decay = torch.where(strictly_lower, gamma[..., :, None] - gamma[..., None, :], float("-inf")).exp() + eye
     to_end = F.pad(g.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))  # gamma_C - gamma_t = sum_{s>t} g_s
     A = beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay * strictly_lower
-    T_inv = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
-    W = T_inv @ (k * (beta * gamma.exp())[..., None])
-    U = T_inv @ (v * beta[..., None])
-    return gamma, decay, W, U, (k * to_end.exp()[..., None]).transpose(-1, -2)
+    return gamma, decay, eye + A, (k * to_end.exp()[..., None]).transpose(-1, -2)

@@ -5,12 +5,13 @@ parts have a closed form. With G_t the cumulative log gate of the sequence up to
     S_local = sum_t (k_t * exp(G_end - G_t)) v_t^T,    a = exp(G_end)
 No outputs and no attention within chunks: one T x K x V contraction, a fraction of the op. The exponents
 G_end - G_t are sums of the gates after t (each <= 0), built in two levels that never subtract: within a
-chunk of 64 tokens, then over the chunks that follow in the same sequence.
+chunk of 64 tokens, then over the chunks that follow in the same sequence. Terms decayed below e^-60 are
+dropped (decay_or_zero): over thousands of tokens most would otherwise be denormal numbers, slow on CPUs.
 """
 import torch
 import torch.nn.functional as F
 
-from kernels.common import chunk_layout, compute_dtype, sequence_bounds
+from kernels.common import chunk_layout, compute_dtype, decay_or_zero, sequence_bounds
 from kernels.gla.chunk import CHUNK_SIZE, _reverse_cumsum
 
 
@@ -30,8 +31,8 @@ def gla_state_summary_torch(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     chunk_decay = layout.to_grid(g.sum(2), 0.0)  # [N, max_chunks, H, K or 1]: each chunk's whole log decay
     after_chunk = F.pad(_reverse_cumsum(chunk_decay[:, 1:], dim=1), (0, 0, 0, 0, 0, 1))  # later chunks' decay
     to_end = to_chunk_end + layout.from_grid(after_chunk).unsqueeze(2)
-    updates = (k * torch.exp(to_end)).transpose(-1, -2) @ v  # [chunks, H, K, V]
+    updates = (k * decay_or_zero(to_end)).transpose(-1, -2) @ v  # [chunks, H, K, V]
     sequence_of_chunk = layout.chunk_slot // max(layout.max_chunks, 1)
     state = updates.new_zeros(layout.num_seqs, H, K, V).index_add(0, sequence_of_chunk, updates)
-    transition = torch.exp(chunk_decay.sum(1))  # [N, H, K or 1]
+    transition = decay_or_zero(chunk_decay.sum(1))  # [N, H, K or 1]
     return state, (transition.squeeze(-1) if scalar_gate else transition)
