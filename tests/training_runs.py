@@ -32,8 +32,9 @@ def torchrun(nproc: int, *flags: str) -> tuple:
 
 
 def records(run_dir: Path) -> list[dict]:
+    """The complete lines of metrics.jsonl: a running job may be writing the last one."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line] if path.exists() else []
 
 
 def losses(run_dir: Path) -> dict[int, float]:

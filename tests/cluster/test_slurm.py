@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from local_slurm import SlurmError, free_port
+from tests.training_runs import REPO, losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(480)]
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "slurm" / "train.sbatch"
 # Enough steps that the run is still training when the test, polling, sees step INTERRUPT_AT and
 # interrupts it, even on an idle machine (a step takes milliseconds there).
@@ -37,13 +37,6 @@ def submit(slurm, run_dir: Path) -> str:
     env = {"PY": sys.executable, "RDZV_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return slurm.sbatch(*ON_THIS_NODE, f"--job-name={run_dir.name}", f"--output={run_dir}.out", str(SCRIPT),
                         *RUN, f"run.dir={run_dir}", cwd=REPO, env=env)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    path = run_dir / "metrics.jsonl"
-    complete_lines = path.read_text().split("\n")[:-1] if path.exists() else []  # the run may be writing one
-    records = [json.loads(line) for line in complete_lines]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 @pytest.fixture(scope="module")
