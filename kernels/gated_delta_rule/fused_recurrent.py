@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import autotune_configs
-from kernels.gated_delta_rule.triton_chunk import ChunkList, _ChunkGatedDeltaRule
+from kernels.gated_delta_rule.triton_chunk import ChunkList, _ChunkGatedDeltaRule, check_key_dim
 
 
 @triton.autotune(
@@ -80,6 +80,7 @@ def fused_recurrent_gated_delta_rule_triton(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step-by-step Triton gated delta rule; same contract as `kernels.fused_recurrent_gated_delta_rule`."""
+    check_key_dim(k.shape[-1])  # for the chunk kernels of the backward
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     return _FusedRecurrentGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state,
                                                cu_seqlens)

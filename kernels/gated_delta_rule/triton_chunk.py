@@ -142,6 +142,29 @@ def _wy_kernel(
         _store_block(u, b_u, rows, valid, cols_v, H, V, i_h)
 
 
+@triton.jit
+def _load_state(ptr, i_state, i_h, i_k, cols_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BK: tl.constexpr):
+    """Key block i_k ([BK, len(cols_v)], fp32) of state i_state, head i_h, of a [*, H, K, V] tensor."""
+    p, m = _state_block(ptr, i_state, i_h, i_k * BK + tl.arange(0, BK), cols_v, H, K, V)
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, value, i_state, i_h, i_k, cols_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BK: tl.constexpr):
+    p, m = _state_block(ptr, i_state, i_h, i_k * BK + tl.arange(0, BK), cols_v, H, K, V)
+    tl.store(p, value.to(p.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _key_block(ptr, rows, valid, i_k, H: tl.constexpr, K: tl.constexpr, i_h, BK: tl.constexpr):
+    """Key block i_k ([len(rows), BK], fp32) of a [tokens, H, K] tensor."""
+    return _load_block(ptr, rows, valid, i_k * BK + tl.arange(0, BK), H, K, i_h)
+
+
+# The state kernels keep a [K, BV] state in registers as up to four [BK = 64, BV] key blocks (b_h1..b_h4, as
+# flash-linear-attention's kernels do): K <= 256. Blocks past K are never touched (K is a constexpr).
 @triton.autotune(configs=_configs(), key=["H", "K", "V", "USE_INITIAL_STATE", "STORE_FINAL_STATE"])
 @triton.jit
 def _state_fwd_kernel(
@@ -155,28 +178,65 @@ def _state_fwd_kernel(
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     first_chunk = tl.load(chunk_offsets + i_n)
-    cols_k = tl.arange(0, BK)
     cols_v = i_v * BV + tl.arange(0, BV)
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h3 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h4 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        p, m = _state_block(initial_state, i_n, i_h, cols_k, cols_v, H, K, V)
-        b_h += tl.load(p, mask=m, other=0.0).to(tl.float32)
+        b_h1 += _load_state(initial_state, i_n, i_h, 0, cols_v, H, K, V, BK)
+        if K > BK:
+            b_h2 += _load_state(initial_state, i_n, i_h, 1, cols_v, H, K, V, BK)
+        if K > 2 * BK:
+            b_h3 += _load_state(initial_state, i_n, i_h, 2, cols_v, H, K, V, BK)
+        if K > 3 * BK:
+            b_h4 += _load_state(initial_state, i_n, i_h, 3, cols_v, H, K, V, BK)
     for i_t in range(0, tl.cdiv(eos - bos, BT)):
-        p, m = _state_block(h, first_chunk + i_t, i_h, cols_k, cols_v, H, K, V)
-        tl.store(p, b_h, mask=m)
+        i_state = first_chunk + i_t
+        _store_state(h, b_h1, i_state, i_h, 0, cols_v, H, K, V, BK)
+        if K > BK:
+            _store_state(h, b_h2, i_state, i_h, 1, cols_v, H, K, V, BK)
+        if K > 2 * BK:
+            _store_state(h, b_h3, i_state, i_h, 2, cols_v, H, K, V, BK)
+        if K > 3 * BK:
+            _store_state(h, b_h4, i_state, i_h, 3, cols_v, H, K, V, BK)
         rows = bos + i_t * BT + tl.arange(0, BT)
         valid = rows < eos
         last = tl.minimum(bos + (i_t + 1) * BT, eos) - 1
-        b_w = _load_block(w, rows, valid, cols_k, H, K, i_h)
-        b_vn = _load_block(u, rows, valid, cols_v, H, V, i_h) - _dot(b_w, b_h, DT, DOT_PRECISION)
+        # V_new = U - W S
+        b_vn = _load_block(u, rows, valid, cols_v, H, V, i_h)
+        b_vn -= _dot(_key_block(w, rows, valid, 0, H, K, i_h, BK), b_h1, DT, DOT_PRECISION)
+        if K > BK:
+            b_vn -= _dot(_key_block(w, rows, valid, 1, H, K, i_h, BK), b_h2, DT, DOT_PRECISION)
+        if K > 2 * BK:
+            b_vn -= _dot(_key_block(w, rows, valid, 2, H, K, i_h, BK), b_h3, DT, DOT_PRECISION)
+        if K > 3 * BK:
+            b_vn -= _dot(_key_block(w, rows, valid, 3, H, K, i_h, BK), b_h4, DT, DOT_PRECISION)
         _store_block(v_new, b_vn, rows, valid, cols_v, H, V, i_h)
+        # S <- exp(gamma_C) S + (exp(gamma_C - gamma) K)^T V_new
         b_gamma, b_gamma_last = _load_gamma(gamma, rows, valid, last, H, i_h)
-        b_k_to_end = _load_block(k, rows, valid, cols_k, H, K, i_h) * tl.exp(b_gamma_last - b_gamma)[:, None]
-        b_h = b_h * tl.exp(b_gamma_last) + _dot(tl.trans(b_k_to_end), b_vn, DT, DOT_PRECISION)
+        b_to_end = tl.exp(b_gamma_last - b_gamma)[:, None]
+        b_decay = tl.exp(b_gamma_last)
+        b_h1 = b_h1 * b_decay + _dot(tl.trans(_key_block(k, rows, valid, 0, H, K, i_h, BK) * b_to_end), b_vn, DT,
+                                     DOT_PRECISION)
+        if K > BK:
+            b_h2 = b_h2 * b_decay + _dot(tl.trans(_key_block(k, rows, valid, 1, H, K, i_h, BK) * b_to_end), b_vn,
+                                         DT, DOT_PRECISION)
+        if K > 2 * BK:
+            b_h3 = b_h3 * b_decay + _dot(tl.trans(_key_block(k, rows, valid, 2, H, K, i_h, BK) * b_to_end), b_vn,
+                                         DT, DOT_PRECISION)
+        if K > 3 * BK:
+            b_h4 = b_h4 * b_decay + _dot(tl.trans(_key_block(k, rows, valid, 3, H, K, i_h, BK) * b_to_end), b_vn,
+                                         DT, DOT_PRECISION)
     if STORE_FINAL_STATE:
-        p, m = _state_block(final_state, i_n, i_h, cols_k, cols_v, H, K, V)
-        tl.store(p, b_h, mask=m)
+        _store_state(final_state, b_h1, i_n, i_h, 0, cols_v, H, K, V, BK)
+        if K > BK:
+            _store_state(final_state, b_h2, i_n, i_h, 1, cols_v, H, K, V, BK)
+        if K > 2 * BK:
+            _store_state(final_state, b_h3, i_n, i_h, 2, cols_v, H, K, V, BK)
+        if K > 3 * BK:
+            _store_state(final_state, b_h4, i_n, i_h, 3, cols_v, H, K, V, BK)
 
 
 @triton.autotune(configs=_configs(), key=["H", "K", "V"])
@@ -220,37 +280,82 @@ def _state_bwd_kernel(
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     first_chunk = tl.load(chunk_offsets + i_n)
     o_i = tl.arange(0, BT)
-    cols_k = tl.arange(0, BK)
     cols_v = i_v * BV + tl.arange(0, BV)
 
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRAD:
-        p, m = _state_block(d_final_state, i_n, i_h, cols_k, cols_v, H, K, V)
-        b_dh += tl.load(p, mask=m, other=0.0).to(tl.float32)
+        b_dh1 += _load_state(d_final_state, i_n, i_h, 0, cols_v, H, K, V, BK)
+        if K > BK:
+            b_dh2 += _load_state(d_final_state, i_n, i_h, 1, cols_v, H, K, V, BK)
+        if K > 2 * BK:
+            b_dh3 += _load_state(d_final_state, i_n, i_h, 2, cols_v, H, K, V, BK)
+        if K > 3 * BK:
+            b_dh4 += _load_state(d_final_state, i_n, i_h, 3, cols_v, H, K, V, BK)
     num_chunks = tl.cdiv(eos - bos, BT)
     for i in range(0, num_chunks):
         i_t = num_chunks - 1 - i
-        p, m = _state_block(dh, first_chunk + i_t, i_h, cols_k, cols_v, H, K, V)
-        tl.store(p, b_dh, mask=m)
+        i_state = first_chunk + i_t
+        _store_state(dh, b_dh1, i_state, i_h, 0, cols_v, H, K, V, BK)
+        if K > BK:
+            _store_state(dh, b_dh2, i_state, i_h, 1, cols_v, H, K, V, BK)
+        if K > 2 * BK:
+            _store_state(dh, b_dh3, i_state, i_h, 2, cols_v, H, K, V, BK)
+        if K > 3 * BK:
+            _store_state(dh, b_dh4, i_state, i_h, 3, cols_v, H, K, V, BK)
         rows = bos + i_t * BT + o_i
         valid = rows < eos
         last = tl.minimum(bos + (i_t + 1) * BT, eos) - 1
-        b_q = _load_block(q, rows, valid, cols_k, H, K, i_h)
-        b_k = _load_block(k, rows, valid, cols_k, H, K, i_h)
         b_do = _load_block(do, rows, valid, cols_v, H, V, i_h)
         b_gamma, b_gamma_last = _load_gamma(gamma, rows, valid, last, H, i_h)
-        # (Q K^T * decay)^T, indexed [j, i]: exp(gamma_i - gamma_j) for i >= j.
-        b_kq = _dot(b_k, tl.trans(b_q), DT, DOT_PRECISION) * tl.trans(_decay(b_gamma, o_i[:, None] >= o_i[None, :]))
+        # dV_new = scale (Q K^T * decay)^T dO + exp(gamma_C - gamma) K dS; (Q K^T * decay)^T is indexed [j, i]:
+        # exp(gamma_i - gamma_j) for i >= j.
+        b_kq = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            b_kq += _dot(_key_block(k, rows, valid, i_k, H, K, i_h, BK),
+                         tl.trans(_key_block(q, rows, valid, i_k, H, K, i_h, BK)), DT, DOT_PRECISION)
+        b_kq = b_kq * tl.trans(_decay(b_gamma, o_i[:, None] >= o_i[None, :]))
         b_dvn = _dot(b_kq * scale, b_do, DT, DOT_PRECISION)
-        b_dvn += _dot(b_k * tl.exp(b_gamma_last - b_gamma)[:, None], b_dh, DT, DOT_PRECISION)
+        b_to_end = tl.exp(b_gamma_last - b_gamma)[:, None]
+        b_dvn += _dot(_key_block(k, rows, valid, 0, H, K, i_h, BK) * b_to_end, b_dh1, DT, DOT_PRECISION)
+        if K > BK:
+            b_dvn += _dot(_key_block(k, rows, valid, 1, H, K, i_h, BK) * b_to_end, b_dh2, DT, DOT_PRECISION)
+        if K > 2 * BK:
+            b_dvn += _dot(_key_block(k, rows, valid, 2, H, K, i_h, BK) * b_to_end, b_dh3, DT, DOT_PRECISION)
+        if K > 3 * BK:
+            b_dvn += _dot(_key_block(k, rows, valid, 3, H, K, i_h, BK) * b_to_end, b_dh4, DT, DOT_PRECISION)
         _store_block(dv_new, b_dvn, rows, valid, cols_v, H, V, i_h)
-        b_w = _load_block(w, rows, valid, cols_k, H, K, i_h)
-        b_dh = b_dh * tl.exp(b_gamma_last)
-        b_dh += _dot(tl.trans(b_q * (scale * tl.exp(b_gamma))[:, None]), b_do, DT, DOT_PRECISION)
-        b_dh -= _dot(tl.trans(b_w), b_dvn, DT, DOT_PRECISION)
+        # dS <- exp(gamma_C) dS + scale (exp(gamma) Q)^T dO - W^T dV_new
+        b_decay = tl.exp(b_gamma_last)
+        b_q_scale = (scale * tl.exp(b_gamma))[:, None]
+        b_dh1 = (b_dh1 * b_decay
+                 + _dot(tl.trans(_key_block(q, rows, valid, 0, H, K, i_h, BK) * b_q_scale), b_do, DT, DOT_PRECISION)
+                 - _dot(tl.trans(_key_block(w, rows, valid, 0, H, K, i_h, BK)), b_dvn, DT, DOT_PRECISION))
+        if K > BK:
+            b_dh2 = (b_dh2 * b_decay
+                     + _dot(tl.trans(_key_block(q, rows, valid, 1, H, K, i_h, BK) * b_q_scale), b_do, DT,
+                            DOT_PRECISION)
+                     - _dot(tl.trans(_key_block(w, rows, valid, 1, H, K, i_h, BK)), b_dvn, DT, DOT_PRECISION))
+        if K > 2 * BK:
+            b_dh3 = (b_dh3 * b_decay
+                     + _dot(tl.trans(_key_block(q, rows, valid, 2, H, K, i_h, BK) * b_q_scale), b_do, DT,
+                            DOT_PRECISION)
+                     - _dot(tl.trans(_key_block(w, rows, valid, 2, H, K, i_h, BK)), b_dvn, DT, DOT_PRECISION))
+        if K > 3 * BK:
+            b_dh4 = (b_dh4 * b_decay
+                     + _dot(tl.trans(_key_block(q, rows, valid, 3, H, K, i_h, BK) * b_q_scale), b_do, DT,
+                            DOT_PRECISION)
+                     - _dot(tl.trans(_key_block(w, rows, valid, 3, H, K, i_h, BK)), b_dvn, DT, DOT_PRECISION))
     if USE_INITIAL_STATE:
-        p, m = _state_block(d_initial_state, i_n, i_h, cols_k, cols_v, H, K, V)
-        tl.store(p, b_dh.to(p.dtype.element_ty), mask=m)
+        _store_state(d_initial_state, b_dh1, i_n, i_h, 0, cols_v, H, K, V, BK)
+        if K > BK:
+            _store_state(d_initial_state, b_dh2, i_n, i_h, 1, cols_v, H, K, V, BK)
+        if K > 2 * BK:
+            _store_state(d_initial_state, b_dh3, i_n, i_h, 2, cols_v, H, K, V, BK)
+        if K > 3 * BK:
+            _store_state(d_initial_state, b_dh4, i_n, i_h, 3, cols_v, H, K, V, BK)
 
 
 @triton.autotune(configs=_configs(), key=["H", "K", "V"])
@@ -388,8 +493,13 @@ def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension >= 16
 
 
-def _key_block(K: int) -> int:
-    """Keys per block where a kernel loops over key blocks (64, as flash-linear-attention's kernels)."""
+def check_key_dim(K: int) -> None:
+    if K > 4 * 64:
+        raise ValueError(f"the Triton gated delta rule takes head dims K <= 256 (four key blocks of 64), got K={K}")
+
+
+def _keys_per_block(K: int) -> int:
+    """Keys per block (64, as flash-linear-attention's kernels); the state kernels hold up to four blocks."""
     return min(64, _block(K))
 
 
@@ -404,7 +514,7 @@ def _wy(k, v, g, beta, chunks: ChunkList, store_t: bool, precision: str):
     if chunks.num_chunks:
         _wy_kernel[(chunks.num_chunks, H)](
             k, v, g, beta, gamma, w, u, t_inv, chunks.cu_seqlens, chunks.chunk_indices,
-            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_key_block(K), STORE_T=store_t, DOT_PRECISION=precision,
+            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_keys_per_block(K), STORE_T=store_t, DOT_PRECISION=precision,
         )
     return gamma, w, u, t_inv
 
@@ -418,7 +528,7 @@ def _states(k, w, u, gamma, initial_state, chunks: ChunkList, output_final_state
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), chunks.num_sequences * H)  # noqa: E731
     _state_fwd_kernel[grid](
         k, w, u, gamma, h, v_new, initial_state, final_state, chunks.cu_seqlens, chunks.chunk_offsets,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_block(K), USE_INITIAL_STATE=initial_state is not None,
+        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_keys_per_block(K), USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state, DOT_PRECISION=precision,
     )
     return h, v_new, final_state
@@ -443,7 +553,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
         grid = lambda meta: (triton.cdiv(V, meta["BV"]), chunks.num_chunks, H)  # noqa: E731
         _output_kernel[grid](
             q, k, gamma, h, v_new, o, scale, chunks.cu_seqlens, chunks.chunk_indices,
-            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_key_block(K), DOT_PRECISION=precision,
+            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_keys_per_block(K), DOT_PRECISION=precision,
         )
     return o.view(B, T, H, V), final_state
 
@@ -463,7 +573,7 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, chunks: C
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), chunks.num_sequences * H)  # noqa: E731
     _state_bwd_kernel[grid](
         q, k, w, gamma, do, dh, dv_new, d_final_state, d_h0, scale, chunks.cu_seqlens, chunks.chunk_offsets,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_block(K), USE_FINAL_STATE_GRAD=d_final_state is not None,
+        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_keys_per_block(K), USE_FINAL_STATE_GRAD=d_final_state is not None,
         USE_INITIAL_STATE=initial_state is not None, DOT_PRECISION=precision,
     )
     dq, dk, dv, dbeta, dg = (torch.empty_like(x) for x in (q, k, v, beta, g))
@@ -471,7 +581,7 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, chunks: C
         _intra_bwd_kernel[(chunks.num_chunks, H)](
             q, k, v, beta, gamma, t_inv, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg, scale,
             chunks.cu_seqlens, chunks.chunk_indices,
-            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_key_block(K), DOT_PRECISION=precision,
+            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_keys_per_block(K), DOT_PRECISION=precision,
         )
     if d_h0 is not None:
         d_h0 = d_h0.to(initial_state.dtype)
@@ -517,5 +627,6 @@ def chunk_gated_delta_rule_triton(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton chunkwise gated delta rule; same contract as `kernels.chunk_gated_delta_rule`."""
+    check_key_dim(k.shape[-1])
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens)
