@@ -117,8 +117,9 @@ def test_fp32_cu_seqlens(path, gates, nan_buffers):
     assert_matches(run(PATHS[path], inputs, upstream, torch.float32, device, cu_seqlens), expected, FP32_TOL)
 
 
+# K = 96 and 200: the kernels' 64-wide key blocks, two and four of them, the last one partial.
 @pytest.mark.parametrize("T,K,V", [(1, 16, 16), (15, 32, 16), (64, 16, 32), (100, 16, 16), (257, 16, 16),
-                                   (70, 64, 64), (70, 96, 80), (70, 200, 24)])  # K > 64: 2 and 4 key blocks, the last partial
+                                   (70, 64, 64), (70, 96, 80), (70, 200, 24)])
 def test_chunk_triton_fp32(T, K, V, nan_buffers):
     inputs, upstream, _, expected = case(2, T, 1, K, V, seed=T)
     assert_matches(run(triton_chunk, inputs, upstream, torch.float32, DEVICE), expected, FP32_TOL)
