@@ -68,8 +68,9 @@ def final_states(op: str, inputs: dict, initial_state: torch.Tensor, upstream: t
     return {name: t.detach().double().clone() for name, t in results.items()}
 
 
-def check(op: str, B: int, T: int, cu_seqlens, dtype: torch.dtype, tol: float, gates: str = "normal") -> None:
-    inputs = make_inputs(op, B, T, gates)
+def check(op: str, B: int, T: int, cu_seqlens, dtype: torch.dtype, tol: float, gates: str = "normal",
+          inputs: dict | None = None) -> None:
+    inputs = make_inputs(op, B, T, gates) if inputs is None else inputs
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     gen = torch.Generator().manual_seed(1)
     initial_state, *upstream = (torch.randn(N, H, K, V, generator=gen, dtype=torch.float64) for _ in range(3))
@@ -89,6 +90,21 @@ def test_summary_matches_naive_fp64(op, B, T, cu_seqlens, nan_buffers):
 def test_summary_fp32_strong_gates(op):
     """fp32 with decays down to e^-20 per token: every exponent stays <= 0, nothing overflows."""
     check(op, 1, 213, CU_SEQLENS, torch.float32, 2e-4, gates="strong")
+
+
+@pytest.mark.parametrize("op", ["gla", "mamba2", "gated_delta_rule"])
+def test_vanishing_transition_is_zero_not_denormal(op):
+    """A transition that decays below e^-60 is exactly zero, never a denormal number (slow on CPUs): gates
+    of e^-0.095 per token over 1000 tokens (e^-95: denormal in fp32), or for the delta rule no gate at all but the projections
+    (I - k k^T) of beta = 1 shrinking M. The final states still match the naive recurrence."""
+    inputs = make_inputs(op, 1, 1000)
+    inputs["g"] = torch.full_like(inputs["g"], 0.0 if op == "gated_delta_rule" else -0.095)
+    if op == "gated_delta_rule":
+        inputs["beta"] = torch.ones_like(inputs["beta"])
+    summary, _ = summary_and_naive(op)
+    _, transition = summary(*(inputs[name].float() for name in inputs if name != "q"))
+    assert (transition == 0).all()
+    check(op, 1, 1000, None, torch.float32, 2e-4, inputs=inputs)
 
 
 def test_transition_shapes_follow_the_gate():
