@@ -95,8 +95,8 @@ def test_summary_fp32_strong_gates(op):
 @pytest.mark.parametrize("op", ["gla", "mamba2", "gated_delta_rule"])
 def test_vanishing_transition_is_zero_not_denormal(op):
     """A transition that decays below e^-60 is exactly zero, never a denormal number (slow on CPUs): gates
-    of e^-0.095 per token over 1000 tokens (e^-95: denormal in fp32), or for the delta rule no gate at all but the projections
-    (I - k k^T) of beta = 1 shrinking M. The final states still match the naive recurrence."""
+    of e^-0.095 per token over 1000 tokens (e^-95, denormal in fp32), or for the delta rule no gate at all
+    but the projections (I - k k^T) of beta = 1 shrinking M. The final states still match the naive loop."""
     inputs = make_inputs(op, 1, 1000)
     inputs["g"] = torch.full_like(inputs["g"], 0.0 if op == "gated_delta_rule" else -0.095)
     if op == "gated_delta_rule":
