@@ -177,7 +177,8 @@ def main() -> None:
             dist.destroy_process_group()
     if launched and int(os.environ["RANK"]) != 0:
         return
-    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {threads} threads)"
     title = ("compute / communication per layer under sp (seconds, mean over ranks)" if launched else
              "whole LM forward + backward with the sp context of a 1-process group vs without (median seconds)")
     print_table(f"{title}; {args.n_layers} layers, d_model {args.d_model}, B {args.batch}, T {args.seq_len}", rows)

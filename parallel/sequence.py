@@ -171,9 +171,9 @@ class SequenceParallel:
 
         # 1. (S_local, M) of each row's last segment, from the op's state-only summary (no outputs). Only a
         #    first segment continuing a document carries S_in; elsewhere M = 0 (the state was cut).
-        tail = lambda x: x.index_select(1, self.tail_tokens)
-        local_state, transition = _STATE_SUMMARIES[op](tail(k), tail(v), **{name: tail(gate) for name, gate in gates.items()},
-                                                       cu_seqlens=self.tail_cu_seqlens)
+        summarize, tail = _STATE_SUMMARIES[op], lambda x: x.index_select(1, self.tail_tokens)
+        local_state, transition = summarize(tail(k), tail(v), **{name: tail(gate) for name, gate in gates.items()},
+                                            cu_seqlens=self.tail_cu_seqlens)
         local_state = local_state.float()  # [B, H, K, V]
         carries = self.segment_carries[self.last_segment]
         transition = transition.float()  # [B, H, K, K], or the diagonal [B, H, K] / [B, H]
