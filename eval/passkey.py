@@ -53,9 +53,13 @@ def passkey_grid(model, tokenizer, lengths: list[int], depths: list[float], keys
     return {"accuracy": accuracy, "prompt_tokens": prompt_tokens, "outputs": outputs}
 
 
-def run(cfg, model, dataset, device, autocast_dtype=None, progress=True) -> TaskResult:
+def check(cfg, dataset) -> None:
     if dataset.tokenizer is None:
         raise ConfigError(f"eval.tasks: passkey needs text, and data.source={cfg.data.source} has no tokenizer")
+
+
+def run(cfg, model, dataset, device, autocast_dtype=None, progress=True) -> TaskResult:
+    check(cfg, dataset)
     s, lengths = cfg.eval.passkey, passkey_lengths(cfg)
     grid = passkey_grid(model, dataset.tokenizer, lengths, list(s.depths), s.keys_per_cell, s.seed, s.jrt, device,
                         autocast_dtype, progress)

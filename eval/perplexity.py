@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configs.errors import DataError
+from configs.errors import ConfigError, DataError
 from eval.results import TaskResult, plt, save_figure
 
 
@@ -152,8 +152,14 @@ def loss_by_position(model, documents: Iterable[tuple[np.ndarray, int]], eos_id:
     return PositionCurve((total / len(rows)).numpy(), len(rows), position_edges(max_len, num_buckets))
 
 
+def check(cfg, dataset) -> None:
+    if dataset.tokenizer is None:
+        raise ConfigError(f"eval.tasks: ppl needs text, and data.source={cfg.data.source} has none (use mqar)")
+
+
 def run(cfg, model, dataset, device, autocast_dtype=None, progress=True) -> TaskResult:
     """The ppl task: held-out figures and the per-position curve (settings from cfg.eval / cfg.eval.ppl)."""
+    check(cfg, dataset)
     seq_len, settings = cfg.train.seq_len, cfg.eval.ppl
     max_len = settings.max_len or 4 * seq_len
     chunk_len = settings.chunk_len or seq_len

@@ -13,6 +13,7 @@ from eval.config import DEFAULT_TASKS
 from eval.results import TaskResult, flat_figures
 
 TASK_RUNNERS = {"ppl": perplexity.run, "passkey": passkey.run, "mqar": mqar.run}
+TASK_CHECKS = {"ppl": perplexity.check, "passkey": passkey.check, "mqar": mqar.mqar_settings}
 
 
 def configured_tasks(cfg) -> list[str]:
@@ -22,7 +23,10 @@ def configured_tasks(cfg) -> list[str]:
 
 def evaluate_tasks(cfg, model, dataset, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
                    progress: bool = True) -> list[TaskResult]:
-    return [TASK_RUNNERS[name](cfg, model, dataset, device, autocast_dtype, progress) for name in configured_tasks(cfg)]
+    names = configured_tasks(cfg)
+    for name in names:  # every task's settings are checked before the first one runs
+        TASK_CHECKS[name](cfg, dataset)
+    return [TASK_RUNNERS[name](cfg, model, dataset, device, autocast_dtype, progress) for name in names]
 
 
 def run_tasks(cfg, model, dataset, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
