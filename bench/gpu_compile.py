@@ -46,7 +46,6 @@ TARGETS = {"sm_80": (80, 163 * 1024), "sm_90": (90, 227 * 1024), "sm_100": (100,
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Ops by the mixer that runs them; 'gla_scalar' is chunk_gla with a [B, T, H] gate (Mamba2).
 MIXER_OPS = {"gla": "gla", "mamba2": "gla_scalar", "gated_deltanet": "gated_delta_rule"}
-QUICK = dict(targets=["sm_90"], dtypes=["bf16"], largest_only=True)
 
 
 def preset_shapes() -> dict[str, list[tuple[int, int]]]:
@@ -262,24 +261,31 @@ def run_op(op: str, K: int, V: int, dtype: torch.dtype) -> None:
 
 # ---- the check ------------------------------------------------------------------------------------
 
-def check(targets: list[str], ops: list[str], dtypes: list[str], shapes: dict, quick: bool) -> list[dict]:
-    """One row per (target, op, dtype, shape, kernel): the best config's resources and the configs that fit."""
+def check(cases: list[dict], quick: bool) -> list[dict]:
+    """One row per (case, kernel): the best config's resources and the configs that fit. A case is a dict of
+    target, op, dtype, K and V."""
     rows = []
-    for target in targets:
-        for op in ops:
-            for dtype in dtypes:
-                for K, V in shapes[op]:
-                    case = dict(target=target, op=op, dtype=dtype, K=K, V=V)
-                    try:
-                        with compile_only(target, quick) as log:
-                            run_op(op, K, V, DTYPES[dtype])
-                    except Exception as e:  # a compile error fails the check; the other cases still run
-                        rows.append(dict(case, kernel="-", error=f"{type(e).__name__}: {e}".splitlines()[0]))
-                        continue
-                    case_rows = _summarise(case, log)
-                    print(_format_rows(case_rows), flush=True)
-                    rows += case_rows
+    for case in cases:
+        try:
+            with compile_only(case["target"], quick) as log:
+                run_op(case["op"], case["K"], case["V"], DTYPES[case["dtype"]])
+        except Exception as e:  # a compile error fails the check; the other cases still run
+            rows.append(dict(case, kernel="-", error=f"{type(e).__name__}: {e}".splitlines()[0]))
+            print(_format_rows(rows[-1:]), flush=True)
+            continue
+        case_rows = _summarise(case, log)
+        print(_format_rows(case_rows), flush=True)
+        rows += case_rows
     return rows
+
+
+def quick_cases(shapes: dict) -> list[dict]:
+    """The CI set: bf16 at each op's largest preset shape; every op on sm_90, the gated delta rule (the
+    kernels with the most registers and shared memory) on sm_80 and sm_100 too."""
+    largest = {op: max(s, key=lambda kv: kv[0] * kv[1]) for op, s in shapes.items()}
+    per_target = {"sm_90": list(largest), "sm_80": ["gated_delta_rule"], "sm_100": ["gated_delta_rule"]}
+    return [dict(target=t, op=op, dtype="bf16", K=largest[op][0], V=largest[op][1])
+            for t, ops in per_target.items() for op in ops if op in largest]
 
 
 def _summarise(case: dict, log: CompileLog) -> list[dict]:
@@ -337,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--shapes", nargs="+", metavar="KxV", help="head dims for every op (default: the presets')")
     p.add_argument("--quick", action="store_true",
-                   help="the CI set: sm_90, bf16, each op's largest preset shape; first good config per kernel")
+                   help="the CI set (see quick_cases), stopping at each kernel's first config that fits unspilled")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/gpu_compile_<date>.json)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -347,17 +353,18 @@ def main(argv: list[str] | None = None) -> int:
                   if args.shapes else preset_shapes())
     except ValueError:
         p.error(f"--shapes takes KxV pairs such as 256x512, got {args.shapes}")
-    targets, dtypes = args.targets, args.dtypes
     if args.quick:
-        targets, dtypes = QUICK["targets"], QUICK["dtypes"]
-        shapes = {op: [max(s, key=lambda kv: kv[0] * kv[1])] for op, s in shapes.items()}
+        cases = quick_cases({op: shapes[op] for op in args.ops})
+    else:
+        cases = [dict(target=t, op=op, dtype=d, K=K, V=V) for t in args.targets for op in args.ops
+                 for d in args.dtypes for K, V in shapes[op]]
 
     print(HEADER, flush=True)
-    rows = check(targets, args.ops, dtypes, shapes, quick=args.quick)
+    rows = check(cases, quick=args.quick)
     import triton
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  triton=triton.__version__, torch=torch.__version__, quick=args.quick, targets=targets,
-                  max_shared={t: TARGETS[t][1] for t in targets}, rows=rows)
+                  triton=triton.__version__, torch=torch.__version__, quick=args.quick,
+                  max_shared={t: TARGETS[t][1] for t in sorted({c["target"] for c in cases})}, rows=rows)
     out = args.out or RESULTS_DIR / f"gpu_compile_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

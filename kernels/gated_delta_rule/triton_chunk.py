@@ -36,10 +36,29 @@ CHUNK_SIZE = 64
 
 
 def _configs() -> list[triton.Config]:
-    # Single-stage configs keep K = 256 within shared memory (the backward's [64, K] fp32 tiles); the
-    # autotuner skips configs that do not fit.
     return autotune_configs([triton.Config({"BV": bv}, num_warps=w, num_stages=s)
                              for bv in (32, 64) for w in (4, 8) for s in (1, 2, 3)])
+
+
+def _fitting_configs(kernel, configs, named_args, **kwargs):
+    """The configs whose compiled `kernel` fits the device's shared memory: the others (multi-stage pipelines of
+    the larger blocks) could only fail at launch. Compiling each config is what benchmarking it would do first
+    anyway. If none fits, the least demanding one stays, so the launch fails with Triton's out-of-resources
+    error naming the sizes."""
+    driver = triton.runtime.driver.active
+    max_shared = driver.utils.get_device_properties(driver.get_current_device())["max_shared_mem"]
+    compile_kwargs = {**kwargs, "warmup": True}
+    shared = {c: kernel.run(*named_args.values(), **compile_kwargs, **c.all_kwargs()).metadata.shared
+              for c in configs}
+    return [c for c in configs if shared[c] <= max_shared] or [min(configs, key=shared.get)]
+
+
+def _autotune(*key: str):
+    """Autotune a @triton.jit kernel over _configs() with this tuning key, among the configs that fit."""
+    def decorate(kernel):
+        prune = {"early_config_prune": functools.partial(_fitting_configs, kernel)}
+        return triton.autotune(configs=_configs(), key=list(key), prune_configs_by=prune)(kernel)
+    return decorate
 
 
 @triton.jit
@@ -94,7 +113,7 @@ def _dot(a, b, DT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     return tl.dot(a.to(DT), b.to(DT), input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=_configs(), key=["H", "K", "V", "STORE_T"])
+@_autotune("H", "K", "V", "STORE_T")
 @triton.jit
 def _wy_kernel(
     k, v, g, beta, gamma, w, u, t_inv, cu_seqlens, chunk_indices,
@@ -116,18 +135,23 @@ def _wy_kernel(
     strictly_lower = o_i[:, None] > o_i[None, :]
     b_a = b_beta[:, None] * b_kk * _decay(b_gamma, strictly_lower)
     # T = (I + A)^{-1}. First the 16x16 diagonal blocks D by forward substitution, the four blocks side by side
-    # (row i of every block at once): with X = D - I, X_r = -A_r - sum_{j<r} A_rj X_j. Then, with L the blocks
-    # of A below the diagonal, I + A = (I + A_diag)(I + D L) and N = D L has N^4 = 0, so
-    # T = (I + N)^{-1} D = (I - N)(I + N^2) D: the same sums as block forward substitution, in four dots.
+    # (row i of every block at once): with X = D - I, X_r = -A_r - sum_{j<r} A_rj X_j. X is block-diagonal, so
+    # the rows i of the four blocks summed are one [BT] row holding each block's row in its own columns, and
+    # X_r's sum is an exact fp32 vector-matrix product (a [BT, BT] fp32 dot here would hold whole operand rows
+    # and columns in registers). Then, with L the blocks of A below the diagonal, I + A = (I + A_diag)(I + D L)
+    # and N = D L has N^4 = 0, so T = (I + N)^{-1} D = (I - N)(I + N^2) D: the same sums as block forward
+    # substitution, in four dots of the inputs' precision (exact fp32 for fp32 inputs; tf32 tensor cores for
+    # bf16 inputs, whose products with T are bf16 dots anyway).
     same_block = (o_i // 16)[:, None] == (o_i // 16)[None, :]
     b_x = -tl.where(same_block, b_a, 0.0)
     for i in range(1, 16):
         rows_i = (o_i % 16 == i)[:, None]
-        b_x = tl.where(rows_i, b_x + tl.dot(tl.where(rows_i, b_x, 0.0), b_x, input_precision="ieee"), b_x)
+        b_row = tl.sum(tl.where(rows_i, b_x, 0.0), axis=0)
+        b_x = tl.where(rows_i & same_block, (b_row + tl.sum(b_row[:, None] * b_x, axis=0))[None, :], b_x)
     b_d = b_x + (o_i[:, None] == o_i[None, :]).to(tl.float32)
-    b_n = tl.dot(b_d, tl.where(same_block, 0.0, b_a), input_precision="ieee")
-    b_y = b_d + tl.dot(tl.dot(b_n, b_n, input_precision="ieee"), b_d, input_precision="ieee")
-    b_t = b_y - tl.dot(b_n, b_y, input_precision="ieee")
+    b_n = tl.dot(b_d, tl.where(same_block, 0.0, b_a), input_precision=DOT_PRECISION)
+    b_y = b_d + tl.dot(tl.dot(b_n, b_n, input_precision=DOT_PRECISION), b_d, input_precision=DOT_PRECISION)
+    b_t = b_y - tl.dot(b_n, b_y, input_precision=DOT_PRECISION)
     if STORE_T:
         _store_block(t_inv, b_t, rows, valid, o_i, H, BT, i_h)
 
@@ -165,7 +189,7 @@ def _key_block(ptr, rows, valid, i_k, H: tl.constexpr, K: tl.constexpr, i_h, BK:
 
 # The state kernels keep a [K, BV] state in registers as up to four [BK = 64, BV] key blocks (b_h1..b_h4, as
 # flash-linear-attention's kernels do): K <= 256. Blocks past K are never touched (K is a constexpr).
-@triton.autotune(configs=_configs(), key=["H", "K", "V", "USE_INITIAL_STATE", "STORE_FINAL_STATE"])
+@_autotune("H", "K", "V", "USE_INITIAL_STATE", "STORE_FINAL_STATE")
 @triton.jit
 def _state_fwd_kernel(
     k, w, u, gamma, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets,
@@ -239,7 +263,7 @@ def _state_fwd_kernel(
             _store_state(final_state, b_h4, i_n, i_h, 3, cols_v, H, K, V, BK)
 
 
-@triton.autotune(configs=_configs(), key=["H", "K", "V"])
+@_autotune("H", "K", "V")
 @triton.jit
 def _output_kernel(
     q, k, gamma, h, v_new, o, scale, cu_seqlens, chunk_indices,
@@ -266,7 +290,7 @@ def _output_kernel(
     _store_block(o, b_o * scale, rows, valid, cols_v, H, V, i_h)
 
 
-@triton.autotune(configs=_configs(), key=["H", "K", "V", "USE_FINAL_STATE_GRAD", "USE_INITIAL_STATE"])
+@_autotune("H", "K", "V", "USE_FINAL_STATE_GRAD", "USE_INITIAL_STATE")
 @triton.jit
 def _state_bwd_kernel(
     q, k, w, gamma, do, dh, dv_new, d_final_state, d_initial_state, scale, cu_seqlens, chunk_offsets,
@@ -358,7 +382,7 @@ def _state_bwd_kernel(
             _store_state(d_initial_state, b_dh4, i_n, i_h, 3, cols_v, H, K, V, BK)
 
 
-@triton.autotune(configs=_configs(), key=["H", "K", "V"])
+@_autotune("H", "K", "V")
 @triton.jit
 def _intra_bwd_kernel(
     q, k, v, beta, gamma, t_inv, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg, scale,

@@ -1,0 +1,74 @@
+"""Every Triton kernel compiles for real GPU targets and fits them, checked without a GPU (bench/gpu_compile.py).
+
+The check runs `python -m bench.gpu_compile --quick` in a subprocess: compiled (not interpreted) kernels need
+TRITON_INTERPRET unset before Triton decorates them, and the other kernel tests of this process run under the
+interpreter. The quick set (bench.gpu_compile.quick_cases) is bf16 at each op's largest preset shape: every op
+on sm_90, the gated delta rule on sm_80 and sm_100 too; the full sweep (all preset shapes, bf16 and fp32, every
+autotune config, three targets) is `python -m bench.gpu_compile`. Run alone with `pytest -m gpu_compile`.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.gpu_compile import compile_only, failures
+
+pytestmark = pytest.mark.gpu_compile
+ROOT = Path(__file__).resolve().parents[2]
+# The kernels the entry points launch (bench.gpu_compile.run_op: chunk and fused recurrent, forward and backward).
+KERNELS = {
+    "gated_delta_rule": {"_wy_kernel", "_state_fwd_kernel", "_output_kernel", "_state_bwd_kernel",
+                         "_intra_bwd_kernel", "_fused_recurrent_kernel"},
+    "gla": {"chunk_cumsum_kernel", "chunk_fwd_h_kernel", "chunk_gla_fwd_A_kernel", "chunk_gla_fwd_o_kernel",
+            "chunk_bwd_dh_kernel", "chunk_bwd_dA_kernel", "chunk_gla_bwd_dv_kernel",
+            "chunk_gla_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel", "fused_recurrent_gla_fwd_kernel"},
+    "gla_scalar": {"chunk_cumsum_kernel", "chunk_fwd_h_kernel", "chunk_scalar_fwd_A_kernel",
+                   "chunk_gla_fwd_o_kernel", "chunk_bwd_dh_kernel", "chunk_bwd_dA_kernel", "chunk_gla_bwd_dv_kernel",
+                   "chunk_scalar_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel", "fused_recurrent_gla_fwd_kernel"},
+}
+
+
+def test_kernels_compile_and_fit_gpu_targets(tmp_path):
+    out = tmp_path / "gpu_compile.json"
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_compile", "--quick", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    cases = {(r["target"], r["op"]) for r in rows}
+    assert {("sm_90", op) for op in KERNELS} | {("sm_80", "gated_delta_rule"), ("sm_100", "gated_delta_rule")} <= cases
+    for target, op in cases:
+        compiled = {r["kernel"] for r in rows if (r["target"], r["op"]) == (target, op)}
+        assert compiled == KERNELS[op], (target, op, compiled ^ KERNELS[op])
+    for r in rows:
+        assert r["spill_free"] >= 1 and r["shared"] <= json.loads(out.read_text())["max_shared"][r["target"]], r
+    assert not failures(rows)
+
+
+def test_failures_name_each_reason():
+    row = dict(target="sm_90", op="gated_delta_rule", dtype="bf16", K=256, V=512, kernel="_intra_bwd_kernel",
+               registers=255, stack=3056, shared=1024, fit=2, spill_free=0)
+    assert failures([row]) == ["_intra_bwd_kernel sm_90 gated_delta_rule bf16 K=256 V=512: every fitting config "
+                               "spills (least: 3056 bytes of stack)"]
+    assert "no config fits" in failures([dict(row, fit=0, shared=500_000)])[0]
+    assert "PTXASError" in failures([dict(row, kernel="-", error="PTXASError: boom")])[0]
+    assert failures([dict(row, spill_free=1, stack=0)]) == []
+
+
+def test_compile_only_restores_the_driver():
+    import triton
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    drivers = triton.runtime.driver
+    before = drivers._active, JITFunction.run, Autotuner.prune_configs
+    with pytest.raises(RuntimeError, match="inside"):
+        with compile_only("sm_90", quick=True):
+            assert drivers._active.get_current_target().arch == 90
+            assert JITFunction.run is not before[1] and Autotuner.prune_configs is not before[2]
+            raise RuntimeError("inside")
+    assert (drivers._active, JITFunction.run, Autotuner.prune_configs) == before
