@@ -49,8 +49,11 @@ def gated_delta_rule_state_summary_torch(k: torch.Tensor, v: torch.Tensor, g: to
     maps, log_scale = _normalized(grid(chunk_maps, 0.0) + empty * eye, 0.0)
     updates = grid(chunk_updates, 0.0)
     while maps.shape[1] > 1:  # compose neighbours: (later, earlier) -> later o earlier
-        updates = maps[:, 1::2] @ updates[:, 0::2] * decay_or_zero(log_scale[:, 1::2]) + updates[:, 1::2]
-        maps, log_scale = _normalized(maps[:, 1::2] @ maps[:, 0::2], log_scale[:, 0::2] + log_scale[:, 1::2])
+        # unbind, not [:, 0::2]: a strided slice's backward would write a full-size zero gradient.
+        (map_1, map_2), (update_1, update_2), (log_1, log_2) = (
+            x.unflatten(1, (-1, 2)).unbind(2) for x in (maps, updates, log_scale))
+        updates = map_2 @ update_1 * decay_or_zero(log_2) + update_2
+        maps, log_scale = _normalized(map_2 @ map_1, log_1 + log_2)
     return updates[:, 0], decay_or_zero(log_scale[:, 0]) * maps[:, 0]
 
 
