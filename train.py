@@ -23,6 +23,7 @@ from configs.errors import ConfigError, run_cli
 from configs.schema import load_config
 from data import prepare_dataset
 from eval import run_tasks
+from model.config import vocab_for_data
 from parallel.build import build_engine
 from parallel.checkpoint import Checkpointer
 from parallel.topology import init_topology
@@ -43,8 +44,9 @@ def train(cfg, raw_cfg, stop: StopSignals) -> int:
     torch.manual_seed(cfg.run.seed)
 
     dataset = prepare_dataset(cfg.data)
-    if dataset.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's {dataset.vocab_size}")
+    for key, value in vocab_for_data(cfg.model, dataset.vocab_size).items():  # null: the data's, rounded up
+        setattr(cfg.model, key, value)
+        raw_cfg.model[key] = value  # so config.yaml and the checkpoints' model config rebuild this model
     engine = build_engine(cfg, topo)  # builds the model, sharded as the engine holds it
     loader = dataset.loader(cfg.train.seq_len, micro_batch, cfg.train.global_batch_size, topo.dp_rank, topo.dp_size,
                             topo.sp_rank, topo.sp_size, seed=cfg.run.seed)

@@ -4,6 +4,9 @@ A model is a stack of pre-norm blocks; `pattern` names each block's token mixer 
 (G=gla, M=mamba2, D=gated_deltanet, A=attention, W=sliding-window attention). A pattern shorter than
 `n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups. Impossible values raise a
 one-line ValueError naming the key, so a bad preset fails before any weight is built.
+
+`vocab_size: null` (every preset) follows the data: train.py sets it from the data's tokenizer with
+`vocab_for_data`, rounded up to a multiple of 128; the ids the rounding adds are never produced.
 """
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -13,6 +16,7 @@ from configs.errors import ConfigError
 MIXERS = {"G": "gla", "M": "mamba2", "D": "gated_deltanet", "A": "attention", "W": "sliding_window"}
 RECURRENT_MIXERS = ("gla", "mamba2", "gated_deltanet")
 _KNOWN = ", ".join(f"{letter}={name}" for letter, name in MIXERS.items())
+VOCAB_MULTIPLE = 128  # a vocabulary that follows the data is padded to this: whole matmul tiles, even shards
 
 
 @dataclass
@@ -61,7 +65,10 @@ class GatedDeltaNetConfig:
 @dataclass
 class ModelConfig:
     name: str = "hybrid_tiny"
-    vocab_size: int = 8192
+    vocab_size: Optional[int] = None  # None: the data's vocabulary, rounded up (see vocab_for_data)
+    # Set by vocab_for_data when vocab_size exceeds the data's ids: ids >= this are padding, their logits -inf
+    # (never sampled, never scored, never a label). None: every id is a token.
+    valid_vocab_size: Optional[int] = None
     d_model: int = 256
     pattern: Any = "GGGA"  # a string of letters, or a list of letters / mixer names, one per layer
     n_layers: Optional[int] = None  # None: len(pattern); otherwise a multiple of it
@@ -77,8 +84,11 @@ class ModelConfig:
 
     def __post_init__(self):
         for key in ("vocab_size", "d_model"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.valid_vocab_size is not None and not 1 <= self.valid_vocab_size <= (self.vocab_size or 0):
+            raise ConfigError(f"model.valid_vocab_size={self.valid_vocab_size} must be in [1, model.vocab_size="
+                              f"{self.vocab_size}]")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps and model.init_std must be positive")
         if self.d_ff is not None and self.d_ff < 1:
@@ -159,6 +169,17 @@ class ModelConfig:
             raise ConfigError("model.gated_deltanet.num_heads, head_dim and head_dim * expand_v must be >= 1")
         if d.conv_size < 2:
             raise ConfigError(f"model.gated_deltanet.conv_size must be >= 2, got {d.conv_size}")
+
+
+def vocab_for_data(cfg: ModelConfig, data_vocab_size: int) -> dict:
+    """model.vocab_size and model.valid_vocab_size for data whose ids are [0, data_vocab_size): vocab_size as
+    set (a one-line ConfigError if the data has more ids), or (null) the data's rounded up to a multiple of
+    VOCAB_MULTIPLE; valid_vocab_size marks where the padding starts (None: no padding)."""
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else VOCAB_MULTIPLE * -(-data_vocab_size // VOCAB_MULTIPLE)
+    if vocab < data_vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the data's vocabulary {data_vocab_size} "
+                          "(leave it null to follow the data)")
+    return {"vocab_size": vocab, "valid_vocab_size": data_vocab_size if data_vocab_size < vocab else None}
 
 
 def _pattern_letters(pattern: Any) -> list[str]:

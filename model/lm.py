@@ -16,6 +16,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 
+from configs.errors import ConfigError
 from model.attention import Attention
 from model.config import ModelConfig
 from model.flops import forward_flops_per_token
@@ -53,6 +54,9 @@ class Block(nn.Module):
 class LM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.vocab_size is None:
+            raise ConfigError("model.vocab_size is null (follow the data): train.py sets it from the data's "
+                              "tokenizer (model.config.vocab_for_data); set it to build a model without data")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, name) for name in cfg.layer_mixers())
@@ -90,8 +94,9 @@ class LM(nn.Module):
                 param.div_(math.sqrt(2 * len(self.blocks)))
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None) -> torch.Tensor:
-        """Logits [B, T, vocab]. cu_seqlens (int32 [N+1] over the flattened B*T tokens, every row start
-        included) isolates packed documents; sp is the sequence-parallel context of this batch."""
+        """Logits [B, T, vocab], padding ids (valid_vocab_size and up) at -inf. cu_seqlens (int32 [N+1] over
+        the flattened B*T tokens, every row start included) isolates packed documents; sp is the
+        sequence-parallel context of this batch."""
         if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32):
             raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         return self._run(input_ids, cu_seqlens, sp, None)
@@ -101,7 +106,12 @@ class LM(nn.Module):
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, sp=sp, cache=None if state is None else state[i])
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        if self.config.valid_vocab_size is not None:
+            # Padding ids (the vocabulary rounded up past the tokenizer's): never sampled, scored or learnt.
+            # In place: the head's matmul keeps nothing of its output for backward, so no second logits copy.
+            logits[..., self.config.valid_vocab_size:] = float("-inf")
+        return logits
 
     # --- generation -------------------------------------------------------------------------------
     def init_state(self, batch_size: int) -> State:

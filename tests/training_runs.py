@@ -4,11 +4,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.d_model=64", "model.gla.num_heads=2", "model.attention.num_heads=2", "train.seq_len=64",
+SMALL = ["model.vocab_size=8192",  # the embedded tokenizer's, set: some tests build the model without data
+         "model.d_model=64", "model.gla.num_heads=2", "model.attention.num_heads=2", "train.seq_len=64",
          "train.global_batch_size=4", "train.micro_batch_size=2", "optim.warmup_steps=2",
          "logging.wandb.mode=disabled", "eval.held_out_tokens=2000", "eval.sample_tokens=8", "train.log_every=1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # several processes share few cores
@@ -23,8 +25,27 @@ def run_train(*overrides: str, check: bool = True, launcher: tuple = ()) -> subp
 
 
 def start_train(*overrides: str, launcher: tuple = ()) -> subprocess.Popen:
-    return subprocess.Popen([*(launcher or (sys.executable,)), "train.py", *SMALL, *overrides], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """train.py in the background, its output going to files (a pipe nobody reads would fill up and block
+    the run); read them with `finish`."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([*(launcher or (sys.executable,)), "train.py", *SMALL, *overrides], cwd=REPO, env=ENV,
+                            stdout=out, stderr=err, text=True, start_new_session=True)
+    proc.output_files = (out, err)
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    """Wait for a start_train process (killing its whole session after `timeout`); its (stdout, stderr)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    texts = []
+    for file in proc.output_files:
+        file.seek(0)
+        texts.append(file.read())
+    return texts[0], texts[1]
 
 
 def torchrun(nproc: int, *flags: str) -> tuple:
@@ -46,7 +67,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     deadline = time.time() + timeout
     while step not in losses(run_dir):
         if proc.poll() is not None:
-            raise AssertionError(f"train.py ended ({proc.returncode}) before step {step}:\n{proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"train.py ended ({proc.returncode}) before step {step}:\n{finish(proc)[1][-3000:]}")
         if time.time() > deadline:
             raise AssertionError(f"train.py did not reach step {step} in {timeout}s")
         time.sleep(0.05)

@@ -12,7 +12,8 @@ from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, Topology
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["data=passkey", "model.d_model=64", "model.pattern=GA", "model.gla.num_heads=2", "model.attention.num_heads=2",
+TINY = ["data=passkey", "model.vocab_size=8192",  # the passkey tokenizer's: checkpoints are made without data
+        "model.d_model=64", "model.pattern=GA", "model.gla.num_heads=2", "model.attention.num_heads=2",
         "train.seq_len=64", "train.global_batch_size=2", "train.micro_batch_size=2", "logging.wandb.mode=disabled",
         "eval.batch_size=4", "eval.held_out_tokens=600", "eval.ppl.max_documents=3", "eval.ppl.max_len=160",
         "eval.passkey.lengths=[48,96]", "eval.passkey.depths=[0.0,1.0]", "eval.passkey.keys_per_cell=2",
