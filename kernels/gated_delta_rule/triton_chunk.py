@@ -20,8 +20,12 @@ past a sequence's end read zeros (k = v = beta = g = 0), which leave the state u
 ever of differences gamma_i - gamma_j with j <= i (or masked before exp): no overflow for any gate.
 Intermediates (gamma, W, U, T, states, V_new and their gradients) are fp32; dot operands are cast to the
 inputs' dtype (bf16 tensor cores), fp32 inputs use exact fp32 dots. All dims are blocked to at least 16
-(tl.dot's minimum), full K per program and V in blocks of BV. Plain pointers (no block pointers) so the
-kernels run in the interpreter and on triton 3.6.
+(tl.dot's minimum). Keys come in blocks of BK = 64 (registers hold [64, 64] and [64, BV] tiles, never a
+[64, K] one, so K = 256 does not spill): the state kernels keep the state as up to four [64, BV] key blocks
+(K <= 256), the others loop over key blocks. V is in blocks of BV (autotuned, among the configs that fit the
+device's shared memory). `python -m bench.gpu_compile` compiles them for sm_80/90/100 without a GPU and
+reports registers, spills and shared memory. Plain pointers (no block pointers) so the kernels run in the
+interpreter and on triton 3.6.
 """
 import functools
 
@@ -37,7 +41,7 @@ CHUNK_SIZE = 64
 
 def _configs() -> list[triton.Config]:
     return autotune_configs([triton.Config({"BV": bv}, num_warps=w, num_stages=s)
-                             for bv in (32, 64) for w in (4, 8) for s in (1, 2, 3)])
+                             for bv in (32, 64) for w in (8, 4) for s in (1, 2, 3)])
 
 
 def _fitting_configs(kernel, configs, named_args, **kwargs):
@@ -63,9 +67,11 @@ def _autotune(*key: str):
 
 @triton.jit
 def _load_block(ptr, rows, row_mask, cols, H: tl.constexpr, D: tl.constexpr, i_h):
-    """[len(rows), len(cols)] block of a [tokens, H, D] tensor for head i_h, as fp32; zeros outside."""
+    """[len(rows), len(cols)] block of a [tokens, H, D] tensor for head i_h, zeros outside. In the tensor's dtype:
+    bf16 blocks take half the registers, and every use is a dot operand (in that dtype) or a product with an
+    fp32 value (promoted, exactly, to fp32)."""
     mask = row_mask[:, None] & (cols[None, :] < D)
-    return tl.load(ptr + (rows[:, None] * H + i_h) * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + (rows[:, None] * H + i_h) * D + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -396,7 +402,7 @@ def _intra_bwd_kernel(
     o_i = tl.arange(0, BT)
     causal = o_i[:, None] >= o_i[None, :]
     strictly_lower = o_i[:, None] > o_i[None, :]
-    b_t = _load_block(t_inv, rows, valid, o_i, H, BT, i_h)
+    b_t = _load_block(t_inv, rows, valid, o_i, H, BT, i_h).to(DT)  # T enters dots only: in their operand dtype
     b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
     b_gamma, b_gamma_last = _load_gamma(gamma, rows, valid, last, H, i_h)
     b_exp = tl.exp(b_gamma)
@@ -444,6 +450,7 @@ def _intra_bwd_kernel(
         b_dgamma += tl.sum(b_m, axis=1) - tl.sum(b_m, axis=0)
         b_dt += _dot(b_dw, tl.trans(b_k * (b_beta * b_exp)[:, None]), DT, DOT_PRECISION)
 
+    b_dqk = b_dqk.to(DT)  # from here on only a dot operand
     # WY factors: V_new = U - W S, W = T diag(beta exp(gamma)) K, U = T diag(beta) V, T = (I + A)^{-1}.
     b_da = -_dot(_dot(tl.trans(b_t), b_dt, DT, DOT_PRECISION), tl.trans(b_t), DT, DOT_PRECISION)
     b_da = b_da * _decay(b_gamma, strictly_lower)  # dA * exp(gamma_i - gamma_j): d(beta_i k_i . k_j)
