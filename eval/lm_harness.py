@@ -27,6 +27,8 @@ class BatonLM(TemplateLM):
     def __init__(self, checkpoint: str, batch_size=8, max_batch_size: Optional[int] = None,
                  device: Optional[str] = None, chunk_len: Optional[int] = None, **_ignored):
         super().__init__()
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            device = None  # lm-eval's CLI asks for cuda by default; take what this machine has
         loaded = load_checkpoint(checkpoint, device=torch.device(device) if device else None)
         if loaded.dataset.tokenizer is None:
             raise ConfigError(f"{checkpoint}: trained on data.source={loaded.cfg.data.source}, which has no tokenizer")

@@ -8,8 +8,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from configs.schema import load_config
+from data import prepare_dataset
+from model.config import vocab_for_data
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, Topology
+from parallel.materialize import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["data=passkey", "model.vocab_size=8192",  # the passkey tokenizer's: checkpoints are made without data
@@ -25,10 +28,17 @@ FSDP_SAVE = """
 import sys
 from omegaconf import OmegaConf
 from configs.schema import load_config
+from data import prepare_dataset
+from model.config import vocab_for_data
 from parallel.build import build_engine
 from parallel.checkpoint import Checkpointer
 from parallel.topology import init_topology
+from data import prepare_dataset
+from model.config import vocab_for_data
 cfg, raw = load_config(sys.argv[2:])
+for key, value in vocab_for_data(cfg.model, prepare_dataset(cfg.data).vocab_size).items():
+    setattr(cfg.model, key, value)
+    raw.model[key] = value
 topo = init_topology(cfg.parallel)
 engine = build_engine(cfg, topo)
 if topo.is_main:
@@ -46,8 +56,9 @@ def tiny_overrides(run_dir: Path) -> list[str]:
 def save_tiny_checkpoint(run_dir: Path) -> Path:
     """A one-process checkpoint as train.py writes it (run_dir/config.yaml, checkpoints/step_N)."""
     cfg, raw = load_config(tiny_overrides(run_dir))
-    from parallel.materialize import build_model
-
+    for key, value in vocab_for_data(cfg.model, prepare_dataset(cfg.data).vocab_size).items():  # as train.py does
+        setattr(cfg.model, key, value)
+        raw.model[key] = value
     engine = Engine(build_model(cfg.model, Topology().device, cfg.run.seed, None), cfg.optim, Topology())
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
