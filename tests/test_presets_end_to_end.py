@@ -21,13 +21,24 @@ from model import LM, ModelConfig
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["gla_hybrid_125m", "mamba2_hybrid_125m", "gated_deltanet_hybrid_125m", "transformer_125m"]
 NARROW = ["model.d_model=64", "model.d_ff=128", "model.attention.num_heads=2", "model.attention.num_kv_heads=null",
-          "model.gla.num_heads=2", "model.mamba2.head_dim=32", "model.mamba2.d_state=16",
-          "model.gated_deltanet.num_heads=2", "model.gated_deltanet.head_dim=32", "train.seq_len=64",
-          "train.global_batch_size=2", "train.max_steps=1", "eval.held_out_tokens=500", "eval.ppl.max_documents=2",
-          "eval.sample_tokens=4", "logging.wandb.mode=disabled", f"data.cache_dir={REPO / '.cache' / 'data'}"]
+          "model.gla.num_heads=2", "model.mamba2.expand=1", "model.mamba2.head_dim=32", "model.mamba2.d_state=16",
+          "model.gated_deltanet.num_heads=2", "model.gated_deltanet.head_dim=16", "train.seq_len=64",
+          "train.global_batch_size=2", "train.max_steps=1", "eval.held_out_tokens=500", "eval.batch_size=16",
+          "eval.ppl.max_len=128", "eval.ppl.max_documents=1", "eval.sample_tokens=4", "logging.wandb.mode=disabled",
+          f"data.cache_dir={REPO / '.cache' / 'data'}"]
 EMBEDDED_VOCAB = 8192
 LARGE_TOKENIZER = 32100  # > the presets' 32,000; not a multiple of 128
 TEXT_BYTES = 2_500_000  # of stdlib source: enough for sentencepiece to find that many BPE pieces (2 MB: ~37.9k)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, as tests/training_runs.ENV gives train.py subprocesses: tests share few cores, and
+    on an oversubscribed machine a second thread costs several times the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def overrides(preset: str, run_dir: Path, *extra: str) -> list[str]:
