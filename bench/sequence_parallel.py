@@ -6,8 +6,8 @@ the incoming state; the collectives move nothing) against without it. The ratio 
 sequence parallelism (goal: at most 1.10). CPU figures are process CPU seconds (robust to a loaded machine).
 
 Several processes (torchrun): every rank holds its slice of the rows, T = R * seq_len; per mixer the step
-time, and its split into compute and communication (wall-clock time inside the sp collectives, all ranks'
-mean, per layer).
+time, and its split into compute and communication (wall-clock time inside the sp collectives, waiting for
+slower ranks included; all ranks' mean, per layer).
 
     python bench/sequence_parallel.py --threads 1              # overhead per mixer, CPU fp32
     python bench/sequence_parallel.py --mixers G --seq-len 4096 --repeats 9 --threads 1
