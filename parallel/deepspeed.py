@@ -1,16 +1,23 @@
 """DeepSpeed ZeRO stage 1, 2 or 3 behind the same engine contract as FSDP (parallel/engine.py).
 
-The model is built and initialised exactly as for the other engines, then handed to deepspeed, which
-partitions optimizer states (1), gradients (2) and parameters (3) over all ranks. Sequence-parallel ranks
-are data-parallel ranks to DeepSpeed: their gradients are averaged like any other rank's, which is what
-sequence parallelism needs. The optimizer is DeepSpeed's AdamW with our parameter groups; on CPU it is
-torch's AdamW (`torch_adam`), so nothing is compiled. Checkpoints are DeepSpeed's own, with the training
-state (step, loader position) as client state.
+The model is built and initialised exactly as for the other engines (parallel/materialize.py), then handed
+to deepspeed, which partitions optimizer states (1), gradients (2) and parameters (3) over all ranks.
+ZeRO-1/2 keep a whole fp32 model on every rank by design, so they build it whole. ZeRO-3 never has it
+whole on a rank: the build splits every parameter by rows over the ranks, then `partition_for_zero3`
+hands the parameters to ZeRO-3 one module at a time (gathered whole, partitioned, the whole copy freed),
+so a rank holds its share of the model plus at most one module's parameters (the largest: the embedding).
+
+Sequence-parallel ranks are data-parallel ranks to DeepSpeed: their gradients are averaged like any other
+rank's, which is what sequence parallelism needs. The optimizer is DeepSpeed's AdamW with our parameter
+groups; on CPU it is torch's AdamW (`torch_adam`), so nothing is compiled. Checkpoints are DeepSpeed's own,
+with the training state (step, loader position) as client state.
 """
+from functools import partial
 from pathlib import Path
 
 import deepspeed
 import torch
+from torch import nn
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
@@ -20,7 +27,7 @@ from parallel.checkpoint import CheckpointError
 from parallel.engine import Engine
 from parallel.topology import Topology
 from parallel.fsdp import apply_activation_checkpointing
-from parallel.materialize import build_model
+from parallel.materialize import build_model, shard_rows
 from parallel.safe_load import safe_loading
 from training.optim import build_optimizer, set_lr
 
@@ -48,15 +55,10 @@ def deepspeed_config(cfg, topology: Topology, micro_steps: int) -> dict:
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg, topology: Topology):
         deepspeed.init_distributed(dist_backend="nccl" if topology.device.type == "cuda" else "gloo")
-        model = build_model(cfg.model, topology.device, cfg.run.seed)
-        if cfg.parallel.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        # The decay / no-decay split of training/optim.py; deepspeed owns the optimizer built from it.
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
-                  for g in build_optimizer(model, cfg.optim).param_groups]
         micro_steps = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.dp_size)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=groups, config=deepspeed_config(cfg, topology, micro_steps))
+        config = deepspeed_config(cfg, topology, micro_steps)
+        model, groups = build_zero_model(cfg, topology, config)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
         self.model = self.ds  # callable like the module; attributes (generate, ...) pass through
         self.topology = topology
 
@@ -82,6 +84,49 @@ class DeepSpeedEngine(Engine):
         if path is None or client_state.get("train_state", {}).get("step") != train_state["step"]:
             raise CheckpointError(f"{directory}: no deepspeed checkpoint for step {train_state['step']} "
                                   "(was it written by another engine?)")
+
+
+def build_zero_model(cfg, topology: Topology, config: dict) -> tuple[nn.Module, list[dict]]:
+    """The model as deepspeed.initialize takes it (ZeRO-3: already partitioned), and its parameter groups."""
+    zero3 = cfg.parallel.zero_stage == 3
+    # DeepSpeed has no dp_replicate: dp_shard x sp is the whole world.
+    shard = partial(shard_rows, mesh=topology.mesh["dp_shard_sp"]) if zero3 else None
+    model = build_model(cfg.model, topology.device, cfg.run.seed, shard)
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    # The decay / no-decay split of training/optim.py, by name: ZeRO-3 replaces the parameters, and its
+    # partitioned ones no longer show their shapes. Deepspeed owns the optimizer built from these groups.
+    names = {id(p): name for name, p in model.named_parameters()}
+    split = [([names[id(p)] for p in g["params"]], g["weight_decay"])
+             for g in build_optimizer(model, cfg.optim).param_groups]
+    if zero3:
+        partition_for_zero3(model, config)
+    params = dict(model.named_parameters())
+    return model, [{"params": [params[name] for name in group], "weight_decay": decay} for group, decay in split]
+
+
+def partition_for_zero3(model: nn.Module, config: dict) -> None:
+    """Swap the row-sharded parameters of `model` (materialize.shard_rows) for ZeRO-3 partitions, one module
+    at a time: its parameters gathered whole (in the dtype ZeRO-3 keeps them), then `zero.Init(module=...)`
+    keeps this rank's slice of each flattened parameter and frees the whole copy. Children go before their
+    parents, so each zero.Init finds only the module's own parameters still to convert."""
+    dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
+    converted: dict[int, nn.Parameter] = {}  # a row-sharded parameter's id -> its ZeRO-3 parameter
+    for module in _children_first(model):
+        own = list(module.named_parameters(recurse=False))
+        for name, param in own:
+            if id(param) not in converted:  # a tied parameter is gathered once
+                whole = param.full_tensor().to(dtype)
+                converted[id(param)] = nn.Parameter(whole, requires_grad=param.requires_grad)
+            setattr(module, name, converted[id(param)])
+        if own:
+            deepspeed.zero.Init(module=module, config_dict_or_path=config)
+
+
+def _children_first(module: nn.Module):
+    for child in module.children():
+        yield from _children_first(child)
+    yield module
 
 
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -6,6 +6,9 @@ engine, the world size or the sharding: that is what lets the tests demand equal
 The model's own `init_weights()` runs unchanged on the (sharded) parameters; its random in-place fills
 (normal_, uniform_) are redirected to draw the *full* tensor from the CPU generator, as a single process
 does, and each rank keeps its shard. One full parameter exists at a time, never the whole model.
+
+FSDP2 shards through `fully_shard`; an engine with a layout of its own (DeepSpeed ZeRO-3) builds with
+`shard_rows` and takes the initialised shards over one parameter at a time (parallel/deepspeed.py).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
 from model import LM
@@ -75,6 +79,18 @@ def build_model(model_cfg, device: torch.device, seed: int,
         with _FullTensorRandomFills():
             model.init_weights()
     return model
+
+
+def shard_rows(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Every parameter of the meta-device `model` as a DTensor split by rows over the 1-D `mesh` (tied
+    parameters stay one), so that `build_model` allocates and initialises 1/mesh.size() of each on a rank."""
+    sharded: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in sharded:  # meta tensors: nothing to send, each rank just takes its rows
+                rows = distribute_tensor(param, mesh, [Shard(0)], src_data_rank=None)
+                sharded[id(param)] = nn.Parameter(rows, requires_grad=param.requires_grad)
+            setattr(module, name, sharded[id(param)])
 
 
 def _tied_parameters(model: torch.nn.Module) -> list[list[tuple[torch.nn.Module, str]]]:
