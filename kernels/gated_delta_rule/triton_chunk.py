@@ -454,6 +454,16 @@ def _intra_bwd_kernel(
     # WY factors: V_new = U - W S, W = T diag(beta exp(gamma)) K, U = T diag(beta) V, T = (I + A)^{-1}.
     b_da = -_dot(_dot(tl.trans(b_t), b_dt, DT, DOT_PRECISION), tl.trans(b_t), DT, DOT_PRECISION)
     b_da = b_da * _decay(b_gamma, strictly_lower)  # dA * exp(gamma_i - gamma_j): d(beta_i k_i . k_j)
+    # dA's terms of dbeta and dg, with K K^T summed over the key blocks; after them dA is only a dot operand.
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        b_k = _load_block(k, rows, valid, i_k * BK + tl.arange(0, BK), H, K, i_h)
+        b_kk += _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION)
+    b_da_kk = b_da * b_kk
+    b_dbeta += tl.sum(b_da_kk, axis=1)
+    b_da_a = b_da_kk * b_beta[:, None]  # dA * A
+    b_dgamma += tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0)
+    b_da = b_da.to(DT)
     # dk, key block by key block: the output's and the state hand-off's terms (dS from the chunk's end), and
     # the WY factors'.
     b_h_dh = tl.zeros([BK], dtype=tl.float32)  # rows of S * dS, summed over V
@@ -481,11 +491,9 @@ def _intra_bwd_kernel(
         b_dk += _dot(b_da, b_k, DT, DOT_PRECISION) * b_beta[:, None]
         b_dk += _dot(tl.trans(b_da), b_k * b_beta[:, None], DT, DOT_PRECISION)
         _store_block(dk, b_dk, rows, valid, cols_k, H, K, i_h)
-        b_da_kk = b_da * _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION)
         b_dkb_k = tl.sum(b_dkb * b_k, axis=1)
-        b_dbeta += b_dkb_k * b_exp + tl.sum(b_da_kk, axis=1)
-        b_da_a = b_da_kk * b_beta[:, None]  # dA * A
-        b_dgamma += b_dkb_k * b_beta * b_exp + tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0)
+        b_dbeta += b_dkb_k * b_exp
+        b_dgamma += b_dkb_k * b_beta * b_exp
     # g_t enters gamma_s for every s >= t of the chunk, gamma_C (all t), and gamma_C - gamma_j for j < t.
     later = o_i[None, :] >= o_i[:, None]  # [t, s]: s >= t
     b_dg = tl.sum(tl.where(later, b_dgamma[None, :], 0.0), axis=1)
