@@ -55,7 +55,8 @@ def train_one(pattern: str, out: Path, args) -> dict:
         f"optim.lr={args.lr}", "optim.warmup_steps=30", "optim.weight_decay=0.0", "logging.wandb.mode=disabled",
         f"eval.mqar.num_examples={args.num_examples}", "eval.mqar.seed=1", f"run.dir={run_dir}"]
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         sys.exit(f"error: training {MODELS[pattern]} failed (exit {proc.returncode}): "
                  f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")

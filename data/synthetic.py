@@ -145,7 +145,8 @@ def passkey_tokenizer(cfg: DataConfig) -> Tokenizer:
     return train_tokenizer(texts, path, settings)
 
 
-def passkey_row(rng: np.random.Generator, prompts: PasskeyPrompts, length: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+def passkey_row(rng: np.random.Generator, prompts: PasskeyPrompts, length: int,
+                eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """One training row of `length` tokens: EOS, a prompt of random size and depth, its answer, EOS;
     padding (EOS) after it is not labelled. Returns (inputs, labels), both [length - 1]."""
     key = random_passkey(rng)

@@ -50,7 +50,8 @@ class BatonLM(TemplateLM):
     def with_eos(self, tokens: list[int]) -> list[int]:
         return tokens if tokens[:1] == [self.eot_token_id] else [self.eot_token_id] + tokens
 
-    def score(self, sequences: list[list[int]], desc: str, disable_tqdm: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def score(self, sequences: list[list[int]], desc: str,
+              disable_tqdm: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-token (log-probability, is argmax) of tokens 1.. of each sequence, batched longest first."""
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         out = [None] * len(sequences)

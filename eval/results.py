@@ -18,6 +18,9 @@ class TaskResult:
     details: dict = field(default_factory=dict)  # curves and grids, for the JSON
     plot: Optional[Callable[[Path], Path]] = None  # draws the task's PNG into a directory, returns its path
 
+    def __post_init__(self):
+        self.figures = {k: v for k, v in self.figures.items() if v is not None}  # e.g. no length beyond training
+
     def as_dict(self) -> dict:
         return {"settings": self.settings, "figures": self.figures, **self.details}
 
