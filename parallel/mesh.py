@@ -36,8 +36,22 @@ def init_distributed(timeout_s: float = 600) -> torch.device:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=timedelta(seconds=timeout_s), **_restart_safe_store(timeout_s))
     return device
+
+
+def _restart_safe_store(timeout_s: float) -> dict:
+    """Under torchrun the ranks rendezvous through the agent's store, which outlives a restart of the group
+    (--max-restarts): the new ranks could read the dead ones' addresses from it and fail to connect
+    ("Connection refused"). Keys are kept apart per restart attempt."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    world_size, timeout = int(os.environ["WORLD_SIZE"]), timedelta(seconds=timeout_s)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"baton/attempt_{attempt}", store), "rank": int(os.environ["RANK"]),
+            "world_size": world_size}
 
 
 @dataclass(frozen=True)

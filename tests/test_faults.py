@@ -15,7 +15,7 @@ from model import LM
 from parallel.engine import Engine
 from parallel.topology import Topology
 from training.faults import EXIT_DIVERGED, EXIT_TIMEOUT, StepGuard, TrainingDiverged
-from training_runs import SMALL, losses, records, run_train, start_train, torchrun, wait_for_step
+from training_runs import SMALL, finish, records, run_train, start_train, torchrun, wait_for_step
 
 
 def test_a_non_finite_gradient_leaves_parameters_and_optimizer_state_untouched():
@@ -94,7 +94,7 @@ def test_a_hung_rank_ends_the_job_with_the_collective_named(tmp_path):
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGSTOP)  # rank 1 hangs: rank 0 waits in its next collective
     try:
-        _, stderr = proc.communicate(timeout=240)
+        _, stderr = finish(proc, timeout=240)
     finally:
         for pid in workers:
             try:
