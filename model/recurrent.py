@@ -48,6 +48,7 @@ class ShortConvolution(nn.Module):
         super().__init__()
         self.activation = activation
         self.cache_key = cache_key
+        self.dim, self.kernel_size = dim, kernel_size  # the weight's shape, hidden when ZeRO-3 partitions it
         self.weight = nn.Parameter(torch.empty(dim, kernel_size))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
         self.reset_parameters()
@@ -75,5 +76,5 @@ class ShortConvolution(nn.Module):
         return y.view(x.shape)
 
     def init_cache(self, batch_size: int) -> torch.Tensor:
-        dim, width = self.weight.shape
-        return torch.zeros(batch_size, dim, width - 1, device=self.weight.device, dtype=self.weight.dtype)
+        return torch.zeros(batch_size, self.dim, self.kernel_size - 1, device=self.weight.device,
+                           dtype=self.weight.dtype)

@@ -59,7 +59,7 @@ class DeepSpeedEngine(Engine):
         config = deepspeed_config(cfg, topology, micro_steps)
         model, groups = build_zero_model(cfg, topology, config)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
-        self.model = self.ds  # callable like the module; attributes (generate, ...) pass through
+        self.model = _Model(self.ds)
         self.topology = topology
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -86,6 +86,21 @@ class DeepSpeedEngine(Engine):
                                   "(was it written by another engine?)")
 
 
+class _Model:
+    """The engine's `model`: calls run DeepSpeed's forward (its ZeRO hooks), every other attribute is the LM's.
+    DeepSpeed's engine passes unknown attributes through itself, but its own `step` (the optimizer's) would
+    hide the LM's (the recurrent decode step the evaluation uses)."""
+
+    def __init__(self, ds: deepspeed.DeepSpeedEngine):
+        self._ds = ds
+
+    def __call__(self, *args, **kwargs):
+        return self._ds(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ds.module, name)
+
+
 def build_zero_model(cfg, topology: Topology, config: dict) -> tuple[nn.Module, list[dict]]:
     """The model as deepspeed.initialize takes it (ZeRO-3: already partitioned), and its parameter groups."""
     zero3 = cfg.parallel.zero_stage == 3
@@ -107,9 +122,10 @@ def build_zero_model(cfg, topology: Topology, config: dict) -> tuple[nn.Module, 
 
 def partition_for_zero3(model: nn.Module, config: dict) -> None:
     """Swap the row-sharded parameters of `model` (materialize.shard_rows) for ZeRO-3 partitions, one module
-    at a time: its parameters gathered whole (in the dtype ZeRO-3 keeps them), then `zero.Init(module=...)`
-    keeps this rank's slice of each flattened parameter and frees the whole copy. Children go before their
-    parents, so each zero.Init finds only the module's own parameters still to convert."""
+    at a time: its parameters gathered whole, then `zero.Init(module=...)` keeps this rank's slice of each
+    flattened parameter and frees the whole copy. Children go before their parents, so each zero.Init finds
+    only the module's own parameters still to convert."""
+    # deepspeed.initialize casts a whole model to bf16 itself, but expects a zero.Init one already cast.
     dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
     converted: dict[int, nn.Parameter] = {}  # a row-sharded parameter's id -> its ZeRO-3 parameter
     for module in _children_first(model):

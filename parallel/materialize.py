@@ -8,7 +8,7 @@ The model's own `init_weights()` runs unchanged on the (sharded) parameters; its
 does, and each rank keeps its shard. One full parameter exists at a time, never the whole model.
 
 FSDP2 shards through `fully_shard`; an engine with a layout of its own (DeepSpeed ZeRO-3) builds with
-`shard_rows` and takes the initialised shards over one parameter at a time (parallel/deepspeed.py).
+`shard_rows` and takes the initialised shards over one module at a time (parallel/deepspeed.py).
 """
 from __future__ import annotations
 
