@@ -280,12 +280,10 @@ def check(cases: list[dict], quick: bool) -> list[dict]:
 
 
 def quick_cases(shapes: dict) -> list[dict]:
-    """The CI set: bf16 at each op's largest preset shape; every op on sm_90, the gated delta rule (the
-    kernels with the most registers and shared memory) on sm_80 and sm_100 too."""
-    largest = {op: max(s, key=lambda kv: kv[0] * kv[1]) for op, s in shapes.items()}
-    per_target = {"sm_90": list(largest), "sm_80": ["gated_delta_rule"], "sm_100": ["gated_delta_rule"]}
-    return [dict(target=t, op=op, dtype="bf16", K=largest[op][0], V=largest[op][1])
-            for t, ops in per_target.items() for op in ops if op in largest]
+    """The CI set: sm_90 (H100), bf16, each op at its largest preset shape (the most registers and shared
+    memory): about 25 compiles. sm_80 and sm_100 are in the full sweep."""
+    return [dict(target="sm_90", op=op, dtype="bf16", K=K, V=V)
+            for op, s in shapes.items() for K, V in [max(s, key=lambda kv: kv[0] * kv[1])]]
 
 
 def _summarise(case: dict, log: CompileLog) -> list[dict]:
