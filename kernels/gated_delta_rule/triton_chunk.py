@@ -465,7 +465,7 @@ def _intra_bwd_kernel(
     b_dgamma += tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0)
     b_da = b_da.to(DT)
     # dk, key block by key block: the output's and the state hand-off's terms (dS from the chunk's end), and
-    # the WY factors'.
+    # the WY factors'. dW is recomputed: kept from the first pass in a scratch buffer it cost more registers.
     b_h_dh = tl.zeros([BK], dtype=tl.float32)  # rows of S * dS, summed over V
     b_k_dk_state = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
