@@ -31,10 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import DictConfig, OmegaConf
 
 from configs.errors import CheckpointError
-from parallel.safe_load import SafeFileSystemReader, is_refused_pickle, safe_loading
+from parallel.safe_load import checked_reader, is_refused_pickle, safe_loading
 
 TRAIN_STATE = "train_state.json"
 RUN_CONFIG = "config.yaml"  # the run's resolved config: run_dir/config.yaml, or inside an export
@@ -169,15 +170,26 @@ class refusing_bad_files:
     def __exit__(self, kind, err, tb):
         if err is None or isinstance(err, CheckpointError):
             return False
-        cause = err
-        while cause is not None and not is_refused_pickle(cause):  # DCP wraps the rank's exception
+        inner = _innermost(err)
+        if isinstance(inner, CheckpointError):  # ours, raised inside DCP's collective wrapper
+            raise inner from None
+        cause = inner
+        while cause is not None and not is_refused_pickle(cause):
             cause = cause.__cause__ or cause.__context__
-        if cause is not None or is_refused_pickle(err):
+        if cause is not None:
             raise CheckpointError(f"{self.path}: refused to load a file that is not plain tensors and numbers "
-                                  f"({_first_line(cause or err)})") from None
-        if isinstance(err, (OSError, RuntimeError, KeyError, ValueError)):
-            raise CheckpointError(f"{self.path}: cannot load ({_first_line(err)})") from None
+                                  f"({_first_line(cause)})") from None
+        if isinstance(err, (Exception, CheckpointException)):  # a truncated, foreign or mismatched file
+            raise CheckpointError(f"{self.path}: cannot load ({_first_line(inner)})") from None
         return False
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """DCP wraps each rank's exception, as (exception, stack), in a CheckpointException."""
+    if isinstance(err, CheckpointException) and err.failures:
+        failure = next(iter(err.failures.values()))
+        return failure[0] if isinstance(failure, tuple) else failure
+    return err
 
 
 def _first_line(err: BaseException) -> str:
@@ -213,7 +225,7 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
         if (path / ".metadata").is_file():  # one process or FSDP at any world size: DCP reshards on load
             state = {"model": model.state_dict()}
             with safe_loading():
-                dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+                dcp.load(state, storage_reader=checked_reader(path))
             model.load_state_dict(state["model"])
         elif (path / "latest").is_file():  # DeepSpeed: gather the fp32 partitions of every rank
             from parallel.deepspeed import consolidated_state_dict

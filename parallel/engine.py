@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from configs.schema import OptimConfig
-from parallel.safe_load import SafeFileSystemReader, safe_loading
+from parallel.safe_load import checked_reader, safe_loading
 from parallel.sequence import SequenceParallel
 from parallel.topology import Topology
 from training.optim import build_optimizer, set_lr
@@ -85,5 +85,5 @@ class Engine:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         with safe_loading():
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)))
+            dcp.load(state, storage_reader=checked_reader(directory))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -63,6 +63,14 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+def checked_reader(path) -> SafeFileSystemReader:
+    """A reader for the DCP checkpoint at `path` whose metadata is already known to be safe and sound: a bad
+    file fails here with one CheckpointError, not inside DCP (which logs each failure with a traceback)."""
+    reader = SafeFileSystemReader(str(path))
+    reader.read_metadata()
+    return reader
+
+
 @contextlib.contextmanager
 def safe_loading(allowed: list | tuple = ()) -> Iterator[None]:
     """Every torch.load in this block loads weights only (plus the `allowed` globals), whatever its caller
