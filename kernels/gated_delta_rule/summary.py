@@ -1,7 +1,7 @@
 """The gated delta rule's state summary of each sequence, in PyTorch (CPU and CUDA; backward by autograd).
 
 The final state is affine in the initial one, S_final = M S_0 + S_local. With the WY factors of the chunk
-kernel (chunk.py's wy_system and wy_factors) each chunk is an affine map of the state, S -> F_c S + s_c with
+kernel (chunk.py's wy_system, whose inverse T gives W and U there) each chunk maps the state S -> F_c S + s_c:
     F_c = exp(gamma_C) I - k_to_end W,    s_c = k_to_end U,
 and a sequence's summary is their composition, (F2, s2) o (F1, s1) = (F2 F1, F2 s1 + s2): M is the product
 of the F_c, S_local the composed s. No outputs: nothing involving q (no intra-chunk attention, no output
