@@ -11,6 +11,7 @@ Prints a table and writes JSON (versions, date, world size, overrides, results) 
     torchrun --standalone --nproc_per_node=2 bench/deepspeed_memory.py
     torchrun --standalone --nproc_per_node=2 bench/deepspeed_memory.py model=gla_hybrid_125m parallel=deepspeed_zero2
     torchrun --standalone --nproc_per_node=2 bench/deepspeed_memory.py --tag before   # in the JSON's name
+    MALLOC_MMAP_THRESHOLD_=131072 torchrun ...   # glibc returns every freed block: RSS follows live memory
 """
 import argparse
 import datetime
