@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
     ("train.seq_len=100", "train.seq_len"),
     ("model.pattern=GXA", "model.pattern"),
     ("logging.wandb.mode=sometimes", "logging.wandb.mode"),
-    ("train.global_batch_size=12", "global_batch_size"),
+    ("train.micro_batch_size=3", "global_batch_size"),  # the default global batch 8 is no multiple of 3
     ("model=no_such_preset", "no_such_preset"),
 ])
 def test_bad_config_is_one_line_and_writes_nothing(override, expected, tmp_path, capsys, monkeypatch):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from training.metrics import StepTimer, console_line, peak_flops
+from training.metrics import StepTimer, peak_flops
 from training.plots import smoothed
 from training_runs import records, run_train
 

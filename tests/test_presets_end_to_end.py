@@ -16,7 +16,7 @@ from data.prepare import PrepareConfig, prepare_shards
 from data.stdlib import stdlib_documents
 from data.tokenizer import Tokenizer, TokenizerConfig
 from eval.checkpoint import load_checkpoint
-from model import LM, ModelConfig
+from model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["gla_hybrid_125m", "mamba2_hybrid_125m", "gated_deltanet_hybrid_125m", "transformer_125m"]

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from model import LM
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine
 from parallel.topology import Topology
-from training_runs import REPO, SMALL, losses, run_train
+from training_runs import ENV, REPO, SMALL, losses, run_train, start_train
 
 
 def test_engine_steps_lower_the_loss_on_a_fixed_batch():
@@ -52,16 +51,15 @@ def test_resume_after_sigkill_reproduces_every_loss(tmp_path):
     assert [p.name for p in Checkpointer(straight / "checkpoints", 2).complete()] == ["step_000009", "step_000010"]
     # Evaluating the saved final checkpoint gives the end-of-training held-out figures.
     final = straight / "checkpoints" / "step_000010"
-    proc = subprocess.run([sys.executable, "-m", "eval", f"checkpoint={final}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "eval", f"checkpoint={final}"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     evaluated = json.loads((final / "eval.json").read_text())
     assert evaluated["step"] == 10
     assert evaluated["held_out_loss"] == pytest.approx(results["held_out_loss"], rel=1e-6)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, f"run.dir={killed}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_train(*steps, f"run.dir={killed}")
     deadline = time.time() + 300
     while time.time() < deadline and len(losses(killed) if (killed / "metrics.jsonl").exists() else {}) < 7:
         time.sleep(0.05)

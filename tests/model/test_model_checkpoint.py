@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from configs.errors import CheckpointError
 from model import LM
 
 VOCAB = 97  # tests/model/conftest.py's small models
@@ -21,6 +22,6 @@ def test_round_trip_gives_the_same_logits(make_lm, tmp_path, tie):
     assert (loaded.lm_head.weight is loaded.embed.weight) == tie
 
 
-def test_missing_checkpoint_names_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+def test_a_directory_that_is_no_checkpoint_is_one_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: not a complete checkpoint"):
         LM.from_checkpoint(tmp_path)
