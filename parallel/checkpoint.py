@@ -18,6 +18,7 @@ the one in flight. DeepSpeed writes its own files synchronously.
 
 Loading never unpickles: see parallel/safe_load.py.
 """
+import contextlib
 import json
 import os
 import random
@@ -158,18 +159,14 @@ def _remove(directory: Path) -> None:
     shutil.rmtree(doomed)
 
 
-class refusing_bad_files:
+@contextlib.contextmanager
+def refusing_bad_files(path: Path):
     """Turn what a tampered or foreign checkpoint file makes the loaders raise into one CheckpointError."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is None or isinstance(err, CheckpointError):
-            return False
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
         inner = _innermost(err)
         if isinstance(inner, CheckpointError):  # ours, raised inside DCP's collective wrapper
             raise inner from None
@@ -177,11 +174,9 @@ class refusing_bad_files:
         while cause is not None and not is_refused_pickle(cause):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
-            raise CheckpointError(f"{self.path}: refused to load a file that is not plain tensors and numbers "
+            raise CheckpointError(f"{path}: refused to load a file that is not plain tensors and numbers "
                                   f"({_first_line(cause)})") from None
-        if isinstance(err, (Exception, CheckpointException)):  # a truncated, foreign or mismatched file
-            raise CheckpointError(f"{self.path}: cannot load ({_first_line(inner)})") from None
-        return False
+        raise CheckpointError(f"{path}: cannot load ({_first_line(inner)})") from None  # truncated, foreign
 
 
 def _innermost(err: BaseException) -> BaseException:

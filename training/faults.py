@@ -99,7 +99,7 @@ def describe_timeout(err: BaseException, timeout_s: float) -> str | None:
     if "Timed out" not in text and "timed out" not in text and type(err).__name__ != "DistBackendError":
         return None
     frames = traceback.extract_tb(err.__traceback__)
-    collective = next((f for f in reversed(frames) if f"torch{_SEP}distributed{_SEP}" in f.filename), None)
+    collective = next((f for f in reversed(frames) if "torch/distributed/" in f.filename), None)
     ours = next((f for f in reversed(frames) if _REPO in Path(f.filename).parents and ".venv" not in f.filename), None)
     where = f" called from {Path(ours.filename).relative_to(_REPO)}:{ours.lineno} ({ours.name})" if ours else ""
     name = collective.name if collective else "a collective"
@@ -107,5 +107,4 @@ def describe_timeout(err: BaseException, timeout_s: float) -> str | None:
             f"or dead ({text.strip().splitlines()[0][-120:]})")
 
 
-_SEP = "/"
 _REPO = Path(__file__).resolve().parents[1]

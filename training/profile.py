@@ -20,9 +20,9 @@ class StepProfiler:
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities, record_shapes=True, with_stack=False)
-            self.profiler.__enter__()
+            self.profiler.start()
         elif finished == self.last and self.profiler is not None:
-            self.profiler.__exit__(None, None, None)
+            self.profiler.stop()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.profiler.export_chrome_trace(str(self.path))
             print(f"profile of steps {self.first}-{self.last}: {self.path}")
