@@ -46,9 +46,3 @@ def kernel_backend(x: torch.Tensor) -> str:
 
 def use_triton(x: torch.Tensor) -> bool:
     return kernel_backend(x) == "triton"
-
-
-def autotune_configs(configs: list) -> list:
-    """Autotuning candidates: all of them when compiled, only the first under the interpreter
-    (each candidate would be run in Python, and timings mean nothing there)."""
-    return configs[:1] if interpret_mode() else configs

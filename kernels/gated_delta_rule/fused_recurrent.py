@@ -10,14 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import autotune_configs
 from kernels.gated_delta_rule.triton_chunk import ChunkList, _ChunkGatedDeltaRule, check_key_dim
+from kernels.tuning import autotune
 
 
-@triton.autotune(
-    configs=autotune_configs([triton.Config({"BV": bv}, num_warps=w) for bv in (64, 32, 16) for w in (4, 2, 1)]),
-    key=["H", "K", "V", "USE_INITIAL_STATE", "STORE_FINAL_STATE"],
-)
+@autotune([triton.Config({"BV": bv}, num_warps=w) for bv in (64, 32, 16) for w in (4, 2, 1)],
+          key=["H", "K", "V", "USE_INITIAL_STATE", "STORE_FINAL_STATE"])
 @triton.jit
 def _fused_recurrent_kernel(
     q, k, v, g, beta, o, initial_state, final_state, scale, cu_seqlens,

@@ -11,8 +11,10 @@ Backward: recompute 1 and 2 (states are recomputed, never kept from the forward)
   4. `_state_bwd_kernel` (sequential, reverse): dV_new = scale (Q K^T * decay)^T dO + exp(gamma_C - gamma) K dS,
      stores dS at every chunk end, dS <- exp(gamma_C) dS + scale (exp(gamma) Q)^T dO - W^T dV_new; the last dS is
      d initial_state. The gradient of final_state seeds dS.
-  5. `_intra_bwd_kernel` (all chunks in parallel): dq, dk, dv, dbeta, dg from the chunk's S, dS, V_new, dV_new
-     and the WY factors (dT = dW (beta exp(gamma) K)^T + dU (beta V)^T, dA = -T^T dT T^T).
+  5. `_intra_bwd_kernel` (all chunks in parallel): dq and dv from the chunk's S, V_new and dV_new, and the
+     WY factors' gradients (dT = dW (beta exp(gamma) K)^T + dU (beta V)^T, dA = -T^T dT T^T) into scratch;
+  6. `_intra_bwd_dk_kernel` (all chunks in parallel): dk, dbeta and dg from them, S, dS and V_new. One kernel
+     for 5 and 6 held every [64, 64] factor at once and spilled registers.
 
 Every call is variable-length internally: a [B, T] batch is B sequences of length T over the flattened
 tokens, so one set of kernels serves cu_seqlens and plain batches. Each sequence starts a fresh chunk; loads
@@ -22,8 +24,8 @@ Intermediates (gamma, W, U, T, states, V_new and their gradients) are fp32; dot 
 inputs' dtype (bf16 tensor cores), fp32 inputs use exact fp32 dots. All dims are blocked to at least 16
 (tl.dot's minimum). Keys come in blocks of BK = 64 (registers hold [64, 64] and [64, BV] tiles, never a
 [64, K] one, so K = 256 does not spill): the state kernels keep the state as up to four [64, BV] key blocks
-(K <= 256), the others loop over key blocks. V is in blocks of BV (autotuned, among the configs that fit the
-device's shared memory). `python -m bench.gpu_compile` compiles them for sm_80/90/100 without a GPU and
+(K <= 256), the others loop over key blocks (of 32 in the intra-chunk backward). V is in blocks of BV
+(autotuned, among the configs that fit the device's shared memory: kernels/tuning.py). `python -m bench.gpu_compile` compiles them for sm_80/90/100 without a GPU and
 reports registers, spills and shared memory. Plain pointers (no block pointers) so the kernels run in the
 interpreter and on triton 3.6.
 """
@@ -33,36 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import autotune_configs
 from kernels.common import prepare_chunk_indices, prepare_chunk_offsets, sequence_bounds
+from kernels.tuning import autotune
 
 CHUNK_SIZE = 64
 
 
-def _configs() -> list[triton.Config]:
-    return autotune_configs([triton.Config({"BV": bv}, num_warps=w, num_stages=s)
-                             for bv in (32, 64) for w in (8, 4) for s in (1, 2, 3)])
-
-
-def _fitting_configs(kernel, configs, named_args, **kwargs):
-    """The configs whose compiled `kernel` fits the device's shared memory: the others (multi-stage pipelines of
-    the larger blocks) could only fail at launch. Compiling each config is what benchmarking it would do first
-    anyway. If none fits, the least demanding one stays, so the launch fails with Triton's out-of-resources
-    error naming the sizes."""
-    driver = triton.runtime.driver.active
-    max_shared = driver.utils.get_device_properties(driver.get_current_device())["max_shared_mem"]
-    compile_kwargs = {**kwargs, "warmup": True}
-    shared = {c: kernel.run(*named_args.values(), **compile_kwargs, **c.all_kwargs()).metadata.shared
-              for c in configs}
-    return [c for c in configs if shared[c] <= max_shared] or [min(configs, key=shared.get)]
-
-
-def _autotune(*key: str):
-    """Autotune a @triton.jit kernel over _configs() with this tuning key, among the configs that fit."""
-    def decorate(kernel):
-        prune = {"early_config_prune": functools.partial(_fitting_configs, kernel)}
-        return triton.autotune(configs=_configs(), key=list(key), prune_configs_by=prune)(kernel)
-    return decorate
+# V blocks of 32, 64 and 16 columns (16 keeps the state kernels' four [64, BV] key blocks in registers on
+# sm_80 at K = 256), safest first: the interpreter runs the first.
+CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (32, 64, 16) for w in (8, 4)
+           for s in (1, 2, 3)]
 
 
 @triton.jit
@@ -119,7 +101,7 @@ def _dot(a, b, DT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     return tl.dot(a.to(DT), b.to(DT), input_precision=DOT_PRECISION)
 
 
-@_autotune("H", "K", "V", "STORE_T")
+@autotune(CONFIGS, key=["H", "K", "V", "STORE_T"])
 @triton.jit
 def _wy_kernel(
     k, v, g, beta, gamma, w, u, t_inv, cu_seqlens, chunk_indices,
@@ -195,7 +177,7 @@ def _key_block(ptr, rows, valid, i_k, H: tl.constexpr, K: tl.constexpr, i_h, BK:
 
 # The state kernels keep a [K, BV] state in registers as up to four [BK = 64, BV] key blocks (b_h1..b_h4, as
 # flash-linear-attention's kernels do): K <= 256. Blocks past K are never touched (K is a constexpr).
-@_autotune("H", "K", "V", "USE_INITIAL_STATE", "STORE_FINAL_STATE")
+@autotune(CONFIGS, key=["H", "K", "V", "USE_INITIAL_STATE", "STORE_FINAL_STATE"])
 @triton.jit
 def _state_fwd_kernel(
     k, w, u, gamma, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets,
@@ -269,7 +251,7 @@ def _state_fwd_kernel(
             _store_state(final_state, b_h4, i_n, i_h, 3, cols_v, H, K, V, BK)
 
 
-@_autotune("H", "K", "V")
+@autotune(CONFIGS, key=["H", "K", "V"])
 @triton.jit
 def _output_kernel(
     q, k, gamma, h, v_new, o, scale, cu_seqlens, chunk_indices,
@@ -296,7 +278,7 @@ def _output_kernel(
     _store_block(o, b_o * scale, rows, valid, cols_v, H, V, i_h)
 
 
-@_autotune("H", "K", "V", "USE_FINAL_STATE_GRAD", "USE_INITIAL_STATE")
+@autotune(CONFIGS, key=["H", "K", "V", "USE_FINAL_STATE_GRAD", "USE_INITIAL_STATE"])
 @triton.jit
 def _state_bwd_kernel(
     q, k, w, gamma, do, dh, dv_new, d_final_state, d_initial_state, scale, cu_seqlens, chunk_offsets,
@@ -388,14 +370,17 @@ def _state_bwd_kernel(
             _store_state(d_initial_state, b_dh4, i_n, i_h, 3, cols_v, H, K, V, BK)
 
 
-@_autotune("H", "K", "V")
+@autotune(CONFIGS, key=["H", "K", "V"])
 @triton.jit
 def _intra_bwd_kernel(
-    q, k, v, beta, gamma, t_inv, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg, scale,
+    q, k, v, beta, gamma, t_inv, h, v_new, dv_new, do, dq, dv, dqk, da, dbeta_part, dgamma_part, scale,
     cu_seqlens, chunk_indices,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """The intra-chunk backward's first half: dq and dv, and for _intra_bwd_dk_kernel the chunk's [BT, BT]
+    factors dQK (dO V_new^T, decayed and scaled) and dA, with partial dbeta and dgamma (fp32 scratch). Two
+    kernels, because one holding every [BT, BT] factor at once spills registers on sm_80."""
     DT = q.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, valid, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
@@ -408,8 +393,7 @@ def _intra_bwd_kernel(
     b_exp = tl.exp(b_gamma)
 
     # Registers hold [BT, BT] matrices and [BT, BK] / [BT, BV] blocks only: the sums over V run one block of V
-    # at a time, and the products with the state one block of keys at a time (two passes, since dk needs dA,
-    # which needs dT summed over all keys). First the sums over V alone:
+    # at a time, and the products with the state one block of keys at a time. First the sums over V alone:
     b_dqk = tl.zeros([BT, BT], dtype=tl.float32)  # dO V_new^T
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)  # dT = dW (beta exp(gamma) K)^T + dU (beta V)^T; dU = dV_new
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
@@ -424,12 +408,14 @@ def _intra_bwd_kernel(
         _store_block(dv, b_dvb * b_beta[:, None], rows, valid, cols_v, H, V, i_h)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
     b_dqk = b_dqk * _decay(b_gamma, causal) * scale
+    _store_block(dqk, b_dqk, rows, valid, o_i, H, BT, i_h)
 
     # Output O = scale (exp(gamma) Q S + (Q K^T * decay) V_new): dq, and dT's W term (dW = -dV_new S^T).
     # Gate gradients take only the pairs i > j, each +m_ij to gamma_i and -m_ij to gamma_j: the diagonal
     # (exp(0)) and the last token's decay to the chunk end are constants, and summing their O(1) terms with
     # opposite signs would swamp dg when the gates are tiny.
     b_dgamma = tl.zeros([BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K K^T, for dA's terms of dbeta and dg
     for i_k in range(0, tl.cdiv(K, BK)):
         cols_k = i_k * BK + tl.arange(0, BK)
         b_q = _load_block(q, rows, valid, cols_k, H, K, i_h)
@@ -449,23 +435,43 @@ def _intra_bwd_kernel(
         b_m = tl.where(strictly_lower, b_dqk * _dot(b_q, tl.trans(b_k), DT, DOT_PRECISION), 0.0)
         b_dgamma += tl.sum(b_m, axis=1) - tl.sum(b_m, axis=0)
         b_dt += _dot(b_dw, tl.trans(b_k * (b_beta * b_exp)[:, None]), DT, DOT_PRECISION)
+        b_kk += _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION)
 
-    b_dqk = b_dqk.to(DT)  # from here on only a dot operand
     # WY factors: V_new = U - W S, W = T diag(beta exp(gamma)) K, U = T diag(beta) V, T = (I + A)^{-1}.
     b_da = -_dot(_dot(tl.trans(b_t), b_dt, DT, DOT_PRECISION), tl.trans(b_t), DT, DOT_PRECISION)
     b_da = b_da * _decay(b_gamma, strictly_lower)  # dA * exp(gamma_i - gamma_j): d(beta_i k_i . k_j)
-    # dA's terms of dbeta and dg, with K K^T summed over the key blocks; after them dA is only a dot operand.
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        b_k = _load_block(k, rows, valid, i_k * BK + tl.arange(0, BK), H, K, i_h)
-        b_kk += _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION)
+    _store_block(da, b_da, rows, valid, o_i, H, BT, i_h)
     b_da_kk = b_da * b_kk
     b_dbeta += tl.sum(b_da_kk, axis=1)
     b_da_a = b_da_kk * b_beta[:, None]  # dA * A
     b_dgamma += tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0)
-    b_da = b_da.to(DT)
-    # dk, key block by key block: the output's and the state hand-off's terms (dS from the chunk's end), and
-    # the WY factors'. dW is recomputed: kept from the first pass in a scratch buffer it cost more registers.
+    tl.store(dbeta_part + rows * H + i_h, b_dbeta, mask=valid)
+    tl.store(dgamma_part + rows * H + i_h, b_dgamma, mask=valid)
+
+
+@autotune(CONFIGS, key=["H", "K", "V"])
+@triton.jit
+def _intra_bwd_dk_kernel(
+    q, k, beta, gamma, t_inv, h, dh, v_new, dv_new, dqk, da, dbeta_part, dgamma_part, dk, dbeta, dg,
+    cu_seqlens, chunk_indices,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The intra-chunk backward's second half: dk, key block by key block, from the output's and the state
+    hand-off's terms (dS from the chunk's end) and the WY factors'; then dbeta and dg whole."""
+    DT = q.dtype.element_ty
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    rows, valid, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    o_i = tl.arange(0, BT)
+    b_t = _load_block(t_inv, rows, valid, o_i, H, BT, i_h).to(DT)
+    b_dqk = _load_block(dqk, rows, valid, o_i, H, BT, i_h).to(DT)  # from here on only dot operands
+    b_da = _load_block(da, rows, valid, o_i, H, BT, i_h).to(DT)
+    b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    b_gamma, b_gamma_last = _load_gamma(gamma, rows, valid, last, H, i_h)
+    b_exp = tl.exp(b_gamma)
+    b_dbeta = tl.load(dbeta_part + rows * H + i_h, mask=valid, other=0.0)
+    b_dgamma = tl.load(dgamma_part + rows * H + i_h, mask=valid, other=0.0)
+    # dW is recomputed (-dV_new S^T): kept from the first kernel in a scratch buffer it cost more memory traffic.
     b_h_dh = tl.zeros([BK], dtype=tl.float32)  # rows of S * dS, summed over V
     b_k_dk_state = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -537,9 +543,10 @@ def check_key_dim(K: int) -> None:
         raise ValueError(f"the Triton gated delta rule takes head dims K <= 256 (four key blocks of 64), got K={K}")
 
 
-def _keys_per_block(K: int) -> int:
-    """Keys per block (64, as flash-linear-attention's kernels); the state kernels hold up to four blocks."""
-    return min(64, _block(K))
+def _keys_per_block(K: int, most: int = 64) -> int:
+    """Keys per block: 64 (as flash-linear-attention's kernels; the state kernels hold up to four blocks), 32 in
+    the intra-chunk backward, whose [BT, BT] factors leave too few registers for [BT, 64] blocks on sm_80."""
+    return min(most, _block(K))
 
 
 def _wy(k, v, g, beta, chunks: ChunkList, store_t: bool, precision: str):
@@ -617,11 +624,16 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, chunks: C
     )
     dq, dk, dv, dbeta, dg = (torch.empty_like(x) for x in (q, k, v, beta, g))
     if chunks.num_chunks:
+        TT = k.shape[0]
+        dqk, da = (torch.empty(TT, H, CHUNK_SIZE, dtype=torch.float32, device=k.device) for _ in range(2))
+        dbeta_part, dgamma_part = (torch.empty(TT, H, dtype=torch.float32, device=k.device) for _ in range(2))
+        shapes = dict(H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_keys_per_block(K, most=32), DOT_PRECISION=precision)
         _intra_bwd_kernel[(chunks.num_chunks, H)](
-            q, k, v, beta, gamma, t_inv, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg, scale,
-            chunks.cu_seqlens, chunks.chunk_indices,
-            H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_keys_per_block(K), DOT_PRECISION=precision,
-        )
+            q, k, v, beta, gamma, t_inv, h, v_new, dv_new, do, dq, dv, dqk, da, dbeta_part, dgamma_part, scale,
+            chunks.cu_seqlens, chunks.chunk_indices, **shapes)
+        _intra_bwd_dk_kernel[(chunks.num_chunks, H)](
+            q, k, beta, gamma, t_inv, h, dh, v_new, dv_new, dqk, da, dbeta_part, dgamma_part, dk, dbeta, dg,
+            chunks.cu_seqlens, chunks.chunk_indices, **shapes)
     if d_h0 is not None:
         d_h0 = d_h0.to(initial_state.dtype)
     return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, H, V), dg.view(B, T, H),

@@ -8,12 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import autotune_configs
 from kernels.gla.triton_chunk import ChunkGLAFunction, ChunkGrid, prepare_inputs
+from kernels.tuning import autotune
 
 
-@triton.autotune(configs=autotune_configs([triton.Config({}, num_warps=w) for w in (1, 2, 4)]),
-                 key=["H", "K", "V", "SCALAR"])
+@autotune([triton.Config({}, num_warps=w) for w in (1, 2, 4)], key=["H", "K", "V", "SCALAR"])
 @triton.jit(do_not_specialize=["T"])
 def fused_recurrent_gla_fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, T, H: tl.constexpr, K: tl.constexpr,
                                    V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,

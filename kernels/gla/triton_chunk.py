@@ -21,13 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import autotune_configs
 from kernels.common import prepare_chunk_indices, prepare_chunk_offsets
+from kernels.tuning import autotune
 
 CHUNK_SIZE = 64  # BT
 SUB_CHUNK_SIZE = 16  # BC
 
-WARPS_STAGES = autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 2, 8) for s in (2, 3, 4)])
+WARPS_STAGES = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 2, 8) for s in (2, 3, 4)]
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def chunk_cumsum_kernel(g, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, S: 
     tl.store(b + offsets, tl.cumsum(x, axis=0), mask=mask)
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
+@autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_fwd_h_kernel(k, v, b, h, h0, ht, cu_seqlens, chunk_offsets, T, H: tl.constexpr, K: tl.constexpr,
                        V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -110,7 +110,7 @@ def chunk_fwd_h_kernel(k, v, b, h, h0, ht, cu_seqlens, chunk_offsets, T, H: tl.c
         tl.store(ht + i_nh * K * V + state_offsets, state, mask=state_mask)
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "K", "BT", "BC"])
+@autotune(WARPS_STAGES, key=["H", "K", "BT", "BC"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_gla_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr, K: tl.constexpr,
                            BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
@@ -161,7 +161,7 @@ def chunk_gla_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, T, H: t
         tl.store(a_rows + (j * BC + cols)[None, :], tl.zeros([BC, BC], dtype=tl.float32), mask=valid[:, None])
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "K", "BT"])
+@autotune(WARPS_STAGES, key=["H", "K", "BT"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_scalar_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr, K: tl.constexpr,
                               BT: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -185,7 +185,7 @@ def chunk_scalar_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, T, H
     tl.store(A + token[:, None] * BT + tl.arange(0, BT)[None, :], acc * decay * scale, mask=valid[:, None])
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
+@autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_gla_fwd_o_kernel(q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
                            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -219,7 +219,7 @@ def chunk_gla_fwd_o_kernel(q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T
     tl.store(o + token[:, None] * V + vs[None, :], acc.to(o.dtype.element_ty), mask=v_mask)
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
+@autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dh_kernel(q, b, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H: tl.constexpr,
                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -263,7 +263,7 @@ def chunk_bwd_dh_kernel(q, b, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale
         tl.store(dh0 + i_nh * K * V + state_offsets, grad, mask=state_mask)
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "V", "BT"])
+@autotune(WARPS_STAGES, key=["H", "V", "BT"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dA_kernel(v, do, dA, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -286,7 +286,7 @@ def chunk_bwd_dA_kernel(v, do, dA, cu_seqlens, chunk_indices, scale, T, H: tl.co
              mask=valid[:, None])
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
+@autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_gla_bwd_dv_kernel(k, b, A, do, dh, dv, cu_seqlens, chunk_indices, T, H: tl.constexpr, K: tl.constexpr,
                             V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -323,7 +323,7 @@ def chunk_gla_bwd_dv_kernel(k, b, A, do, dh, dv, cu_seqlens, chunk_indices, T, H
     tl.store(dv + token[:, None] * V + vs[None, :], acc.to(dv.dtype.element_ty), mask=v_mask)
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "K", "BT", "BC"])
+@autotune(WARPS_STAGES, key=["H", "K", "BT", "BC"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_gla_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_indices, T, H: tl.constexpr,
                                    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
@@ -391,7 +391,7 @@ def chunk_gla_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_in
     tl.store(dg + tile, q_i * dq_off - k_i * dk_off, mask=mask)
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "K", "BT"])
+@autotune(WARPS_STAGES, key=["H", "K", "BT"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_scalar_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_indices, T, H: tl.constexpr,
                                       K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -421,7 +421,7 @@ def chunk_scalar_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk
     tl.store(dg + tile, q_tile * dq_off - k_tile * dk_off, mask=mask)
 
 
-@triton.autotune(configs=WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
+@autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_gla_bwd_dqkg_kernel(q, k, v, b, h, do, dh, dq, dk, dg, dq_out, dk_out, dg_out, cu_seqlens,
                               chunk_indices, scale, T, NUM_GATES, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
