@@ -45,6 +45,7 @@ CHUNK_SIZE = 64
 # sm_80 at K = 256), safest first: the interpreter runs the first.
 CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (32, 64, 16) for w in (8, 4)
            for s in (1, 2, 3)]
+WARPS_STAGES = [triton.Config({}, num_warps=w, num_stages=s) for w in (8, 4) for s in (1, 2, 3)]  # no V blocks
 
 
 @triton.jit
@@ -370,32 +371,27 @@ def _state_bwd_kernel(
             _store_state(d_initial_state, b_dh4, i_n, i_h, 3, cols_v, H, K, V, BK)
 
 
+# The intra-chunk backward is four kernels, each holding few of the chunk's [BT, BT] factors in registers at
+# once (one kernel holding them all spilled hundreds of bytes of registers on sm_80): the sums over V, the sums
+# over keys, the WY factors' dA, then dk. The factors pass between them in fp32 scratch ([tokens, H, BT]), as
+# do the partial sums of dbeta and dgamma ([tokens, H]).
 @autotune(CONFIGS, key=["H", "K", "V"])
 @triton.jit
-def _intra_bwd_kernel(
-    q, k, v, beta, gamma, t_inv, h, v_new, dv_new, do, dq, dv, dqk, da, dbeta_part, dgamma_part, scale,
-    cu_seqlens, chunk_indices,
+def _intra_bwd_v_kernel(
+    v, beta, gamma, t_inv, v_new, dv_new, do, dv, dqk, dt, dbeta_part, scale, cu_seqlens, chunk_indices,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """The intra-chunk backward's first half: dq and dv, and for _intra_bwd_dk_kernel the chunk's [BT, BT]
-    factors dQK (dO V_new^T, decayed and scaled) and dA, with partial dbeta and dgamma (fp32 scratch). Two
-    kernels, because one holding every [BT, BT] factor at once spills registers on sm_80."""
-    DT = q.dtype.element_ty
+    """The sums over V, one block of V at a time: dv; dQK = scale (dO V_new^T * decay); dT's U term,
+    dU (beta V)^T with dU = dV_new; dbeta's V term."""
+    DT = v.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, valid, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_i = tl.arange(0, BT)
-    causal = o_i[:, None] >= o_i[None, :]
-    strictly_lower = o_i[:, None] > o_i[None, :]
     b_t = _load_block(t_inv, rows, valid, o_i, H, BT, i_h).to(DT)  # T enters dots only: in their operand dtype
     b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    b_gamma, b_gamma_last = _load_gamma(gamma, rows, valid, last, H, i_h)
-    b_exp = tl.exp(b_gamma)
-
-    # Registers hold [BT, BT] matrices and [BT, BK] / [BT, BV] blocks only: the sums over V run one block of V
-    # at a time, and the products with the state one block of keys at a time. First the sums over V alone:
-    b_dqk = tl.zeros([BT, BT], dtype=tl.float32)  # dO V_new^T
-    b_dt = tl.zeros([BT, BT], dtype=tl.float32)  # dT = dW (beta exp(gamma) K)^T + dU (beta V)^T; dU = dV_new
+    b_dqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         cols_v = i_v * BV + tl.arange(0, BV)
@@ -407,15 +403,35 @@ def _intra_bwd_kernel(
         b_dvb = _dot(tl.trans(b_t), b_dvn, DT, DOT_PRECISION)  # d(beta V) = T^T dU
         _store_block(dv, b_dvb * b_beta[:, None], rows, valid, cols_v, H, V, i_h)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
-    b_dqk = b_dqk * _decay(b_gamma, causal) * scale
-    _store_block(dqk, b_dqk, rows, valid, o_i, H, BT, i_h)
+    b_gamma, _ = _load_gamma(gamma, rows, valid, last, H, i_h)
+    _store_block(dqk, b_dqk * _decay(b_gamma, o_i[:, None] >= o_i[None, :]) * scale, rows, valid, o_i, H, BT, i_h)
+    _store_block(dt, b_dt, rows, valid, o_i, H, BT, i_h)
+    tl.store(dbeta_part + rows * H + i_h, b_dbeta, mask=valid)
 
-    # Output O = scale (exp(gamma) Q S + (Q K^T * decay) V_new): dq, and dT's W term (dW = -dV_new S^T).
-    # Gate gradients take only the pairs i > j, each +m_ij to gamma_i and -m_ij to gamma_j: the diagonal
-    # (exp(0)) and the last token's decay to the chunk end are constants, and summing their O(1) terms with
-    # opposite signs would swamp dg when the gates are tiny.
+
+@autotune(CONFIGS, key=["H", "K", "V"])
+@triton.jit
+def _intra_bwd_k_kernel(
+    q, k, beta, gamma, h, dv_new, do, dq, dqk, dt, dgamma_part, scale, cu_seqlens, chunk_indices,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The sums over keys, one block of keys at a time: dq of the output O = scale (exp(gamma) Q S + (Q K^T *
+    decay) V_new), dT's W term dW (beta exp(gamma) K)^T with dW = -dV_new S^T (added to dt), and dgamma's
+    output terms. Gate gradients take only the pairs i > j, each +m_ij to gamma_i and -m_ij to gamma_j: the
+    diagonal (exp(0)) and the last token's decay to the chunk end are constants, and summing their O(1) terms
+    with opposite signs would swamp dg when the gates are tiny."""
+    DT = q.dtype.element_ty
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    rows, valid, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    o_i = tl.arange(0, BT)
+    strictly_lower = o_i[:, None] > o_i[None, :]
+    b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    b_gamma, _ = _load_gamma(gamma, rows, valid, last, H, i_h)
+    b_exp = tl.exp(b_gamma)
+    b_dqk = _load_block(dqk, rows, valid, o_i, H, BT, i_h)
+    b_dt = _load_block(dt, rows, valid, o_i, H, BT, i_h)
     b_dgamma = tl.zeros([BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K K^T, for dA's terms of dbeta and dg
     for i_k in range(0, tl.cdiv(K, BK)):
         cols_k = i_k * BK + tl.arange(0, BK)
         b_q = _load_block(q, rows, valid, cols_k, H, K, i_h)
@@ -435,18 +451,40 @@ def _intra_bwd_kernel(
         b_m = tl.where(strictly_lower, b_dqk * _dot(b_q, tl.trans(b_k), DT, DOT_PRECISION), 0.0)
         b_dgamma += tl.sum(b_m, axis=1) - tl.sum(b_m, axis=0)
         b_dt += _dot(b_dw, tl.trans(b_k * (b_beta * b_exp)[:, None]), DT, DOT_PRECISION)
-        b_kk += _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION)
-
-    # WY factors: V_new = U - W S, W = T diag(beta exp(gamma)) K, U = T diag(beta) V, T = (I + A)^{-1}.
-    b_da = -_dot(_dot(tl.trans(b_t), b_dt, DT, DOT_PRECISION), tl.trans(b_t), DT, DOT_PRECISION)
-    b_da = b_da * _decay(b_gamma, strictly_lower)  # dA * exp(gamma_i - gamma_j): d(beta_i k_i . k_j)
-    _store_block(da, b_da, rows, valid, o_i, H, BT, i_h)
-    b_da_kk = b_da * b_kk
-    b_dbeta += tl.sum(b_da_kk, axis=1)
-    b_da_a = b_da_kk * b_beta[:, None]  # dA * A
-    b_dgamma += tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0)
-    tl.store(dbeta_part + rows * H + i_h, b_dbeta, mask=valid)
+    _store_block(dt, b_dt, rows, valid, o_i, H, BT, i_h)
     tl.store(dgamma_part + rows * H + i_h, b_dgamma, mask=valid)
+
+
+@autotune(WARPS_STAGES, key=["H", "K"])
+@triton.jit
+def _intra_bwd_wy_kernel(
+    k, beta, gamma, t_inv, dt, da, dbeta_part, dgamma_part, cu_seqlens, chunk_indices,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The WY factors' gradient: V_new = U - W S, W = T diag(beta exp(gamma)) K, U = T diag(beta) V and
+    T = (I + A)^{-1} give dA = -T^T dT T^T; then dA's terms of dbeta and dgamma, with K K^T summed over the
+    key blocks."""
+    DT = k.dtype.element_ty
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    rows, valid, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    o_i = tl.arange(0, BT)
+    b_t = _load_block(t_inv, rows, valid, o_i, H, BT, i_h).to(DT)
+    b_dt = _load_block(dt, rows, valid, o_i, H, BT, i_h)
+    b_gamma, _ = _load_gamma(gamma, rows, valid, last, H, i_h)
+    b_da = -_dot(_dot(tl.trans(b_t), b_dt, DT, DOT_PRECISION), tl.trans(b_t), DT, DOT_PRECISION)
+    b_da = b_da * _decay(b_gamma, o_i[:, None] > o_i[None, :])  # dA * exp(gamma_i - gamma_j): d(beta_i k_i . k_j)
+    _store_block(da, b_da, rows, valid, o_i, H, BT, i_h)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        b_k = _load_block(k, rows, valid, i_k * BK + tl.arange(0, BK), H, K, i_h)
+        b_kk += _dot(b_k, tl.trans(b_k), DT, DOT_PRECISION)
+    b_da_kk = b_da * b_kk
+    b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    b_da_a = b_da_kk * b_beta[:, None]  # dA * A
+    p_dbeta, p_dgamma = dbeta_part + rows * H + i_h, dgamma_part + rows * H + i_h
+    tl.store(p_dbeta, tl.load(p_dbeta, mask=valid, other=0.0) + tl.sum(b_da_kk, axis=1), mask=valid)
+    tl.store(p_dgamma, tl.load(p_dgamma, mask=valid, other=0.0) + tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0),
+             mask=valid)
 
 
 @autotune(CONFIGS, key=["H", "K", "V"])
@@ -457,8 +495,8 @@ def _intra_bwd_dk_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """The intra-chunk backward's second half: dk, key block by key block, from the output's and the state
-    hand-off's terms (dS from the chunk's end) and the WY factors'; then dbeta and dg whole."""
+    """dk, key block by key block, from the output's and the state hand-off's terms (dS from the chunk's end)
+    and the WY factors'; then dbeta and dg whole."""
     DT = q.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, valid, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
@@ -471,7 +509,7 @@ def _intra_bwd_dk_kernel(
     b_exp = tl.exp(b_gamma)
     b_dbeta = tl.load(dbeta_part + rows * H + i_h, mask=valid, other=0.0)
     b_dgamma = tl.load(dgamma_part + rows * H + i_h, mask=valid, other=0.0)
-    # dW is recomputed (-dV_new S^T): kept from the first kernel in a scratch buffer it cost more memory traffic.
+    # dW = -dV_new S^T is recomputed: a [tokens, H, K] scratch buffer would cost more memory traffic.
     b_h_dh = tl.zeros([BK], dtype=tl.float32)  # rows of S * dS, summed over V
     b_k_dk_state = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -624,16 +662,18 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, chunks: C
     )
     dq, dk, dv, dbeta, dg = (torch.empty_like(x) for x in (q, k, v, beta, g))
     if chunks.num_chunks:
-        TT = k.shape[0]
-        dqk, da = (torch.empty(TT, H, CHUNK_SIZE, dtype=torch.float32, device=k.device) for _ in range(2))
-        dbeta_part, dgamma_part = (torch.empty(TT, H, dtype=torch.float32, device=k.device) for _ in range(2))
-        shapes = dict(H=H, K=K, V=V, BT=CHUNK_SIZE, BK=_keys_per_block(K, most=32), DOT_PRECISION=precision)
-        _intra_bwd_kernel[(chunks.num_chunks, H)](
-            q, k, v, beta, gamma, t_inv, h, v_new, dv_new, do, dq, dv, dqk, da, dbeta_part, dgamma_part, scale,
-            chunks.cu_seqlens, chunks.chunk_indices, **shapes)
-        _intra_bwd_dk_kernel[(chunks.num_chunks, H)](
-            q, k, beta, gamma, t_inv, h, dh, v_new, dv_new, dqk, da, dbeta_part, dgamma_part, dk, dbeta, dg,
-            chunks.cu_seqlens, chunks.chunk_indices, **shapes)
+        f32 = dict(dtype=torch.float32, device=k.device)
+        dqk, dt, da = (torch.empty(k.shape[0], H, CHUNK_SIZE, **f32) for _ in range(3))
+        dbeta_part, dgamma_part = (torch.empty(k.shape[0], H, **f32) for _ in range(2))
+        grid, index = (chunks.num_chunks, H), (chunks.cu_seqlens, chunks.chunk_indices)
+        shapes = dict(H=H, K=K, BT=CHUNK_SIZE, BK=_keys_per_block(K, most=32), DOT_PRECISION=precision)
+        _intra_bwd_v_kernel[grid](v, beta, gamma, t_inv, v_new, dv_new, do, dv, dqk, dt, dbeta_part, scale, *index,
+                                  V=V, **shapes)
+        _intra_bwd_k_kernel[grid](q, k, beta, gamma, h, dv_new, do, dq, dqk, dt, dgamma_part, scale, *index, V=V,
+                                  **shapes)
+        _intra_bwd_wy_kernel[grid](k, beta, gamma, t_inv, dt, da, dbeta_part, dgamma_part, *index, **shapes)
+        _intra_bwd_dk_kernel[grid](q, k, beta, gamma, t_inv, h, dh, v_new, dv_new, dqk, da, dbeta_part, dgamma_part,
+                                   dk, dbeta, dg, *index, V=V, **shapes)
     if d_h0 is not None:
         d_h0 = d_h0.to(initial_state.dtype)
     return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, H, V), dg.view(B, T, H),
