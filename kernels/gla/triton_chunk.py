@@ -489,6 +489,9 @@ def _tile(n: int, limit: int = 64) -> int:
 
 # The vector-gate intra-chunk kernels hold [BC, BC, BK] blocks: smaller K tiles keep them in registers.
 INTRA_TILE = 32
+# chunk_gla_bwd_dqkg_kernel loops over V next to its [BT, BK] tiles: 64-wide V tiles spill on sm_80 (32 bytes,
+# scalar gate, K=128 V=64).
+DQKG_V_TILE = 32
 
 
 class ChunkGrid:
@@ -603,7 +606,7 @@ def chunk_gla_bwd(q, k, v, g, scale, initial_state, do, d_final, chunks: ChunkGr
     dg = (torch.empty(NK, *g.shape, dtype=torch.float32, device=g.device) if scalar else torch.empty_like(g))
     chunk_gla_bwd_dqkg_kernel[(NK, chunks.per_row, B * H)](
         q, k, v, b, h, do, dh, dq_intra, dk_intra, dg_intra, dq, dk, dg, **varlen, scale=scale, T=T,
-        NUM_GATES=g.numel(), H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, SCALAR=scalar, IS_VARLEN=chunks.varlen)
+        NUM_GATES=g.numel(), H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=_tile(V, DQKG_V_TILE), SCALAR=scalar, IS_VARLEN=chunks.varlen)
     if scalar:
         dg = dg.sum(0).to(g.dtype)
     return dq, dk, dv, dg, d_initial
