@@ -26,11 +26,14 @@ import argparse
 import contextlib
 import datetime
 import glob
+import itertools
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -261,28 +264,39 @@ def run_op(op: str, K: int, V: int, dtype: torch.dtype) -> None:
 
 # ---- the check ------------------------------------------------------------------------------------
 
-def check(cases: list[dict], quick: bool) -> list[dict]:
-    """One row per (case, kernel): the best config's resources and the configs that fit. A case is a dict of
-    target, op, dtype, K and V."""
+def check_case(case: dict, quick: bool) -> list[dict]:
+    """One row per kernel of a case (a dict of target, op, dtype, K and V): the best config's resources and the
+    configs that fit; a compile error is one row saying so (it fails the check, the other cases still run)."""
+    try:
+        with compile_only(case["target"], quick) as log:
+            run_op(case["op"], case["K"], case["V"], DTYPES[case["dtype"]])
+    except Exception as e:
+        return [dict(case, kernel="-", error=f"{type(e).__name__}: {e}".splitlines()[0])]
+    return _summarise(case, log)
+
+
+def check(cases: list[dict], quick: bool, jobs: int = 1) -> list[dict]:
+    """The rows of every case, printed as they come. With jobs > 1 the cases run in that many processes
+    (compiling is single-threaded; compile_only patches Triton for its whole process, so one case each)."""
     rows = []
-    for case in cases:
-        try:
-            with compile_only(case["target"], quick) as log:
-                run_op(case["op"], case["K"], case["V"], DTYPES[case["dtype"]])
-        except Exception as e:  # a compile error fails the check; the other cases still run
-            rows.append(dict(case, kernel="-", error=f"{type(e).__name__}: {e}".splitlines()[0]))
-            print(_format_rows(rows[-1:]), flush=True)
-            continue
-        case_rows = _summarise(case, log)
-        print(_format_rows(case_rows), flush=True)
-        rows += case_rows
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                           max_tasks_per_child=1))
+            results = pool.map(check_case, cases, itertools.repeat(quick))
+        else:
+            results = map(check_case, cases, itertools.repeat(quick))
+        for case_rows in results:
+            print(_format_rows(case_rows), flush=True)
+            rows += case_rows
     return rows
 
 
-def quick_cases(shapes: dict) -> list[dict]:
-    """The CI set: sm_90 (H100), bf16, each op at its largest preset shape (the most registers and shared
-    memory): about 25 compiles. sm_80 and sm_100 are in the full sweep."""
-    return [dict(target="sm_90", op=op, dtype="bf16", K=K, V=V)
+def quick_cases(shapes: dict, targets=tuple(TARGETS), dtypes=("bf16",)) -> list[dict]:
+    """The CI set: every target (sm_80, sm_90, sm_100), bf16 (what training feeds the kernels), each op at its
+    largest preset shape (the most registers and shared memory; GLA and Gated DeltaNet K=256, V=512, Mamba2
+    K=128, V=64). fp32 inputs (exact fp32 dots, no tensor cores) spill at these shapes: see the README."""
+    return [dict(target=t, op=op, dtype=d, K=K, V=V) for t in targets for d in dtypes
             for op, s in shapes.items() for K, V in [max(s, key=lambda kv: kv[0] * kv[1])]]
 
 
@@ -338,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     p.add_argument("--ops", nargs="+", choices=sorted(set(MIXER_OPS.values())), default=sorted(set(MIXER_OPS.values())))
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: bf16 and fp32 (--quick: bf16)")
     p.add_argument("--shapes", nargs="+", metavar="KxV", help="head dims for every op (default: the presets')")
     p.add_argument("--quick", action="store_true",
                    help="the CI set (see quick_cases), stopping at each kernel's first config that fits unspilled")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="cases compiled at once (default: one per core)")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/gpu_compile_<date>.json)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -352,13 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--shapes takes KxV pairs such as 256x512, got {args.shapes}")
     if args.quick:
-        cases = quick_cases({op: shapes[op] for op in args.ops})
+        cases = quick_cases({op: shapes[op] for op in args.ops}, args.targets, args.dtypes or ("bf16",))
     else:
         cases = [dict(target=t, op=op, dtype=d, K=K, V=V) for t in args.targets for op in args.ops
-                 for d in args.dtypes for K, V in shapes[op]]
+                 for d in args.dtypes or DTYPES for K, V in shapes[op]]
 
     print(HEADER, flush=True)
-    rows = check(cases, quick=args.quick)
+    rows = check(cases, quick=args.quick, jobs=args.jobs)
     import triton
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   triton=triton.__version__, torch=torch.__version__, quick=args.quick,

@@ -2,10 +2,11 @@
 
 The check runs `python -m bench.gpu_compile --quick` in a subprocess: compiled (not interpreted) kernels need
 TRITON_INTERPRET unset before Triton decorates them, and the other kernel tests of this process run under the
-interpreter. The quick set (bench.gpu_compile.quick_cases) is sm_90, bf16, each op at its largest preset shape
-(GLA and Gated DeltaNet K=256, V=512; Mamba2's scalar gate K=128, V=64), each kernel's configs compiled in order
-up to the first that fits unspilled; the full sweep (all preset shapes, bf16 and fp32, every autotune config,
-sm_80/90/100) is `python -m bench.gpu_compile`. Run alone with `pytest -m gpu_compile`.
+interpreter. The quick set (bench.gpu_compile.quick_cases) is sm_80, sm_90 and sm_100 in bf16, each op at its
+largest preset shape (GLA and Gated DeltaNet K=256, V=512; Mamba2's scalar gate K=128, V=64), each kernel's
+configs compiled in order up to the first that fits unspilled, the cases spread over the cores; the full sweep
+(every preset shape, every autotune config) is `python -m bench.gpu_compile`. Run alone with
+`pytest -m gpu_compile`.
 """
 import json
 import os
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # The kernels the entry points launch (bench.gpu_compile.run_op: chunk and fused recurrent, forward and backward).
 KERNELS = {
     "gated_delta_rule": {"_wy_kernel", "_state_fwd_kernel", "_output_kernel", "_state_bwd_kernel",
-                         "_intra_bwd_kernel", "_fused_recurrent_kernel"},
+                         "_intra_bwd_v_kernel", "_intra_bwd_k_kernel", "_intra_bwd_wy_kernel", "_intra_bwd_dk_kernel",
+                         "_fused_recurrent_kernel"},
     "gla": {"chunk_cumsum_kernel", "chunk_fwd_h_kernel", "chunk_gla_fwd_A_kernel", "chunk_gla_fwd_o_kernel",
             "chunk_bwd_dh_kernel", "chunk_bwd_dA_kernel", "chunk_gla_bwd_dv_kernel",
             "chunk_gla_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel", "fused_recurrent_gla_fwd_kernel"},
@@ -40,11 +42,11 @@ def test_kernels_compile_and_fit_gpu_targets(tmp_path):
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
-    cases = {(r["target"], r["op"]) for r in rows}
-    assert cases == {("sm_90", op) for op in KERNELS}
-    for target, op in cases:
-        compiled = {r["kernel"] for r in rows if (r["target"], r["op"]) == (target, op)}
-        assert compiled == KERNELS[op], (target, op, compiled ^ KERNELS[op])
+    cases = {(r["target"], r["dtype"], r["op"]) for r in rows}
+    assert cases == {(t, "bf16", op) for t in ("sm_80", "sm_90", "sm_100") for op in KERNELS}
+    for case in cases:
+        compiled = {r["kernel"] for r in rows if (r["target"], r["dtype"], r["op"]) == case}
+        assert compiled == KERNELS[case[2]], (case, compiled ^ KERNELS[case[2]])
     max_shared = json.loads(out.read_text())["max_shared"]
     for r in rows:
         assert r["spill_free"] >= 1 and r["stack"] == 0 and r["shared"] <= max_shared[r["target"]], r
