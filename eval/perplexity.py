@@ -2,8 +2,9 @@
 
 Held-out figures: documents are packed exactly as in training (`EOS doc EOS doc ...`, rows of seq_len + 1
 tokens overlapping by one, the last row padded and its padding ignored; the recurrent state and attention
-reset at each EOS), so every token of the evaluated stream is predicted exactly once. Bits per byte divides the summed loss by the UTF-8
-bytes of the documents scored, which makes models with different tokenizers comparable.
+reset at each EOS), so every token of the evaluated stream is predicted exactly once. Bits per byte divides
+the summed loss by the UTF-8 bytes of the documents scored, which makes models with different tokenizers
+comparable.
 
 Loss by position: the first max_len tokens of long held-out documents scored in one pass, state carried
 across the whole length (not reset at each training-length row), averaged per position: how a model

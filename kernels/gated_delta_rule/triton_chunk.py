@@ -25,8 +25,9 @@ inputs' dtype (bf16 tensor cores), fp32 inputs use exact fp32 dots. All dims are
 (tl.dot's minimum). Keys come in blocks of BK = 64 (registers hold [64, 64] and [64, BV] tiles, never a
 [64, K] one, so K = 256 does not spill): the state kernels keep the state as up to four [64, BV] key blocks
 (K <= 256), the others loop over key blocks (of 32 in the intra-chunk backward). V is in blocks of BV
-(autotuned, among the configs that fit the device's shared memory: kernels/tuning.py). `python -m bench.gpu_compile` compiles them for sm_80/90/100 without a GPU and
-reports registers, spills and shared memory. Plain pointers (no block pointers) so the kernels run in the
+(autotuned, among the configs that fit the device's shared memory: kernels/tuning.py).
+`python -m bench.gpu_compile` compiles them for sm_80/90/100 without a GPU and reports registers, spills and
+shared memory. Plain pointers (no block pointers) so the kernels run in the
 interpreter and on triton 3.6.
 """
 import functools
@@ -376,12 +377,11 @@ def _state_bwd_kernel(
 # once (one kernel holding them all spilled hundreds of bytes of registers on sm_80): the sums over V, the sums
 # over keys, the WY factors' dA, then dk. The factors pass between them in fp32 scratch ([tokens, H, BT]), as
 # do the partial sums of dbeta and dgamma ([tokens, H]).
-@autotune(CONFIGS, key=["H", "K", "V"])
+@autotune(CONFIGS, key=["H", "V"])
 @triton.jit
 def _intra_bwd_v_kernel(
     v, beta, gamma, t_inv, v_new, dv_new, do, dv, dqk, dt, dbeta_part, scale, cu_seqlens, chunk_indices,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The sums over V, one block of V at a time: dv; dQK = scale (dO V_new^T * decay); dT's U term,
     dU (beta V)^T with dU = dV_new; dbeta's V term."""
@@ -667,14 +667,15 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, chunks: C
         dqk, dt, da = (torch.empty(k.shape[0], H, CHUNK_SIZE, **f32) for _ in range(3))
         dbeta_part, dgamma_part = (torch.empty(k.shape[0], H, **f32) for _ in range(2))
         grid, index = (chunks.num_chunks, H), (chunks.cu_seqlens, chunks.chunk_indices)
-        shapes = dict(H=H, K=K, BT=CHUNK_SIZE, BK=_keys_per_block(K, most=32), DOT_PRECISION=precision)
+        shapes = dict(H=H, BT=CHUNK_SIZE, DOT_PRECISION=precision)
+        keys = dict(K=K, BK=_keys_per_block(K, most=32))
         _intra_bwd_v_kernel[grid](v, beta, gamma, t_inv, v_new, dv_new, do, dv, dqk, dt, dbeta_part, scale, *index,
                                   V=V, **shapes)
         _intra_bwd_k_kernel[grid](q, k, beta, gamma, h, dv_new, do, dq, dqk, dt, dgamma_part, scale, *index, V=V,
-                                  **shapes)
-        _intra_bwd_wy_kernel[grid](k, beta, gamma, t_inv, dt, da, dbeta_part, dgamma_part, *index, **shapes)
+                                  **keys, **shapes)
+        _intra_bwd_wy_kernel[grid](k, beta, gamma, t_inv, dt, da, dbeta_part, dgamma_part, *index, **keys, **shapes)
         _intra_bwd_dk_kernel[grid](q, k, beta, gamma, t_inv, h, dh, v_new, dv_new, dqk, da, dbeta_part, dgamma_part,
-                                   dk, dbeta, dg, *index, V=V, **shapes)
+                                   dk, dbeta, dg, *index, V=V, **keys, **shapes)
     if d_h0 is not None:
         d_h0 = d_h0.to(initial_state.dtype)
     return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, H, V), dg.view(B, T, H),

@@ -606,7 +606,8 @@ def chunk_gla_bwd(q, k, v, g, scale, initial_state, do, d_final, chunks: ChunkGr
     dg = (torch.empty(NK, *g.shape, dtype=torch.float32, device=g.device) if scalar else torch.empty_like(g))
     chunk_gla_bwd_dqkg_kernel[(NK, chunks.per_row, B * H)](
         q, k, v, b, h, do, dh, dq_intra, dk_intra, dg_intra, dq, dk, dg, **varlen, scale=scale, T=T,
-        NUM_GATES=g.numel(), H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=_tile(V, DQKG_V_TILE), SCALAR=scalar, IS_VARLEN=chunks.varlen)
+        NUM_GATES=g.numel(), H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=_tile(V, DQKG_V_TILE), SCALAR=scalar,
+        IS_VARLEN=chunks.varlen)
     if scalar:
         dg = dg.sum(0).to(g.dtype)
     return dq, dk, dv, dg, d_initial
