@@ -1,11 +1,9 @@
 """Compile every Triton kernel of kernels/ for real GPU targets, on a machine without a GPU.
 
-Triton compiles for any CUDA target without a device: a compile-only driver answers the target
-(GPUTarget("cuda", 90, 32) for sm_90), every kernel launch becomes a compile (`warmup=True`), and the
-autotuner's benchmarker only compiles each config. The public Triton entry points run forward and backward
-on small CPU tensors at the presets' head dims, so exactly the kernels (and autotune configs) training would
-launch get compiled. Each compiled kernel gives its shared memory (`metadata.shared`) and, from its cubin
-through the cuobjdump shipped in the triton wheel, its registers and stack (register spills).
+The public Triton entry points run forward and backward on small CPU tensors at the presets' head dims inside
+kernels.compile_check.compile_only (a compile-only driver for sm_80, sm_90 or sm_100), so exactly the kernels
+and autotune candidates training would launch on that architecture get compiled, and each compiled kernel
+gives its registers, stack (register spills) and shared memory.
 
 A kernel passes on a target when it compiles and at least one config fits the target's shared memory
 without spilling. The table (op, dtype, target, K, V, kernel, registers, stack, shared bytes, configs that
@@ -14,13 +12,15 @@ fit / compiled) is printed and saved as JSON under bench/results/; the exit stat
     python -m bench.gpu_compile                       # all targets, presets' shapes, bf16 and fp32
     python -m bench.gpu_compile --quick               # the CI set (tests/kernels/test_gpu_compile.py)
     python -m bench.gpu_compile --targets sm_90 --ops gated_delta_rule --shapes 256x512 128x64 --dtypes bf16
+    python -m bench.gpu_compile --count               # compiled variants of each op's first training call
 
-Configs: by default every autotune config is compiled (what autotuning on the GPU would do). --quick
-stops at each kernel's first config that fits and does not spill (the configs are listed safest first),
-which gives the same verdict for a fraction of the compiles.
+Configs: by default every candidate the architecture tries is compiled (what autotuning on the GPU does).
+--quick stops at each kernel's first candidate that fits and does not spill (the heuristic config comes
+first), which gives the same verdict for a fraction of the compiles. --count compiles nothing: it counts the
+variants the first forward+backward of each op's chunk entry point at a new shape compiles on each target
+(every candidate of every kernel launched), and fails above MAX_VARIANTS_PER_OP.
 
-Run with TRITON_INTERPRET unset (Triton decides at decoration time whether a kernel is interpreted); the
-compile-only driver is active only inside `compile_only()`.
+Run with TRITON_INTERPRET unset (Triton decides at decoration time whether a kernel is interpreted).
 """
 import argparse
 import contextlib
@@ -30,11 +30,9 @@ import itertools
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -43,9 +41,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from kernels.compile_check import TARGETS, CompileLog, Compiled, compile_only, failures  # noqa: E402
+
 RESULTS_DIR = ROOT / "bench" / "results"
-# Largest dynamic shared memory per block (opt-in), bytes: A100, H100, B200.
-TARGETS = {"sm_80": (80, 163 * 1024), "sm_90": (90, 227 * 1024), "sm_100": (100, 227 * 1024)}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Ops by the mixer that runs them; 'gla_scalar' is chunk_gla with a [B, T, H] gate (Mamba2).
 MIXER_OPS = {"gla": "gla", "mamba2": "gla_scalar", "gated_deltanet": "gated_delta_rule"}
@@ -69,163 +67,6 @@ def preset_shapes() -> dict[str, list[tuple[int, int]]]:
             d = c.gated_deltanet
             shapes["gated_delta_rule"].add((d.head_dim, int(d.head_dim * d.expand_v)))
     return {op: sorted(s) for op, s in shapes.items()}
-
-
-# ---- the compile-only driver ----------------------------------------------------------------------
-
-class _DeviceProperties:
-    def __init__(self, max_shared_mem: int):
-        self.properties = {"max_shared_mem": max_shared_mem}
-
-    def get_device_properties(self, device):
-        return self.properties
-
-
-@dataclass
-class Compiled:
-    """One compiled kernel variant (one autotune config at one shape)."""
-    kernel: str
-    config: str
-    registers: int
-    stack: int  # bytes per thread: register spills (and local arrays)
-    shared: int  # bytes of shared memory per block
-    fits: bool
-
-
-@dataclass
-class CompileLog:
-    target: str
-    max_shared: int
-    variants: dict = field(default_factory=dict)  # CompiledKernel.hash -> Compiled
-
-
-def _cuobjdump() -> str:
-    import triton
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers, stack bytes) of the one function in a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    fields = dict(item.split(":", 1) for line in out.splitlines() if "REG:" in line for item in line.split())
-    return int(fields["REG"]), int(fields["STACK"])
-
-
-def _config_label(kwargs: dict, tunables: set) -> str:
-    items = [f"{name}={kwargs[name]}" for name in sorted(tunables) if name in kwargs]
-    items += [f"{name}={kwargs[name]}" for name in ("num_warps", "num_stages") if name in kwargs]
-    return ",".join(items) or "-"
-
-
-def _autotuners():
-    """Every autotuned kernel of kernels/ (the modules define them at import)."""
-    import triton
-
-    from kernels.gated_delta_rule import fused_recurrent as gdr_recurrent, triton_chunk as gdr_chunk
-    from kernels.gla import fused_recurrent as gla_recurrent, triton_chunk as gla_chunk
-    return [obj for module in (gdr_chunk, gdr_recurrent, gla_chunk, gla_recurrent) for obj in vars(module).values()
-            if isinstance(obj, triton.runtime.Autotuner)]
-
-
-@contextlib.contextmanager
-def compile_only(target: str, quick: bool = False):
-    """Within this context every Triton launch compiles for `target` (e.g. 'sm_90') and records the compiled
-    kernel in the yielded CompileLog instead of running. The previous driver and methods come back on exit."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.driver import DriverBase
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-
-    capability, max_shared = TARGETS[target]
-    log = CompileLog(target, max_shared)
-    autotuners = _autotuners()
-    tunables = {id(a.fn): {name for c in a.configs for name in c.kwargs} for a in autotuners}
-
-    def record(jit_fn, kwargs, kernel) -> Compiled:
-        if kernel.hash not in log.variants:
-            registers, stack = _resource_usage(kernel.asm["cubin"])
-            log.variants[kernel.hash] = Compiled(jit_fn.__name__, _config_label(kwargs, tunables.get(id(jit_fn), set())),
-                                                 registers, stack, kernel.metadata.shared,
-                                                 kernel.metadata.shared <= max_shared)
-        return log.variants[kernel.hash]
-
-    def benchmark(kernel_call, quantiles=None, **kwargs):
-        """The autotuner's timing of a config: compile it; prefer configs that fit, then fewer spills."""
-        kernel_call()
-        c = latest[0]
-        score = c.stack + 1.0 if c.fits else float("inf")
-        return [score] * len(quantiles) if quantiles else score
-
-    class CompileOnlyDriver(DriverBase):
-        def __init__(self):
-            self.utils = _DeviceProperties(max_shared)
-
-        @classmethod
-        def is_active(cls):
-            return False
-
-        def map_python_to_cpp_type(self, ty: str) -> str:
-            from triton.backends.nvidia.driver import ty_to_cpp
-            return ty_to_cpp(ty)
-
-        def get_current_target(self):
-            return GPUTarget("cuda", capability, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-        def get_current_device(self):
-            return capability  # one kernel cache per target: JITFunction caches by device
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_benchmarker(self):
-            return benchmark
-
-    latest: list[Compiled] = [None]
-    jit_run, prune_configs = JITFunction.run, Autotuner.prune_configs
-
-    def compile_run(self, *args, grid, warmup, **kwargs):
-        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        latest[0] = record(self, kwargs, kernel)
-        return kernel
-
-    def first_good_config(self, kwargs):
-        """--quick: compile configs in order and keep the first that fits without spilling."""
-        configs = []
-        for config in self.configs:
-            self.fn.run(*self.nargs.values(), **{**kwargs, "warmup": True}, **config.all_kwargs())
-            configs.append(config)
-            if latest[0].fits and latest[0].stack == 0:
-                return [config]
-        return configs
-
-    drivers = triton.runtime.driver
-    previous_driver = drivers._active  # not `.active`: without a GPU that would fail to create the default
-    saved = [(a, a.cache, a.__dict__.get("do_bench")) for a in autotuners]
-    try:
-        drivers.set_active(CompileOnlyDriver())
-        JITFunction.run = compile_run
-        if quick:
-            Autotuner.prune_configs = first_good_config
-        for a in autotuners:  # tune afresh for this target, with the compile-only benchmarker
-            a.cache = {}
-            a.__dict__.pop("do_bench", None)
-        yield log
-    finally:
-        JITFunction.run, Autotuner.prune_configs = jit_run, prune_configs
-        drivers._active = previous_driver
-        for a, cache, do_bench in saved:
-            a.cache = cache
-            a.__dict__.pop("do_bench", None)
-            if do_bench is not None:
-                a.__dict__["do_bench"] = do_bench
 
 
 # ---- the ops, through their public Triton entry points --------------------------------------------
@@ -255,11 +96,24 @@ def _entry_points(op: str):
     return chunk_gla_triton, fused_recurrent_gla_triton
 
 
-def run_op(op: str, K: int, V: int, dtype: torch.dtype) -> None:
-    """Forward (chunk and fused recurrent, with initial and final state) and backward of one op."""
-    for fn in _entry_points(op):
+def run_op(op: str, K: int, V: int, dtype: torch.dtype, chunk_only: bool = False) -> None:
+    """Forward (chunk and, unless chunk_only, fused recurrent, with initial and final state) and backward of
+    one op."""
+    for fn in _entry_points(op)[:1 if chunk_only else 2]:
         o, final = fn(**_inputs(op, K, V, dtype), output_final_state=True)
         torch.autograd.backward([o, final], [torch.ones_like(o), torch.ones_like(final)])
+
+
+MAX_VARIANTS_PER_OP = 40  # compiles of an op's first forward+backward at a new shape, every candidate included
+
+
+def count_variants(case: dict) -> dict:
+    """The case with `variants`: how many kernel variants the first chunk forward+backward compiles there."""
+    with compile_only(case["target"], count_only=True) as log:
+        run_op(case["op"], case["K"], case["V"], DTYPES[case["dtype"]], chunk_only=True)
+    return dict(case, variants=len(log.variants),
+                per_kernel={name: sum(c.kernel == name for c in log.variants.values())
+                            for name in sorted({c.kernel for c in log.variants.values()})})
 
 
 # ---- the check ------------------------------------------------------------------------------------
@@ -316,22 +170,6 @@ def _summarise(case: dict, log: CompileLog) -> list[dict]:
     return rows
 
 
-def failures(rows: list[dict]) -> list[str]:
-    """Why the check fails: compile errors, kernels with no config that fits, kernels whose fitting configs
-    all spill."""
-    out = []
-    for r in rows:
-        where = f"{r['kernel']} {r['target']} {r['op']} {r['dtype']} K={r['K']} V={r['V']}"
-        if "error" in r:
-            out.append(f"{where}: {r['error']}")
-        elif not r["fit"]:
-            out.append(f"{where}: no config fits {TARGETS[r['target']][1]} bytes of shared memory "
-                       f"(smallest needs {r['shared']})")
-        elif not r["spill_free"]:
-            out.append(f"{where}: every fitting config spills (least: {r['stack']} bytes of stack)")
-    return out
-
-
 def _format_rows(rows: list[dict]) -> str:
     lines = []
     for r in rows:
@@ -356,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", metavar="KxV", help="head dims for every op (default: the presets')")
     p.add_argument("--quick", action="store_true",
                    help="the CI set (see quick_cases), stopping at each kernel's first config that fits unspilled")
+    p.add_argument("--count", action="store_true",
+                   help="count the compiled variants of each op's first training call per target (no compiling)")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="cases compiled at once (default: one per core)")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/gpu_compile_<date>.json)")
     args = p.parse_args(argv)
@@ -372,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         cases = [dict(target=t, op=op, dtype=d, K=K, V=V) for t in args.targets for op in args.ops
                  for d in args.dtypes or DTYPES for K, V in shapes[op]]
 
+    import triton
+    if args.count:
+        return _count(quick_cases({op: shapes[op] for op in args.ops}, args.targets, args.dtypes or ("bf16",)),
+                      args.out, triton.__version__)
     print(HEADER, flush=True)
     rows = check(cases, quick=args.quick, jobs=args.jobs)
-    import triton
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   triton=triton.__version__, torch=torch.__version__, quick=args.quick,
                   max_shared={t: TARGETS[t][1] for t in sorted({c["target"] for c in cases})}, rows=rows)
@@ -386,6 +229,23 @@ def main(argv: list[str] | None = None) -> int:
     for line in bad:
         print(f"FAIL {line}")
     return 1 if bad else 0
+
+
+def _count(cases: list[dict], out: Path | None, triton_version: str) -> int:
+    rows = [count_variants(case) for case in cases]
+    for r in rows:
+        print(f"{r['target']:7}{r['op']:17}{r['dtype']:5}{r['K']:>4}x{r['V']:<4} {r['variants']:>4} variants  "
+              + " ".join(f"{name}:{n}" for name, n in r["per_kernel"].items()), flush=True)
+    out = out or RESULTS_DIR / f"gpu_compile_count_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                   triton=triton_version, max_variants_per_op=MAX_VARIANTS_PER_OP, rows=rows),
+                              indent=1))
+    print(f"wrote {out}")
+    over = [r for r in rows if r["variants"] > MAX_VARIANTS_PER_OP]
+    for r in over:
+        print(f"FAIL {r['op']} {r['target']}: {r['variants']} variants > {MAX_VARIANTS_PER_OP}")
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from configs.errors import ConfigError
 
 from data.config import DataConfig
 from eval.config import EvalConfig
+from kernels.common import CHUNK_SIZE
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
 
@@ -24,7 +25,6 @@ CONFIG_DIR = Path(__file__).resolve().parent
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
-KERNEL_CHUNK_SIZE = 64  # the chunkwise kernels' block along time (kernels/*/chunk.py)
 
 
 @dataclass
@@ -130,10 +130,10 @@ class BatonConfig:
     def __post_init__(self):
         # Each recurrent layer's slice (T / sp tokens) must be whole kernel chunks.
         if self.model.has_recurrent_layers():
-            step = KERNEL_CHUNK_SIZE * self.parallel.sp
+            step = CHUNK_SIZE * self.parallel.sp
             if self.train.seq_len % step:
                 raise ConfigError(f"train.seq_len={self.train.seq_len} must be divisible by {step} "
-                                 f"(kernel chunk {KERNEL_CHUNK_SIZE} x parallel.sp {self.parallel.sp})")
+                                 f"(kernel chunk {CHUNK_SIZE} x parallel.sp {self.parallel.sp})")
         elif self.train.seq_len % self.parallel.sp:
             raise ConfigError(f"train.seq_len={self.train.seq_len} must be divisible by parallel.sp={self.parallel.sp}")
         if self.train.micro_batch_size and self.train.global_batch_size % self.train.micro_batch_size:

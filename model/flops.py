@@ -14,13 +14,12 @@ from typing import Optional
 
 import torch.nn as nn
 
+from kernels.common import CHUNK_SIZE
 from model.attention import Attention
 from model.gated_deltanet import GatedDeltaNet
 from model.gla import GLA
 from model.mamba2 import Mamba2
 from model.recurrent import ShortConvolution
-
-CHUNK_SIZE = 64  # the chunk kernels' block along time (kernels/*/chunk.py)
 
 
 def mean_context(seq_len: int, window: Optional[int]) -> float:

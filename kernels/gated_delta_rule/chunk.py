@@ -16,9 +16,8 @@ The backward is autograd's.
 import torch
 import torch.nn.functional as F
 
-from kernels.common import chunk_layout, compute_dtype, sequence_bounds
+from kernels.common import CHUNK_SIZE, chunk_layout, compute_dtype, sequence_bounds
 
-CHUNK_SIZE = 64
 
 
 def chunk_gated_delta_rule_torch(

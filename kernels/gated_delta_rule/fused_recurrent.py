@@ -10,11 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gated_delta_rule.triton_chunk import ChunkList, _ChunkGatedDeltaRule, check_key_dim
+from kernels.common.chunks import ChunkIndex
+from kernels.common.state_passes import check_key_dim
+from kernels.gated_delta_rule.triton_chunk import _ChunkGatedDeltaRule
 from kernels.tuning import autotune
 
 
-@autotune([triton.Config({"BV": bv}, num_warps=w) for bv in (64, 32, 16) for w in (4, 2, 1)],
+@autotune([triton.Config({"BV": 64}, num_warps=4), triton.Config({"BV": 32}, num_warps=2),
+           triton.Config({"BV": 16}, num_warps=1)],
           key=["H", "K", "V", "USE_INITIAL_STATE", "STORE_FINAL_STATE"])
 @triton.jit
 def _fused_recurrent_kernel(
@@ -55,7 +58,7 @@ class _FusedRecurrentGatedDeltaRule(_ChunkGatedDeltaRule):  # the chunk backward
     def forward(ctx, q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens):
         B, T, H, K = k.shape
         V = v.shape[-1]
-        chunks = ChunkList(cu_seqlens, B, T, q.device)
+        chunks = ChunkIndex(cu_seqlens, B, T, q.device)
         N = chunks.num_sequences
         initial_state = initial_state.contiguous() if initial_state is not None else None
         o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)

@@ -17,9 +17,8 @@ A scalar gate needs only the masked [C, C] matrix exp(b_t - b_s).
 """
 import torch
 
-from kernels.common import chunk_layout, compute_dtype, sequence_bounds
+from kernels.common import CHUNK_SIZE, chunk_layout, compute_dtype, sequence_bounds
 
-CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
 FACTORIZED_MAX_DECAY = 60.0  # largest -log decay over one chunk for which exp(+-b) stays well inside fp32
 

@@ -8,27 +8,26 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gla.triton_chunk import ChunkGLAFunction, ChunkGrid, prepare_inputs
+from kernels.common.chunks import ChunkIndex
+from kernels.gla.triton_chunk import ChunkGLAFunction, prepare_inputs
 from kernels.tuning import autotune
 
 
-@autotune([triton.Config({}, num_warps=w) for w in (1, 2, 4)], key=["H", "K", "V", "SCALAR"])
-@triton.jit(do_not_specialize=["T"])
-def fused_recurrent_gla_fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, T, H: tl.constexpr, K: tl.constexpr,
+# 4 warps first: one warp holding a [K = 256, 32] state slice spills (1,928 bytes on sm_90).
+@autotune([triton.Config({}, num_warps=w) for w in (4, 2, 1)], key=["H", "K", "V", "SCALAR"])
+@triton.jit
+def fused_recurrent_gla_fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, H: tl.constexpr, K: tl.constexpr,
                                    V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
-                                   USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+                                   USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-        T = tl.load(cu_seqlens + i_n + 1).to(tl.int32) - bos
-    else:
-        bos = i_n * T
+    bos = tl.load(cu_seqlens + i_n)
+    T = tl.load(cu_seqlens + i_n + 1) - bos
     ks = tl.arange(0, BK)
     vs = i_v * BV + tl.arange(0, BV)
     k_ok, v_ok = ks < K, vs < V
     state_mask = k_ok[:, None] & v_ok[None, :]
-    state_offsets = i_nh * K * V + ks[:, None] * V + vs[None, :]
+    state_offsets = i_nh.to(tl.int64) * K * V + ks[:, None] * V + vs[None, :]
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         state += tl.load(h0 + state_offsets, mask=state_mask, other=0).to(tl.float32)
@@ -52,15 +51,15 @@ class FusedRecurrentGLAFunction(ChunkGLAFunction):  # the chunk backward serves 
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        chunks = ChunkGrid(B, T, cu_seqlens)
+        chunks = ChunkIndex(cu_seqlens, B, T, q.device)
         o = torch.empty_like(v)
-        final = (torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device)
+        final = (torch.empty(chunks.num_sequences, H, K, V, dtype=torch.float32, device=q.device)
                  if output_final_state else None)
         BV = min(32, triton.next_power_of_2(V))  # the whole K stays in one program: no partial outputs to sum
-        fused_recurrent_gla_fwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs * H)](
-            q, k, v, g, o, initial_state, final, chunks.cu_seqlens, scale, T, H=H, K=K, V=V,
+        fused_recurrent_gla_fwd_kernel[(triton.cdiv(V, BV), chunks.num_sequences * H)](
+            q, k, v, g, o, initial_state, final, chunks.cu_seqlens, scale, H=H, K=K, V=V,
             BK=triton.next_power_of_2(K), BV=BV, SCALAR=g.dim() == 3, USE_H0=initial_state is not None,
-            STORE_FINAL=output_final_state, IS_VARLEN=chunks.varlen)
+            STORE_FINAL=output_final_state)
         ctx.save_for_backward(q, k, v, g, initial_state)
         ctx.scale, ctx.chunks = scale, chunks
         return o, final

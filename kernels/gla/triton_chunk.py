@@ -1,125 +1,62 @@
-"""Gated linear attention, chunkwise, in Triton: forward and backward kernels (the CUDA path).
+"""Gated linear attention, chunkwise, in Triton: forward and backward (the CUDA path).
 
-Notation per chunk of BT=64 tokens: b = cumulative log gate from the chunk's start (fp32), h = the state
-entering the chunk, dh = the gradient of the state leaving it, A = the chunk's lower-triangular attention
-matrix (scale included).
-Forward:  b (chunk_cumsum) -> h per chunk (chunk_fwd_h, a scan over chunks) -> A (intra-chunk)
-          -> o = scale (q exp(b)) h + A v.
-Backward: b, h and A are recomputed rather than stored; dh per chunk (chunk_bwd_dh, a reverse scan)
-          -> dA = scale do v^T -> dv = A^T do + (k exp(b_last - b)) dh -> intra-chunk dq, dk -> inter-chunk
-          dq, dk and dg.
+Notation per chunk of BT=64 tokens: b = the gate's cumulative sum from the chunk's start (g_cumsum, fp32),
+h = the state entering the chunk, dh = the gradient of the state leaving it, A = the chunk's lower-triangular
+attention matrix (scale included). Composed of the shared stages (kernels/common) and GLA's own kernels:
+Forward:  b (chunk_cumsum) -> h per chunk (the state pass) -> A (vector gate: intra-chunk kernel) -> o (the
+          output pass; a scalar gate's A is computed there).
+Backward: b, h and A are recomputed rather than stored; dh per chunk (the state backward) -> dA = scale do v^T
+          -> dv = A^T do + (k exp(b_last - b)) dh -> intra-chunk dq, dk -> inter-chunk dq, dk and dg.
 The gate gradient needs care: d b_t = q_t dq_t - k_t dk_t, but each of those contains O(1) terms that
 cancel exactly (a token's attention to itself; the chunk's last token in the state update), while the
 true d g is tiny when the gates are (a_t = e^-20 gives d g ~ e^-20). So the kernels keep those terms out
 of the sums instead of subtracting them afterwards: dg = reverse_cumsum(q dq_inter + q dq_offdiag
 - k dk_offdiag) + exclusive_cumsum(k dk_inter) + exp(b_last) sum(h * dh).
 Only exponents <= 0 are exponentiated (sub-chunks of BC=16 split exp(b_t - b_s) at a point between t
-and s), so no gate value, however negative, overflows. Plain pointers, no block pointers (Triton 3.6+);
-T is not specialized on, so new lengths reuse the compiled kernels.
+and s), so no gate value, however negative, overflows. Every call is variable-length internally (ChunkIndex,
+int64 offsets); lengths are never specialized on, so new lengths reuse the compiled kernels.
 """
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import prepare_chunk_indices, prepare_chunk_offsets
+from kernels.common.chunks import CHUNK_SIZE, ChunkIndex
+from kernels.common.output_pass import chunk_outputs
+from kernels.common.state_passes import chunk_state_grads, chunk_states
+from kernels.common.tiles import chunk_span, masked_exp
 from kernels.tuning import autotune
 
-CHUNK_SIZE = 64  # BT
 SUB_CHUNK_SIZE = 16  # BC
 
-WARPS_STAGES = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 2, 8) for s in (2, 3, 4)]
+# Three candidates per kernel (kernels/tuning.py), the heuristic config first (what trained on an H200).
+WARPS_STAGES = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=3),
+                triton.Config({}, num_warps=2, num_stages=2)]
 
 
 @triton.jit
-def _sequence(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN: tl.constexpr):
-    """(chunk within the sequence, first token, length) of a program working on chunk i_t of row i_b."""
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-        T = tl.load(cu_seqlens + i_n + 1).to(tl.int32) - bos
-    else:
-        bos = i_b * T
-    return i_t, bos, T
-
-
-@triton.jit
-def _masked_exp(x, mask):
-    """exp(x) where mask, else 0; x past a sequence's end may be positive and must not reach exp."""
-    return tl.exp(tl.where(mask, x, float("-inf")))
-
-
-@triton.jit(do_not_specialize=["T"])
-def chunk_cumsum_kernel(g, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, S: tl.constexpr,
-                        BT: tl.constexpr, BS: tl.constexpr, IS_VARLEN: tl.constexpr):
+def chunk_cumsum_kernel(g, b, cu_seqlens, chunk_indices, H: tl.constexpr, S: tl.constexpr,
+                        BT: tl.constexpr, BS: tl.constexpr):
     """b = cumulative sum of g within each chunk; g is [B, T, H, S] (S = K, or 1 for a scalar gate)."""
-    i_s, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, bos, T = _sequence(cu_seqlens, chunk_indices, i_t, i_bh // H, T, IS_VARLEN)
+    i_s, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, bos, eos = chunk_span(cu_seqlens, chunk_indices, i_c)
+    T = eos - bos
     rows = i_t * BT + tl.arange(0, BT)
     cols = i_s * BS + tl.arange(0, BS)
     mask = (rows < T)[:, None] & (cols < S)[None, :]
-    offsets = ((bos + rows) * H + i_bh % H)[:, None] * S + cols[None, :]
+    offsets = ((bos + rows) * H + i_h)[:, None] * S + cols[None, :]
     x = tl.load(g + offsets, mask=mask, other=0).to(tl.float32)
     tl.store(b + offsets, tl.cumsum(x, axis=0), mask=mask)
 
 
-@autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
-@triton.jit(do_not_specialize=["T"])
-def chunk_fwd_h_kernel(k, v, b, h, h0, ht, cu_seqlens, chunk_offsets, T, H: tl.constexpr, K: tl.constexpr,
-                       V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       SCALAR: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                       IS_VARLEN: tl.constexpr):
-    """h[chunk] = the state entering each chunk, scanned over the chunks of one sequence (fp32)."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-        T = tl.load(cu_seqlens + i_n + 1).to(tl.int32) - bos
-        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int32)
-    else:
-        bos = i_n * T
-        first_chunk = i_n * tl.cdiv(T, BT)
-    ks = i_k * BK + tl.arange(0, BK)
-    vs = i_v * BV + tl.arange(0, BV)
-    state_mask = (ks < K)[:, None] & (vs < V)[None, :]
-    state_offsets = ks[:, None] * V + vs[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        state += tl.load(h0 + i_nh * K * V + state_offsets, mask=state_mask, other=0).to(tl.float32)
-    for i_t in range(tl.cdiv(T, BT)):
-        tl.store(h + ((first_chunk + i_t) * H + i_h) * K * V + state_offsets, state, mask=state_mask)
-        rows = i_t * BT + tl.arange(0, BT)
-        valid = rows < T
-        last = tl.minimum(i_t * BT + BT, T) - 1
-        token = (bos + rows) * H + i_h
-        k_mask = valid[:, None] & (ks < K)[None, :]
-        k_tile = tl.load(k + token[:, None] * K + ks[None, :], mask=k_mask, other=0)
-        v_tile = tl.load(v + token[:, None] * V + vs[None, :], mask=valid[:, None] & (vs < V)[None, :], other=0)
-        if SCALAR:
-            b_rows = tl.load(b + token, mask=valid, other=0)
-            b_last = tl.load(b + (bos + last) * H + i_h)
-            k_decayed = tl.where(k_mask, k_tile * tl.exp(b_last - b_rows)[:, None], 0)
-            state = state * tl.exp(b_last)
-        else:
-            b_rows = tl.load(b + token[:, None] * K + ks[None, :], mask=k_mask, other=0)
-            b_last = tl.load(b + ((bos + last) * H + i_h) * K + ks, mask=ks < K, other=0)
-            k_decayed = tl.where(k_mask, k_tile * tl.exp(b_last[None, :] - b_rows), 0)
-            state = state * tl.exp(b_last)[:, None]
-        state += tl.dot(tl.trans(k_decayed.to(v_tile.dtype)), v_tile)
-    if STORE_FINAL:
-        tl.store(ht + i_nh * K * V + state_offsets, state, mask=state_mask)
-
-
 @autotune(WARPS_STAGES, key=["H", "K", "BT", "BC"])
-@triton.jit(do_not_specialize=["T"])
-def chunk_gla_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr, K: tl.constexpr,
-                           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                           IS_VARLEN: tl.constexpr):
+@triton.jit
+def chunk_gla_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, H: tl.constexpr, K: tl.constexpr,
+                           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr):
     """Rows of sub-chunk i_i of A (vector gate): blocks against earlier sub-chunks split at the sub-chunk's
     first token r (exp(b_t - b_r) exp(b_r - b_s)), the diagonal block one key at a time."""
-    i_t, i_i, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_h = i_bh % H
-    i_t, bos, T = _sequence(cu_seqlens, chunk_indices, i_t, i_bh // H, T, IS_VARLEN)
+    i_c, i_i, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, bos, eos = chunk_span(cu_seqlens, chunk_indices, i_c)
+    T = eos - bos
     t0 = i_t * BT
     r0 = t0 + i_i * BC
     if r0 >= T:
@@ -141,7 +78,7 @@ def chunk_gla_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, T, H: t
             b_r = tl.load(b + ((bos + r0) * H + i_h) * K + ks, mask=k_ok, other=0)
             k_j = tl.load(k + keys[:, None] * K + ks[None, :], mask=k_ok[None, :], other=0)
             b_j = tl.load(b + keys[:, None] * K + ks[None, :], mask=k_ok[None, :], other=0)
-            q_decayed = q_i * _masked_exp(b_i - b_r[None, :], mask)
+            q_decayed = q_i * masked_exp(b_i - b_r[None, :], mask)
             k_decayed = k_j * tl.exp(b_r[None, :] - b_j)
             acc += tl.dot(q_decayed.to(q_i.dtype), tl.trans(k_decayed.to(k_j.dtype)))
         tl.store(a_rows + (j * BC + cols)[None, :], acc * scale, mask=valid[:, None])
@@ -162,13 +99,13 @@ def chunk_gla_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, T, H: t
 
 
 @autotune(WARPS_STAGES, key=["H", "K", "BT"])
-@triton.jit(do_not_specialize=["T"])
-def chunk_scalar_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr, K: tl.constexpr,
-                              BT: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr):
+@triton.jit
+def chunk_scalar_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, H: tl.constexpr, K: tl.constexpr,
+                              BT: tl.constexpr, BK: tl.constexpr):
     """A for a scalar gate: scale (q k^T) * exp(b_t - b_s), masked to s <= t."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_h = i_bh % H
-    i_t, bos, T = _sequence(cu_seqlens, chunk_indices, i_t, i_bh // H, T, IS_VARLEN)
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_t, bos, eos = chunk_span(cu_seqlens, chunk_indices, i_c)
+    T = eos - bos
     rows = i_t * BT + tl.arange(0, BT)
     valid = rows < T
     token = (bos + rows) * H + i_h
@@ -185,92 +122,14 @@ def chunk_scalar_fwd_A_kernel(q, k, b, A, cu_seqlens, chunk_indices, scale, T, H
     tl.store(A + token[:, None] * BT + tl.arange(0, BT)[None, :], acc * decay * scale, mask=valid[:, None])
 
 
-@autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
-@triton.jit(do_not_specialize=["T"])
-def chunk_gla_fwd_o_kernel(q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
-                           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, SCALAR: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """o = scale (q exp(b)) h + A v for one chunk and one tile of V."""
-    i_v, i_tg, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T = _sequence(cu_seqlens, chunk_indices, i_tg, i_b, T, IS_VARLEN)
-    if not IS_VARLEN:
-        i_tg = i_b * tl.cdiv(T, BT) + i_t
-    rows = i_t * BT + tl.arange(0, BT)
-    valid = rows < T
-    token = (bos + rows) * H + i_h
-    vs = i_v * BV + tl.arange(0, BV)
-    v_mask = valid[:, None] & (vs < V)[None, :]
-    acc = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        ks = i_k * BK + tl.arange(0, BK)
-        mask = valid[:, None] & (ks < K)[None, :]
-        q_tile = tl.load(q + token[:, None] * K + ks[None, :], mask=mask, other=0)
-        if SCALAR:
-            decay = tl.exp(tl.load(b + token, mask=valid, other=0))[:, None]
-        else:
-            decay = tl.exp(tl.load(b + token[:, None] * K + ks[None, :], mask=mask, other=0))
-        state = tl.load(h + (i_tg * H + i_h) * K * V + ks[:, None] * V + vs[None, :],
-                        mask=(ks < K)[:, None] & (vs < V)[None, :], other=0)
-        acc += tl.dot((q_tile * decay * scale).to(q_tile.dtype), state.to(q_tile.dtype))
-    a_tile = tl.load(A + token[:, None] * BT + tl.arange(0, BT)[None, :], mask=valid[:, None], other=0)
-    v_tile = tl.load(v + token[:, None] * V + vs[None, :], mask=v_mask, other=0)
-    acc += tl.dot(a_tile.to(v_tile.dtype), v_tile)
-    tl.store(o + token[:, None] * V + vs[None, :], acc.to(o.dtype.element_ty), mask=v_mask)
-
-
-@autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
-@triton.jit(do_not_specialize=["T"])
-def chunk_bwd_dh_kernel(q, b, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H: tl.constexpr,
-                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        SCALAR: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                        IS_VARLEN: tl.constexpr):
-    """dh[chunk] = the gradient of the state leaving each chunk, scanned backwards over the chunks:
-    d(entering) = exp(b_last) d(leaving) + scale (q exp(b))^T do."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-        T = tl.load(cu_seqlens + i_n + 1).to(tl.int32) - bos
-        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int32)
-    else:
-        bos = i_n * T
-        first_chunk = i_n * tl.cdiv(T, BT)
-    ks = i_k * BK + tl.arange(0, BK)
-    vs = i_v * BV + tl.arange(0, BV)
-    state_mask = (ks < K)[:, None] & (vs < V)[None, :]
-    state_offsets = ks[:, None] * V + vs[None, :]
-    grad = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        grad += tl.load(dht + i_nh * K * V + state_offsets, mask=state_mask, other=0).to(tl.float32)
-    for i_t in range(tl.cdiv(T, BT) - 1, -1, -1):
-        tl.store(dh + ((first_chunk + i_t) * H + i_h) * K * V + state_offsets, grad, mask=state_mask)
-        rows = i_t * BT + tl.arange(0, BT)
-        valid = rows < T
-        last = tl.minimum(i_t * BT + BT, T) - 1
-        token = (bos + rows) * H + i_h
-        k_mask = valid[:, None] & (ks < K)[None, :]
-        q_tile = tl.load(q + token[:, None] * K + ks[None, :], mask=k_mask, other=0)
-        do_tile = tl.load(do + token[:, None] * V + vs[None, :], mask=valid[:, None] & (vs < V)[None, :], other=0)
-        if SCALAR:
-            q_decayed = q_tile * (tl.exp(tl.load(b + token, mask=valid, other=0)) * scale)[:, None]
-            grad = grad * tl.exp(tl.load(b + (bos + last) * H + i_h))
-        else:
-            q_decayed = q_tile * tl.exp(tl.load(b + token[:, None] * K + ks[None, :], mask=k_mask, other=0)) * scale
-            grad = grad * tl.exp(tl.load(b + ((bos + last) * H + i_h) * K + ks, mask=ks < K, other=0))[:, None]
-        grad += tl.dot(tl.trans(q_decayed.to(do_tile.dtype)), do_tile)
-    if STORE_DH0:
-        tl.store(dh0 + i_nh * K * V + state_offsets, grad, mask=state_mask)
-
-
 @autotune(WARPS_STAGES, key=["H", "V", "BT"])
-@triton.jit(do_not_specialize=["T"])
-def chunk_bwd_dA_kernel(v, do, dA, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr, V: tl.constexpr,
-                        BT: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+@triton.jit
+def chunk_bwd_dA_kernel(v, do, dA, cu_seqlens, chunk_indices, scale, H: tl.constexpr, V: tl.constexpr,
+                        BT: tl.constexpr, BV: tl.constexpr):
     """dA = scale do v^T, masked to s <= t."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_h = i_bh % H
-    i_t, bos, T = _sequence(cu_seqlens, chunk_indices, i_t, i_bh // H, T, IS_VARLEN)
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_t, bos, eos = chunk_span(cu_seqlens, chunk_indices, i_c)
+    T = eos - bos
     rows = i_t * BT + tl.arange(0, BT)
     valid = rows < T
     token = (bos + rows) * H + i_h
@@ -287,16 +146,14 @@ def chunk_bwd_dA_kernel(v, do, dA, cu_seqlens, chunk_indices, scale, T, H: tl.co
 
 
 @autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
-@triton.jit(do_not_specialize=["T"])
-def chunk_gla_bwd_dv_kernel(k, b, A, do, dh, dv, cu_seqlens, chunk_indices, T, H: tl.constexpr, K: tl.constexpr,
+@triton.jit
+def chunk_gla_bwd_dv_kernel(k, b, A, do, dh, dv, cu_seqlens, chunk_indices, H: tl.constexpr, K: tl.constexpr,
                             V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            SCALAR: tl.constexpr, IS_VARLEN: tl.constexpr):
+                            SCALAR: tl.constexpr):
     """dv = A^T do + (k exp(b_last - b)) dh."""
-    i_v, i_tg, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T = _sequence(cu_seqlens, chunk_indices, i_tg, i_b, T, IS_VARLEN)
-    if not IS_VARLEN:
-        i_tg = i_b * tl.cdiv(T, BT) + i_t
+    i_v, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, bos, eos = chunk_span(cu_seqlens, chunk_indices, i_tg)
+    T = eos - bos
     rows = i_t * BT + tl.arange(0, BT)
     valid = rows < T
     last = tl.minimum(i_t * BT + BT, T) - 1
@@ -317,23 +174,23 @@ def chunk_gla_bwd_dv_kernel(k, b, A, do, dh, dv, cu_seqlens, chunk_indices, T, H
             b_last = tl.load(b + ((bos + last) * H + i_h) * K + ks, mask=ks < K, other=0)
             b_rows = tl.load(b + token[:, None] * K + ks[None, :], mask=mask, other=0)
             k_decayed = tl.where(mask, k_tile * tl.exp(b_last[None, :] - b_rows), 0)
-        grad = tl.load(dh + (i_tg * H + i_h) * K * V + ks[:, None] * V + vs[None, :],
+        grad = tl.load(dh + (i_tg.to(tl.int64) * H + i_h) * K * V + ks[:, None] * V + vs[None, :],
                        mask=(ks < K)[:, None] & (vs < V)[None, :], other=0)
         acc += tl.dot(k_decayed.to(k_tile.dtype), grad.to(k_tile.dtype))
     tl.store(dv + token[:, None] * V + vs[None, :], acc.to(dv.dtype.element_ty), mask=v_mask)
 
 
 @autotune(WARPS_STAGES, key=["H", "K", "BT", "BC"])
-@triton.jit(do_not_specialize=["T"])
-def chunk_gla_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_indices, T, H: tl.constexpr,
+@triton.jit
+def chunk_gla_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_indices, H: tl.constexpr,
                                    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                                   NC: tl.constexpr, IS_VARLEN: tl.constexpr):
+                                   NC: tl.constexpr):
     """Intra-chunk dq, dk (vector gate) for the tokens of sub-chunk i_i, and their share of d b without the
     diagonal terms: q dq_offdiag - k dk_offdiag (fp32)."""
-    i_k, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, i_i = i_tc // NC, i_tc % NC
-    i_h = i_bh % H
-    i_t, bos, T = _sequence(cu_seqlens, chunk_indices, i_t, i_bh // H, T, IS_VARLEN)
+    i_k, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_i = i_tc // NC, i_tc % NC
+    i_t, bos, eos = chunk_span(cu_seqlens, chunk_indices, i_c)
+    T = eos - bos
     t0 = i_t * BT
     r0 = t0 + i_i * BC
     if r0 >= T:
@@ -361,7 +218,7 @@ def chunk_gla_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_in
             b_j = tl.load(b + keys[:, None] * K + ks[None, :], mask=k_ok[None, :], other=0)
             da = tl.load(da_rows + (j * BC + cols)[None, :], mask=valid[:, None], other=0)
             dq_off += tl.dot(da.to(k_j.dtype), (k_j * tl.exp(b_r[None, :] - b_j)).to(k_j.dtype))
-        dq_off = dq_off * _masked_exp(b_i - b_r[None, :], mask)
+        dq_off = dq_off * masked_exp(b_i - b_r[None, :], mask)
     # Keys here, queries in later sub-chunks: split at this sub-chunk's last token.
     dk_off = tl.zeros([BC, BK], dtype=tl.float32)
     later = tl.minimum(NC, tl.cdiv(T - t0, BC))  # sub-chunks that hold tokens
@@ -375,7 +232,7 @@ def chunk_gla_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_in
             q_j = tl.load(q + q_tile[:, None] * K + ks[None, :], mask=q_mask, other=0)
             b_j = tl.load(b + q_tile[:, None] * K + ks[None, :], mask=q_mask, other=0)
             da = tl.load(dA + q_tile[:, None] * BT + (i_i * BC + cols)[None, :], mask=q_valid[:, None], other=0)
-            q_decayed = q_j * _masked_exp(b_j - b_e[None, :], q_mask)
+            q_decayed = q_j * masked_exp(b_j - b_e[None, :], q_mask)
             dk_off += tl.dot(tl.trans(da).to(q_j.dtype), q_decayed.to(q_j.dtype))
         dk_off = tl.where(mask, dk_off * tl.exp(b_e[None, :] - b_i), 0)
     # The diagonal block without the tokens themselves (added below): pairs t > s, masked before exp.
@@ -392,13 +249,13 @@ def chunk_gla_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_in
 
 
 @autotune(WARPS_STAGES, key=["H", "K", "BT"])
-@triton.jit(do_not_specialize=["T"])
-def chunk_scalar_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_indices, T, H: tl.constexpr,
-                                      K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr):
+@triton.jit
+def chunk_scalar_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk_indices, H: tl.constexpr,
+                                      K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """Intra-chunk dq, dk for a scalar gate, and q dq_offdiag - k dk_offdiag (fp32, per key dimension)."""
-    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_h = i_bh % H
-    i_t, bos, T = _sequence(cu_seqlens, chunk_indices, i_t, i_bh // H, T, IS_VARLEN)
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, bos, eos = chunk_span(cu_seqlens, chunk_indices, i_c)
+    T = eos - bos
     cols = tl.arange(0, BT)
     rows = i_t * BT + cols
     valid = rows < T
@@ -422,18 +279,15 @@ def chunk_scalar_bwd_dqk_intra_kernel(q, k, b, dA, dq, dk, dg, cu_seqlens, chunk
 
 
 @autotune(WARPS_STAGES, key=["H", "K", "V", "BT", "SCALAR"])
-@triton.jit(do_not_specialize=["T"])
+@triton.jit
 def chunk_gla_bwd_dqkg_kernel(q, k, v, b, h, do, dh, dq, dk, dg, dq_out, dk_out, dg_out, cu_seqlens,
-                              chunk_indices, scale, T, NUM_GATES, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
-                              IS_VARLEN: tl.constexpr):
+                              chunk_indices, scale, NUM_GATES, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr):
     """Inter-chunk dq, dk added to the intra-chunk ones, and dg. With a scalar gate dg_out gets this K
     tile's share [NK, B, T, H] (summed over tiles afterwards), with a vector gate the [B, T, H, K] values."""
-    i_k, i_tg, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T = _sequence(cu_seqlens, chunk_indices, i_tg, i_b, T, IS_VARLEN)
-    if not IS_VARLEN:
-        i_tg = i_b * tl.cdiv(T, BT) + i_t
+    i_k, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, bos, eos = chunk_span(cu_seqlens, chunk_indices, i_tg)
+    T = eos - bos
     rows = i_t * BT + tl.arange(0, BT)
     valid = rows < T
     last = tl.minimum(i_t * BT + BT, T) - 1
@@ -448,7 +302,7 @@ def chunk_gla_bwd_dqkg_kernel(q, k, v, b, h, do, dh, dq, dk, dg, dq_out, dk_out,
         vs = i_v * BV + tl.arange(0, BV)
         v_mask = valid[:, None] & (vs < V)[None, :]
         state_mask = (ks < K)[:, None] & (vs < V)[None, :]
-        state_offsets = (i_tg * H + i_h) * K * V + ks[:, None] * V + vs[None, :]
+        state_offsets = (i_tg.to(tl.int64) * H + i_h) * K * V + ks[:, None] * V + vs[None, :]
         do_tile = tl.load(do + token[:, None] * V + vs[None, :], mask=v_mask, other=0)
         v_tile = tl.load(v + token[:, None] * V + vs[None, :], mask=v_mask, other=0)
         state = tl.load(h + state_offsets, mask=state_mask, other=0)
@@ -494,120 +348,72 @@ INTRA_TILE = 32
 DQKG_V_TILE = 32
 
 
-class ChunkGrid:
-    """The chunk grid of a call: rows of T tokens, or the sequences of cu_seqlens (B = 1)."""
-
-    def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None):
-        self.T = T
-        self.cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
-        if cu_seqlens is None:
-            self.indices = self.offsets = None
-            self.per_row = triton.cdiv(T, CHUNK_SIZE)  # grid size along the chunk axis
-            self.num_seqs, self.total = B, B * self.per_row
-        else:
-            self.indices = prepare_chunk_indices(self.cu_seqlens, CHUNK_SIZE)
-            self.offsets = prepare_chunk_offsets(self.cu_seqlens, CHUNK_SIZE)
-            self.per_row = self.total = self.indices.shape[0]
-            self.num_seqs = self.cu_seqlens.numel() - 1
-        self.varlen = cu_seqlens is not None
-
-
-def chunk_local_cumsum(g: torch.Tensor, chunks: ChunkGrid) -> torch.Tensor:
-    B, T, H = g.shape[:3]
+def chunk_local_cumsum(g: torch.Tensor, chunks: ChunkIndex) -> torch.Tensor:
+    H = g.shape[2]
     S = g.shape[3] if g.dim() == 4 else 1
     b = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     BS = _tile(S)
-    chunk_cumsum_kernel[(triton.cdiv(S, BS), chunks.per_row, B * H)](
-        g, b, chunks.cu_seqlens, chunks.indices, T, H=H, S=S, BT=CHUNK_SIZE, BS=BS, IS_VARLEN=chunks.varlen)
+    chunk_cumsum_kernel[(triton.cdiv(S, BS), chunks.num_chunks, H)](
+        g, b, chunks.cu_seqlens, chunks.chunk_indices, H=H, S=S, BT=CHUNK_SIZE, BS=BS)
     return b
 
 
-def chunk_fwd_h(k, v, b, initial_state, output_final_state, chunks: ChunkGrid, scalar: bool):
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    h = torch.empty(chunks.total, H, K, V, dtype=torch.float32, device=k.device)
-    final = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
-    BK, BV = _tile(K), _tile(V)
-    chunk_fwd_h_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), chunks.num_seqs * H)](
-        k, v, b, h, initial_state, final, chunks.cu_seqlens, chunks.offsets, T, H=H, K=K, V=V, BT=CHUNK_SIZE,
-        BK=BK, BV=BV, SCALAR=scalar, USE_H0=initial_state is not None, STORE_FINAL=output_final_state,
-        IS_VARLEN=chunks.varlen)
-    return h, final
-
-
-def chunk_fwd_A(q, k, b, scale, chunks: ChunkGrid, scalar: bool):
+def chunk_fwd_A(q, k, b, scale, chunks: ChunkIndex, scalar: bool):
     B, T, H, K = q.shape
     A = torch.empty(B, T, H, CHUNK_SIZE, dtype=torch.float32, device=q.device)
     if scalar:
-        chunk_scalar_fwd_A_kernel[(chunks.per_row, B * H)](
-            q, k, b, A, chunks.cu_seqlens, chunks.indices, scale, T, H=H, K=K, BT=CHUNK_SIZE, BK=_tile(K),
-            IS_VARLEN=chunks.varlen)
+        chunk_scalar_fwd_A_kernel[(chunks.num_chunks, H)](
+            q, k, b, A, chunks.cu_seqlens, chunks.chunk_indices, scale, H=H, K=K, BT=CHUNK_SIZE, BK=_tile(K))
     else:
         NC = CHUNK_SIZE // SUB_CHUNK_SIZE
-        chunk_gla_fwd_A_kernel[(chunks.per_row, NC, B * H)](
-            q, k, b, A, chunks.cu_seqlens, chunks.indices, scale, T, H=H, K=K, BT=CHUNK_SIZE, BC=SUB_CHUNK_SIZE,
-            BK=_tile(K, INTRA_TILE), NC=NC, IS_VARLEN=chunks.varlen)
+        chunk_gla_fwd_A_kernel[(chunks.num_chunks, NC, H)](
+            q, k, b, A, chunks.cu_seqlens, chunks.chunk_indices, scale, H=H, K=K, BT=CHUNK_SIZE, BC=SUB_CHUNK_SIZE,
+            BK=_tile(K, INTRA_TILE), NC=NC)
     return A
 
 
-def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, chunks: ChunkGrid):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, chunks: ChunkIndex):
     scalar = g.dim() == 3
     b = chunk_local_cumsum(g, chunks)
-    h, final = chunk_fwd_h(k, v, b, initial_state, output_final_state, chunks, scalar)
-    A = chunk_fwd_A(q, k, b, scale, chunks, scalar)
-    o = torch.empty_like(v)
-    BV = _tile(V)
-    chunk_gla_fwd_o_kernel[(triton.cdiv(V, BV), chunks.per_row, B * H)](
-        q, v, b, h, A, o, chunks.cu_seqlens, chunks.indices, scale, T, H=H, K=K, V=V, BT=CHUNK_SIZE,
-        BK=_tile(K), BV=BV, SCALAR=scalar, IS_VARLEN=chunks.varlen)
-    return o, final
+    h, _, final = chunk_states(k, v, b, chunks, initial_state, output_final_state)
+    A = None if scalar else chunk_fwd_A(q, k, b, scale, chunks, scalar)  # a scalar gate's A: in the output pass
+    return chunk_outputs(q, k, v, b, h, scale, chunks, A), final
 
 
-def chunk_gla_bwd(q, k, v, g, scale, initial_state, do, d_final, chunks: ChunkGrid):
+def chunk_gla_bwd(q, k, v, g, scale, initial_state, do, d_final, chunks: ChunkIndex):
     """Gradients of q, k, v, g and the initial state (None when there is none); b, h, A recomputed."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scalar = g.dim() == 3
     BK, BV = _tile(K), _tile(V)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
-    varlen = dict(cu_seqlens=chunks.cu_seqlens, chunk_indices=chunks.indices)
+    index = dict(cu_seqlens=chunks.cu_seqlens, chunk_indices=chunks.chunk_indices)
     b = chunk_local_cumsum(g, chunks)
-    h, _ = chunk_fwd_h(k, v, b, initial_state, False, chunks, scalar)
+    h, _, _ = chunk_states(k, v, b, chunks, initial_state, False)
     A = chunk_fwd_A(q, k, b, scale, chunks, scalar)
-
-    dh = torch.empty(chunks.total, H, K, V, dtype=torch.float32, device=q.device)
-    d_initial = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
-    chunk_bwd_dh_kernel[(NK, NV, chunks.num_seqs * H)](
-        q, b, do, dh, d_final, d_initial, chunks.cu_seqlens, chunks.offsets, scale, T, H=H, K=K, V=V,
-        BT=CHUNK_SIZE, BK=BK, BV=BV, SCALAR=scalar, USE_DHT=d_final is not None,
-        STORE_DH0=initial_state is not None, IS_VARLEN=chunks.varlen)
+    dh, _, d_initial = chunk_state_grads(q, k, b, do, scale, chunks, d_final, initial_state)
     dA = torch.empty(B, T, H, CHUNK_SIZE, dtype=torch.float32, device=q.device)
-    chunk_bwd_dA_kernel[(chunks.per_row, B * H)](
-        v, do, dA, **varlen, scale=scale, T=T, H=H, V=V, BT=CHUNK_SIZE, BV=BV, IS_VARLEN=chunks.varlen)
+    chunk_bwd_dA_kernel[(chunks.num_chunks, H)](
+        v, do, dA, **index, scale=scale, H=H, V=V, BT=CHUNK_SIZE, BV=BV)
     dv = torch.empty_like(v)
-    chunk_gla_bwd_dv_kernel[(NV, chunks.per_row, B * H)](
-        k, b, A, do, dh, dv, **varlen, T=T, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, SCALAR=scalar,
-        IS_VARLEN=chunks.varlen)
+    chunk_gla_bwd_dv_kernel[(NV, chunks.num_chunks, H)](
+        k, b, A, do, dh, dv, **index, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, SCALAR=scalar)
 
     dq_intra, dk_intra, dg_intra = (torch.empty(B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(3))
     if scalar:
-        chunk_scalar_bwd_dqk_intra_kernel[(NK, chunks.per_row, B * H)](
-            q, k, b, dA, dq_intra, dk_intra, dg_intra, **varlen, T=T, H=H, K=K, BT=CHUNK_SIZE, BK=BK,
-            IS_VARLEN=chunks.varlen)
+        chunk_scalar_bwd_dqk_intra_kernel[(NK, chunks.num_chunks, H)](
+            q, k, b, dA, dq_intra, dk_intra, dg_intra, **index, H=H, K=K, BT=CHUNK_SIZE, BK=BK)
     else:
         NC = CHUNK_SIZE // SUB_CHUNK_SIZE
         BKI = _tile(K, INTRA_TILE)
-        chunk_gla_bwd_dqk_intra_kernel[(triton.cdiv(K, BKI), chunks.per_row * NC, B * H)](
-            q, k, b, dA, dq_intra, dk_intra, dg_intra, **varlen, T=T, H=H, K=K, BT=CHUNK_SIZE,
-            BC=SUB_CHUNK_SIZE, BK=BKI, NC=NC, IS_VARLEN=chunks.varlen)
+        chunk_gla_bwd_dqk_intra_kernel[(triton.cdiv(K, BKI), chunks.num_chunks * NC, H)](
+            q, k, b, dA, dq_intra, dk_intra, dg_intra, **index, H=H, K=K, BT=CHUNK_SIZE, BC=SUB_CHUNK_SIZE, BK=BKI,
+            NC=NC)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = (torch.empty(NK, *g.shape, dtype=torch.float32, device=g.device) if scalar else torch.empty_like(g))
-    chunk_gla_bwd_dqkg_kernel[(NK, chunks.per_row, B * H)](
-        q, k, v, b, h, do, dh, dq_intra, dk_intra, dg_intra, dq, dk, dg, **varlen, scale=scale, T=T,
-        NUM_GATES=g.numel(), H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=_tile(V, DQKG_V_TILE), SCALAR=scalar,
-        IS_VARLEN=chunks.varlen)
+    chunk_gla_bwd_dqkg_kernel[(NK, chunks.num_chunks, H)](
+        q, k, v, b, h, do, dh, dq_intra, dk_intra, dg_intra, dq, dk, dg, **index, scale=scale, NUM_GATES=g.numel(),
+        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=_tile(V, DQKG_V_TILE), SCALAR=scalar)
     if scalar:
         dg = dg.sum(0).to(g.dtype)
     return dq, dk, dv, dg, d_initial
@@ -616,7 +422,7 @@ def chunk_gla_bwd(q, k, v, g, scale, initial_state, do, d_final, chunks: ChunkGr
 class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        chunks = ChunkGrid(q.shape[0], q.shape[1], cu_seqlens)
+        chunks = ChunkIndex(cu_seqlens, q.shape[0], q.shape[1], q.device)
         o, final = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, chunks)
         ctx.save_for_backward(q, k, v, g, initial_state)
         ctx.scale, ctx.chunks = scale, chunks

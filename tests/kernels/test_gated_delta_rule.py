@@ -21,57 +21,22 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule_torch
 from kernels.gated_delta_rule.naive import naive_gated_delta_rule
 from compare import assert_matches, run
+from inputs import CU_SEQLENS, gated_delta_rule_inputs as make_inputs
+from inputs import gated_delta_rule_triton_chunk as triton_chunk
+from inputs import gated_delta_rule_triton_fused_recurrent as triton_fused_recurrent
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 FP32_TOL = 2e-4
 
 
-def triton_chunk(*args, **kwargs):
-    from kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton
-    return chunk_gated_delta_rule_triton(*args, **kwargs)
-
-
-def triton_fused_recurrent(*args, **kwargs):
-    from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_triton
-    return fused_recurrent_gated_delta_rule_triton(*args, **kwargs)
-
-
 PATHS = {"torch": chunk_gated_delta_rule_torch, "triton_chunk": triton_chunk,
          "triton_fused_recurrent": triton_fused_recurrent}
-
-
-def make_inputs(B, T, H, K, V, num_states, gates="normal", seed=0):
-    """fp64 leaf inputs and upstream gradients. gates: 'normal'; 'extreme' (g in [-40, -20]); 'mixed'
-    (g ~ -1e-6, a gate of almost exactly one, next to g = -100); 'aligned' (normal gates, but nearly parallel
-    keys and beta near 2: the WY system (I + A) is as far from the identity as it gets)."""
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    uniform = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    q, k, beta = rand(B, T, H, K), rand(B, T, H, K), 2 * uniform(B, T, H)
-    if gates == "extreme":
-        g = -20 - 20 * uniform(B, T, H)
-    elif gates == "mixed":
-        g = torch.where(uniform(B, T, H) < 0.8, -1e-6 * uniform(B, T, H), -100.0)
-    else:
-        g = F.logsigmoid(rand(B, T, H) + 2)
-    if gates == "aligned":
-        k = rand(1, 1, H, K) + 0.05 * k
-        beta = 1.9 + 0.1 * beta / 2
-    inputs = dict(q=F.normalize(q, dim=-1), k=F.normalize(k, dim=-1), v=rand(B, T, H, V), g=g, beta=beta,
-                  initial_state=rand(num_states, H, K, V))
-    upstream = dict(o=rand(B, T, H, V), final_state=rand(num_states, H, K, V))
-    return inputs, upstream
-
-
-# Uneven documents, none aligned with the 64-token chunks, one of a single token and one empty.
-CU_SEQLENS = torch.tensor([0, 7, 70, 70, 71, 200, 333], dtype=torch.int32)
 
 
 @functools.cache

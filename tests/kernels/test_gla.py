@@ -15,56 +15,21 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels import chunk_gla, fused_recurrent_gla
 from kernels.gla.chunk import chunk_gla_torch
 from kernels.gla.naive import naive_recurrent_gla
 from compare import assert_matches, run
+from inputs import CU_SEQLENS, NUM_DOCS, gla_inputs as make_inputs, gla_triton_chunk as triton_chunk
+from inputs import gla_triton_fused_recurrent as triton_fused_recurrent
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 FP32_TOL = 5e-3 if CUDA else 2e-4  # TF32 dots on the GPU
 
 
-def triton_chunk(*args, **kwargs):
-    from kernels.gla.triton_chunk import chunk_gla_triton
-    return chunk_gla_triton(*args, **kwargs)
-
-
-def triton_fused_recurrent(*args, **kwargs):
-    from kernels.gla.fused_recurrent import fused_recurrent_gla_triton
-    return fused_recurrent_gla_triton(*args, **kwargs)
-
-
-def make_inputs(B, T, H, K, V, scalar_gate, num_states, gates="normal", seed=0):
-    """fp64 inputs (leaf tensors) and upstream gradients; gates: 'normal', 'strong', 'extreme' or 'mixed'."""
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
-    gate_shape = (B, T, H) if scalar_gate else (B, T, H, K)
-    if gates == "normal":
-        g = F.logsigmoid(rand(*gate_shape) + 2)  # around -0.1: long memory
-    elif gates == "strong":  # a chunk decays by up to e^-58: the edge of the factorised intra-chunk path
-        g = -0.9 * torch.rand(*gate_shape, generator=gen, dtype=torch.float64).clamp_min(0.99)
-    elif gates == "extreme":  # a_t = exp(g) between e^-40 and e^-20: nothing may overflow or vanish to NaN
-        g = -20 - 20 * torch.rand(*gate_shape, generator=gen, dtype=torch.float64)
-    else:  # 'mixed': gates near one (g ~ -1e-6) next to gates of e^-100
-        near_one = -1e-6 * torch.rand(*gate_shape, generator=gen, dtype=torch.float64)
-        g = torch.where(torch.rand(*gate_shape, generator=gen) < 0.8, near_one, -100.0)
-    inputs = dict(q=rand(B, T, H, K), k=rand(B, T, H, K) / K ** 0.5, v=rand(B, T, H, V), g=g,
-                  initial_state=rand(num_states, H, K, V))
-    upstream = dict(o=rand(B, T, H, V), final_state=rand(num_states, H, K, V))
-    return inputs, upstream
-
-
 def reference(inputs, upstream, cu_seqlens=None):
     return run(naive_recurrent_gla, inputs, upstream, torch.float64, "cpu", cu_seqlens)
-
-
-# Uneven documents, none aligned with the 64-token chunks: one shorter than a sub-chunk, an empty one
-# (its final state is its initial state), a single token, and two spanning several chunks.
-CU_SEQLENS = torch.tensor([0, 7, 70, 70, 71, 200, 333], dtype=torch.int32)
-NUM_DOCS = len(CU_SEQLENS) - 1
 
 
 # ---- chunked PyTorch (the CPU path) ----------------------------------------------------------------

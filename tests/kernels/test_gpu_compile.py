@@ -1,6 +1,7 @@
-"""Every Triton kernel compiles for real GPU targets and fits them, checked without a GPU (bench/gpu_compile.py).
+"""Every Triton kernel compiles for real GPU targets and fits them, and an op's first call compiles few
+variants, checked without a GPU (kernels/compile_check.py, through bench/gpu_compile.py's command line).
 
-The check runs `python -m bench.gpu_compile --quick` in a subprocess: compiled (not interpreted) kernels need
+The checks run `python -m bench.gpu_compile --quick` and `--count` in subprocesses: compiled (not interpreted) kernels need
 TRITON_INTERPRET unset before Triton decorates them, and the other kernel tests of this process run under the
 interpreter. The quick set (bench.gpu_compile.quick_cases) is sm_80, sm_90 and sm_100 in bf16, each op at its
 largest preset shape (GLA and Gated DeltaNet K=256, V=512; Mamba2's scalar gate K=128, V=64), each kernel's
@@ -16,29 +17,29 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_compile import compile_only, failures
+from kernels.compile_check import compile_only, failures
 
 pytestmark = pytest.mark.gpu_compile
 ROOT = Path(__file__).resolve().parents[2]
 # The kernels the entry points launch (bench.gpu_compile.run_op: chunk and fused recurrent, forward and backward).
+# The shared stages (kernels/common) appear in every op.
+SHARED = {"state_fwd_kernel", "output_kernel", "state_bwd_kernel"}
 KERNELS = {
-    "gated_delta_rule": {"_wy_kernel", "_state_fwd_kernel", "_output_kernel", "_state_bwd_kernel",
-                         "_intra_bwd_v_kernel", "_intra_bwd_k_kernel", "_intra_bwd_wy_kernel", "_intra_bwd_dk_kernel",
-                         "_fused_recurrent_kernel"},
-    "gla": {"chunk_cumsum_kernel", "chunk_fwd_h_kernel", "chunk_gla_fwd_A_kernel", "chunk_gla_fwd_o_kernel",
-            "chunk_bwd_dh_kernel", "chunk_bwd_dA_kernel", "chunk_gla_bwd_dv_kernel",
-            "chunk_gla_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel", "fused_recurrent_gla_fwd_kernel"},
-    "gla_scalar": {"chunk_cumsum_kernel", "chunk_fwd_h_kernel", "chunk_scalar_fwd_A_kernel",
-                   "chunk_gla_fwd_o_kernel", "chunk_bwd_dh_kernel", "chunk_bwd_dA_kernel", "chunk_gla_bwd_dv_kernel",
-                   "chunk_scalar_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel", "fused_recurrent_gla_fwd_kernel"},
+    "gated_delta_rule": SHARED | {"_wy_kernel", "_intra_bwd_v_kernel", "_intra_bwd_k_kernel", "_intra_bwd_wy_kernel",
+                                  "_intra_bwd_dk_kernel", "_fused_recurrent_kernel"},
+    "gla": SHARED | {"chunk_cumsum_kernel", "chunk_gla_fwd_A_kernel", "chunk_bwd_dA_kernel", "chunk_gla_bwd_dv_kernel",
+                     "chunk_gla_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel", "fused_recurrent_gla_fwd_kernel"},
+    "gla_scalar": SHARED | {"chunk_cumsum_kernel", "chunk_scalar_fwd_A_kernel", "chunk_bwd_dA_kernel",
+                            "chunk_gla_bwd_dv_kernel", "chunk_scalar_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel",
+                            "fused_recurrent_gla_fwd_kernel"},
 }
+ENV = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
 
 
 def test_kernels_compile_and_fit_gpu_targets(tmp_path):
     out = tmp_path / "gpu_compile.json"
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_compile", "--quick", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=ENV, capture_output=True, text=True, timeout=900)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
@@ -51,6 +52,22 @@ def test_kernels_compile_and_fit_gpu_targets(tmp_path):
     for r in rows:
         assert r["spill_free"] >= 1 and r["stack"] == 0 and r["shared"] <= max_shared[r["target"]], r
     assert not failures(rows)
+
+
+def test_first_call_compiles_few_variants(tmp_path):
+    """The first forward+backward of each op at a new shape compiles at most 40 kernel variants (every
+    candidate of every kernel it launches) on every target; Hopper runs only the heuristic configs."""
+    out = tmp_path / "count.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_compile", "--count", "--out", str(out)], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["target"], r["op"]) for r in rows} == {(t, op) for t in ("sm_80", "sm_90", "sm_100") for op in KERNELS}
+    for r in rows:
+        assert set(r["per_kernel"]) == KERNELS[r["op"]] - {"fused_recurrent_gla_fwd_kernel", "_fused_recurrent_kernel"}
+        assert 0 < r["variants"] <= 40, r
+        if r["target"] == "sm_90":  # one config per kernel: one variant per distinct launch
+            assert r["variants"] == len(r["per_kernel"]) + 1, r  # + the state pass with and without a final state
 
 
 def test_failures_name_each_reason():

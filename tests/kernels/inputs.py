@@ -1,0 +1,72 @@
+"""Inputs of the kernel tests: fp64 leaves and upstream gradients of each op, the packed-document layout,
+and the Triton entry points (imported on first use: the interpreter switch must come first, conftest.py)."""
+import torch
+import torch.nn.functional as F
+
+# Uneven documents, none aligned with the 64-token chunks: one shorter than a 16-token sub-chunk, an empty
+# one (its final state is its initial state), a single token, and two spanning several chunks.
+CU_SEQLENS = torch.tensor([0, 7, 70, 70, 71, 200, 333], dtype=torch.int32)
+NUM_DOCS = len(CU_SEQLENS) - 1
+
+
+def gla_inputs(B, T, H, K, V, scalar_gate, num_states, gates="normal", seed=0):
+    """fp64 inputs (leaf tensors) and upstream gradients; gates: 'normal', 'strong', 'extreme' or 'mixed'."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    gate_shape = (B, T, H) if scalar_gate else (B, T, H, K)
+    if gates == "normal":
+        g = F.logsigmoid(rand(*gate_shape) + 2)  # around -0.1: long memory
+    elif gates == "strong":  # a chunk decays by up to e^-58: the edge of the factorised intra-chunk path
+        g = -0.9 * torch.rand(*gate_shape, generator=gen, dtype=torch.float64).clamp_min(0.99)
+    elif gates == "extreme":  # a_t = exp(g) between e^-40 and e^-20: nothing may overflow or vanish to NaN
+        g = -20 - 20 * torch.rand(*gate_shape, generator=gen, dtype=torch.float64)
+    else:  # 'mixed': gates near one (g ~ -1e-6) next to gates of e^-100
+        near_one = -1e-6 * torch.rand(*gate_shape, generator=gen, dtype=torch.float64)
+        g = torch.where(torch.rand(*gate_shape, generator=gen) < 0.8, near_one, -100.0)
+    inputs = dict(q=rand(B, T, H, K), k=rand(B, T, H, K) / K ** 0.5, v=rand(B, T, H, V), g=g,
+                  initial_state=rand(num_states, H, K, V))
+    upstream = dict(o=rand(B, T, H, V), final_state=rand(num_states, H, K, V))
+    return inputs, upstream
+
+
+def gated_delta_rule_inputs(B, T, H, K, V, num_states, gates="normal", seed=0):
+    """fp64 leaf inputs and upstream gradients. gates: 'normal'; 'extreme' (g in [-40, -20]); 'mixed'
+    (g ~ -1e-6, a gate of almost exactly one, next to g = -100); 'aligned' (normal gates, but nearly parallel
+    keys and beta near 2: the WY system (I + A) is as far from the identity as it gets)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    uniform = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, beta = rand(B, T, H, K), rand(B, T, H, K), 2 * uniform(B, T, H)
+    if gates == "extreme":
+        g = -20 - 20 * uniform(B, T, H)
+    elif gates == "mixed":
+        g = torch.where(uniform(B, T, H) < 0.8, -1e-6 * uniform(B, T, H), -100.0)
+    else:
+        g = F.logsigmoid(rand(B, T, H) + 2)
+    if gates == "aligned":
+        k = rand(1, 1, H, K) + 0.05 * k
+        beta = 1.9 + 0.1 * beta / 2
+    inputs = dict(q=F.normalize(q, dim=-1), k=F.normalize(k, dim=-1), v=rand(B, T, H, V), g=g, beta=beta,
+                  initial_state=rand(num_states, H, K, V))
+    upstream = dict(o=rand(B, T, H, V), final_state=rand(num_states, H, K, V))
+    return inputs, upstream
+
+
+def gla_triton_chunk(*args, **kwargs):
+    from kernels.gla.triton_chunk import chunk_gla_triton
+    return chunk_gla_triton(*args, **kwargs)
+
+
+def gla_triton_fused_recurrent(*args, **kwargs):
+    from kernels.gla.fused_recurrent import fused_recurrent_gla_triton
+    return fused_recurrent_gla_triton(*args, **kwargs)
+
+
+def gated_delta_rule_triton_chunk(*args, **kwargs):
+    from kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton
+    return chunk_gated_delta_rule_triton(*args, **kwargs)
+
+
+def gated_delta_rule_triton_fused_recurrent(*args, **kwargs):
+    from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_triton
+    return fused_recurrent_gated_delta_rule_triton(*args, **kwargs)

@@ -1,0 +1,109 @@
+"""The Triton kernels are right under any autotune candidate and any number of launches.
+
+The autotuner launches each candidate config many times on the real arguments before the launch that counts,
+so a kernel that reads and rewrites a buffer it is given (out += ...) returns a sum over those launches on the
+first call at each new tuning key. And any candidate may win on some GPU, so every one must be right, not just
+the first (the only one the interpreter would otherwise run). Both are checked here on every kernel the ops
+launch, forward and backward, with packed documents of odd lengths and initial/final states: under
+TRITON_INTERPRET=1 on CPU, compiled on a GPU.
+"""
+import contextlib
+
+import pytest
+import torch
+
+from compare import assert_matches, run
+from inputs import (gated_delta_rule_inputs, gated_delta_rule_triton_chunk, gated_delta_rule_triton_fused_recurrent,
+                    gla_inputs, gla_triton_chunk, gla_triton_fused_recurrent)
+from kernels.backend import interpret_mode
+from kernels.gated_delta_rule.naive import naive_gated_delta_rule
+from kernels.gla.naive import naive_recurrent_gla
+from kernels.tuning import AUTOTUNERS, pinned_config
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 5e-3 if DEVICE == "cuda" else 2e-4  # GLA's fp32 dots are TF32 on a GPU
+
+# Documents of odd lengths (none aligned with the 64-token chunks, one empty, one of a single token, one over
+# two chunks), kept short: every case runs every kernel in the interpreter once per candidate.
+CU_SEQLENS = torch.tensor([0, 5, 70, 70, 71, 150], dtype=torch.int32)
+T, NUM_DOCS = int(CU_SEQLENS[-1]), len(CU_SEQLENS) - 1
+# op -> (inputs, reference, Triton chunk and fused recurrent entry points)
+OPS = {
+    "gla": (lambda: gla_inputs(1, T, 1, 16, 32, scalar_gate=False, num_states=NUM_DOCS, gates="mixed"),
+            naive_recurrent_gla, gla_triton_chunk, gla_triton_fused_recurrent),
+    "gla_scalar": (lambda: gla_inputs(1, T, 1, 16, 32, scalar_gate=True, num_states=NUM_DOCS, gates="mixed"),
+                   naive_recurrent_gla, gla_triton_chunk, gla_triton_fused_recurrent),
+    "gated_delta_rule": (lambda: gated_delta_rule_inputs(1, T, 1, 16, 32, num_states=NUM_DOCS, gates="mixed"),
+                         naive_gated_delta_rule, gated_delta_rule_triton_chunk, gated_delta_rule_triton_fused_recurrent),
+}
+
+
+def _import_kernels():
+    """Import every Triton kernel module, so that AUTOTUNERS lists them all."""
+    import kernels.gated_delta_rule.fused_recurrent  # noqa: F401
+    import kernels.gla.fused_recurrent  # noqa: F401
+
+
+_import_kernels()
+MOST_CANDIDATES = max(len(tuner.candidates) for tuner in AUTOTUNERS)
+
+
+def test_every_kernel_has_few_candidates_heuristic_first():
+    assert AUTOTUNERS and all(1 <= len(tuner.candidates) <= 3 for tuner in AUTOTUNERS), \
+        {tuner.base_fn.__name__: len(tuner.candidates) for tuner in AUTOTUNERS}
+    keys = {tuner.base_fn.__name__: tuner.keys for tuner in AUTOTUNERS}
+    assert not [name for name, key in keys.items() if {"T", "B"} & set(key)], keys  # never tuned per length
+
+
+@pytest.mark.usefixtures("nan_buffers")
+@pytest.mark.parametrize("index", range(MOST_CANDIDATES))
+@pytest.mark.parametrize("op", OPS)
+def test_every_candidate_matches_the_reference(op, index):
+    make, reference, *paths = OPS[op]
+    inputs, upstream = make()
+    expected = run(reference, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
+    with pinned_config(index):
+        for path in paths:
+            assert_matches(run(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected, TOL)
+
+
+@contextlib.contextmanager
+def every_launch_twice():
+    """Launch every Triton kernel twice in a row on the same arguments and record, per kernel, the tensor
+    arguments whose bytes differ after the second launch (a kernel that rewrites its own buffers)."""
+    if interpret_mode():
+        from triton.runtime.interpreter import InterpretedFunction as Launcher
+    else:
+        from triton.runtime.jit import JITFunction as Launcher
+    launch = Launcher.run
+    differences: dict[str, list[int]] = {}
+
+    def launch_twice(self, *args, **kwargs):
+        if kwargs.get("warmup"):  # a compile, not a launch
+            return launch(self, *args, **kwargs)
+        launch(self, *args, **kwargs)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        after_one = [t.clone() for t in tensors]
+        result = launch(self, *args, **kwargs)
+        differences.setdefault(self.fn.__name__, []).extend(
+            i for i, (one, two) in enumerate(zip(after_one, tensors))
+            if not torch.equal(one.contiguous().view(torch.uint8), two.contiguous().view(torch.uint8)))
+        return result
+
+    Launcher.run = launch_twice
+    try:
+        yield differences
+    finally:
+        Launcher.run = launch
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_kernel_gives_the_same_result_when_launched_twice(op):
+    make, reference, *paths = OPS[op]
+    inputs, upstream = make()
+    expected = run(reference, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
+    with every_launch_twice() as differences:
+        for path in paths:
+            assert_matches(run(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected, TOL)
+    assert len(differences) >= 8, sorted(differences)  # the forward and backward kernels all ran
+    assert not {name: args for name, args in differences.items() if args}, differences
