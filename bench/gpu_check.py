@@ -73,7 +73,7 @@ TRAIN_VOCAB = 32_000  # what the presets' parameter counts assume
 DRY_RUN_WIDTH = ["model.d_model=64", "model.n_layers=4", "model.d_ff=128", "model.attention.num_heads=2",
                  "model.gla.num_heads=2", "model.mamba2.head_dim=16", "model.mamba2.d_state=16",
                  "model.gated_deltanet.num_heads=2", "model.gated_deltanet.head_dim=16"]
-REQUIRED_MODULES = ("torch", "triton", "omegaconf", "hydra", "tqdm", "kernels", "model", "training.metrics")
+REQUIRED_MODULES = ("torch", "triton", "kernels", "train")  # train: everything a training run imports
 OPTIONAL_MODULES = {"fla": "flash-linear-attention's ops (the kernel comparison)",
                     "xdist": "pytest-xdist (tests in parallel processes)"}
 ENV_RECORDED = ("BATON_KERNELS", "BATON_AUTOTUNE", "TRITON_INTERPRET", "TRITON_CACHE_DIR", "CUDA_VISIBLE_DEVICES")
@@ -93,7 +93,7 @@ def last_error_line(lines) -> str:
 
 # ---- subprocesses with a deadline -----------------------------------------------------------------
 
-def run_with_deadline(command: list[str], timeout_s: float, on_line=None, env: dict | None = None) -> dict:
+def run_with_deadline(command: list[str], timeout_s: float, on_line=None) -> dict:
     """Run a command in its own process group, hand each output line (stdout and stderr) to on_line as it
     comes, kill the whole group at the deadline. Returns returncode (None when killed), timed_out, seconds
     and the last lines of output."""
@@ -101,7 +101,7 @@ def run_with_deadline(command: list[str], timeout_s: float, on_line=None, env: d
     tail = deque(maxlen=40)
     if timeout_s <= 0:
         return dict(returncode=None, timed_out=True, seconds=0.0, tail=["no time left in the budget"])
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)
 
     def read() -> None:
@@ -202,10 +202,7 @@ def load_preset(name: str, seq_len: int) -> dict:
     from omegaconf import OmegaConf
 
     from model import LM
-    path = ROOT / "configs" / "model" / f"{name}.yaml"
-    if not path.exists():
-        return dict(preset=name, error=f"no preset {path.relative_to(ROOT)}")
-    cfg = OmegaConf.load(path)
+    cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml")
     cfg.vocab_size = TRAIN_VOCAB
     with torch.device("meta"):
         lm = LM.from_config(cfg)
