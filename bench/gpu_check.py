@@ -57,6 +57,7 @@ RESULTS_DIR = ROOT / "bench" / "results"
 STAGES = ("tests", "kernels", "training")
 STAGE_SHARES = {"tests": 0.25, "kernels": 0.35, "training": 0.40}  # of the budget left when a stage starts
 FINISH_MARGIN_S = 5.0  # kept back from the budget for the last JSON and the tables
+POLL_EVERY_S = 2.0  # how often a running training subprocess's metrics are copied into the JSON
 ROW_PREFIX = "gpu_check-row: "  # a child's result line on stdout (the rest of its output is log)
 
 KERNEL_OPS = ("sdpa", "gla", "gla_scalar", "gated_delta_rule")  # sdpa first: fast, and no Triton compile
@@ -68,7 +69,10 @@ DRY_RUN_SHAPES = [(2, 64, 2, 32), (1, 200, 2, 16)]  # a length that is not a mul
 CHECK_TOLERANCE = 2e-2
 
 TRAIN_PRESETS = ("transformer_370m", "gla_hybrid_370m", "mamba2_hybrid_370m", "gated_deltanet_hybrid_370m")
-TRAIN_VOCAB = 32_000  # what the presets' parameter counts assume
+# train.py's settings: 16 x 2048 tokens per step at the 32,000-token vocabulary the presets' counts assume;
+# the dry run's, seconds on a CPU.
+TRAINING = dict(seq_len=2048, train_batch=16, train_steps=8, train_warmup=3, train_vocab=32_000)
+DRY_RUN_TRAINING = dict(seq_len=64, train_batch=2, train_steps=3, train_warmup=1, train_vocab=512)
 # The dry run's presets, shrunk to seconds on a CPU (every mixer keeps its kind and options).
 DRY_RUN_WIDTH = ["model.d_model=64", "model.n_layers=4", "model.d_ff=128", "model.attention.num_heads=2",
                  "model.gla.num_heads=2", "model.mamba2.head_dim=16", "model.mamba2.d_state=16",
@@ -93,10 +97,10 @@ def last_error_line(lines) -> str:
 
 # ---- subprocesses with a deadline -----------------------------------------------------------------
 
-def run_with_deadline(command: list[str], timeout_s: float, on_line=None) -> dict:
+def run_with_deadline(command: list[str], timeout_s: float, on_line=None, poll=None) -> dict:
     """Run a command in its own process group, hand each output line (stdout and stderr) to on_line as it
-    comes, kill the whole group at the deadline. Returns returncode (None when killed), timed_out, seconds
-    and the last lines of output."""
+    comes, call poll every few seconds while it runs, kill the whole group at the deadline. Returns returncode
+    (None when killed), timed_out, seconds and the last lines of output."""
     started = time.perf_counter()
     tail = deque(maxlen=40)
     if timeout_s <= 0:
@@ -112,13 +116,19 @@ def run_with_deadline(command: list[str], timeout_s: float, on_line=None) -> dic
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    timed_out = False
+    deadline = started + timeout_s
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)  # the group: pytest-xdist workers, compile workers
-        proc.wait()
+        while proc.poll() is None and time.perf_counter() < deadline:
+            try:
+                proc.wait(timeout=min(POLL_EVERY_S, max(0.0, deadline - time.perf_counter())))
+            except subprocess.TimeoutExpired:
+                if poll is not None:
+                    poll()
+    finally:  # the deadline, or this process interrupted (Ctrl-C, SIGTERM): the child's session gets no signal
+        timed_out = proc.poll() is None
+        if timed_out:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: pytest-xdist workers, compile workers
+            proc.wait()
     reader.join(timeout=10)
     return dict(returncode=None if timed_out else proc.returncode, timed_out=timed_out,
                 seconds=round(time.perf_counter() - started, 1), tail=list(tail))
@@ -203,7 +213,7 @@ def load_preset(name: str, seq_len: int) -> dict:
 
     from model import LM
     cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml")
-    cfg.vocab_size = TRAIN_VOCAB
+    cfg.vocab_size = TRAINING["train_vocab"]
     with torch.device("meta"):
         lm = LM.from_config(cfg)
     return dict(preset=name, params_m=round(lm.num_params() / 1e6, 1), pattern=str(cfg.pattern),
@@ -477,12 +487,19 @@ def stage_training(report: Report, budget: Budget, timeout_s: float, args) -> No
                 statuses.append("error")
                 continue
             preset_budget = (stage_deadline - time.perf_counter()) / (len(TRAIN_PRESETS) - i)
-            run_dir = Path(tmp) / preset
+            metrics = Path(tmp) / preset / "metrics.jsonl"
+
+            def read_steps() -> list[dict]:  # the steps train.py has logged so far, copied into the JSON
+                lines = metrics.read_text().splitlines() if metrics.exists() else []
+                records = [json.loads(line) for line in lines if line.endswith("}")]  # a line being written: later
+                row.update(summarise_steps(records, args.train_warmup, tokens_per_step))
+                report.save()
+                return records
+
             log(budget, f"training: {preset} (budget {preset_budget:.0f}s)")
-            result = run_with_deadline(train_command(preset, run_dir, args), preset_budget)
-            metrics = run_dir / "metrics.jsonl"
-            records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-            row.update(seconds=result["seconds"], **summarise_steps(records, args.train_warmup, tokens_per_step))
+            result = run_with_deadline(train_command(preset, metrics.parent, args), preset_budget, poll=read_steps)
+            records = read_steps()
+            row["seconds"] = result["seconds"]
             if result["timed_out"]:
                 row["error"] = f"stopped at its budget ({preset_budget:.0f}s) after {len(records)} steps"
             elif result["returncode"] != 0:
@@ -574,10 +591,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON")
     parser.add_argument("--test-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="pytest-xdist processes (when installed)")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
-    parser.add_argument("--train-steps", type=int, default=8, help="training steps per preset, warm-up included")
-    parser.add_argument("--train-warmup", type=int, default=3, help="steps left out of the median")
+    parser.add_argument("--seq-len", type=int, help=f"training sequence length (default {TRAINING['seq_len']})")
+    parser.add_argument("--train-batch", type=int,
+                        help=f"sequences per training step (default {TRAINING['train_batch']})")
+    parser.add_argument("--train-steps", type=int,
+                        help=f"training steps per preset, warm-up included (default {TRAINING['train_steps']})")
+    parser.add_argument("--train-warmup", type=int,
+                        help=f"steps left out of the median (default {TRAINING['train_warmup']})")
     parser.add_argument("--fresh-triton-cache", action="store_true",
                         help="compile into an empty Triton cache (TRITON_CACHE_DIR): the cold-cache duration")
     parser.add_argument("--kernel-child", choices=KERNEL_OPS, help=argparse.SUPPRESS)
@@ -587,12 +607,12 @@ def main() -> int:
     if args.kernel_child:
         kernel_child(args.kernel_child, args.shapes, args.device)
         return 0
-    if args.dry_run:
-        args.seq_len, args.train_batch, args.train_steps, args.train_warmup, args.train_vocab = 64, 2, 3, 1, 512
-    else:
-        args.train_vocab = TRAIN_VOCAB
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device: run on a GPU machine, or --dry-run on CPU")
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine, or --dry-run on CPU")
+    for name, value in (DRY_RUN_TRAINING if args.dry_run else TRAINING).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so the children are killed too
     if not 0 <= args.train_warmup < args.train_steps:
         parser.error(f"--train-warmup {args.train_warmup} must be below --train-steps {args.train_steps}")
 
