@@ -531,7 +531,7 @@ def kernel_table(rows: list[dict]) -> list[dict]:
                       "ours/fla": ours / fla if ours and fla else "",
                       "ours/sdpa": ours / attention if ours and attention else "",
                       "max rel err": check["max_rel_error"] if check else "",
-                      "check": ("ok" if check["passed"] else "FAIL") if check else "not run"})
+                      "check": ("ok" if check["passed"] else "FAIL") if check else "FAIL: raised"})
     return table
 
 
@@ -607,6 +607,8 @@ def main() -> int:
     if args.kernel_child:
         kernel_child(args.kernel_child, args.shapes, args.device)
         return 0
+    if args.budget_s <= FINISH_MARGIN_S or args.test_workers < 1:
+        parser.error(f"--budget-s must exceed {FINISH_MARGIN_S:g} and --test-workers be at least 1")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or --dry-run on CPU")
     for name, value in (DRY_RUN_TRAINING if args.dry_run else TRAINING).items():
