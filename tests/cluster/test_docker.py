@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SHELL_SCRIPTS = ["scripts/slurm/train.sbatch", "docker/entrypoint.sh", ".ci/run"]
+SHELL_SCRIPTS = ["scripts/slurm/train.sbatch", "scripts/gpu_wheels.sh", "docker/entrypoint.sh", ".ci/run"]
 
 
 def venv_tool(name: str) -> str:

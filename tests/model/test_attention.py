@@ -109,6 +109,7 @@ def test_saved_memory_grows_linearly(make_lm, pattern, documents):
     assert sizes[1] <= 4.5 * sizes[0], f"{pattern}: {sizes[0]} -> {sizes[1]} bytes for x4 tokens"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="FlexAttention's compiled kernel and backward need a CUDA GPU")
 @pytest.mark.parametrize("pattern", ["A", "W"])
 def test_flex_attention_on_cuda_matches_the_query_block_path(make_lm, pattern):
