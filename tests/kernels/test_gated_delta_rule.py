@@ -76,6 +76,7 @@ def test_chunk_torch_fp64(T, K, V):
 @pytest.mark.parametrize("path,gates", [(path, gates) for path in ("torch", "triton_chunk")
                                         for gates in ("normal", "extreme", "mixed", "aligned")]
                          + [("triton_fused_recurrent", "mixed")])
+@pytest.mark.gpu
 def test_fp32_cu_seqlens(path, gates, nan_buffers):
     inputs, upstream, cu_seqlens, expected = case(1, 333, 1, 16, 32, gates, packed=True)
     device = "cpu" if path == "torch" else DEVICE
@@ -83,6 +84,7 @@ def test_fp32_cu_seqlens(path, gates, nan_buffers):
 
 
 # K = 96 and 200: the kernels' 64-wide key blocks, two and four of them, the last one partial.
+@pytest.mark.gpu
 @pytest.mark.parametrize("T,K,V", [(1, 16, 16), (15, 32, 16), (64, 16, 32), (100, 16, 16), (257, 16, 16),
                                    (70, 64, 64), (70, 96, 80), (70, 200, 24)])
 def test_chunk_triton_fp32(T, K, V, nan_buffers):
@@ -90,6 +92,7 @@ def test_chunk_triton_fp32(T, K, V, nan_buffers):
     assert_matches(run(triton_chunk, inputs, upstream, torch.float32, DEVICE), expected, FP32_TOL)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 37])
 def test_fused_recurrent_triton_fp32(T, nan_buffers):
     inputs, upstream, _, expected = case(2, T, 1, 16, 32, "extreme", seed=T)
@@ -104,6 +107,7 @@ def test_chunk_torch_bf16():
     assert_matches(actual, expected, 2e-2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter's bf16 dot is wrong)")
 @pytest.mark.parametrize("fn", [triton_chunk, triton_fused_recurrent], ids=["chunk", "fused_recurrent"])
 def test_triton_bf16(fn):
@@ -129,6 +133,7 @@ def test_state_passing_equals_one_long_call():
     torch.testing.assert_close(final2, final, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_entry_points_without_states(backend, monkeypatch):
     """The training call (no initial state, no final state) through the entry points, on either backend

@@ -128,6 +128,7 @@ def tolerance(dtype):
     return FP32_TOL if dtype == torch.float32 else 3e-2
 
 
+@pytest.mark.gpu
 @pytest.mark.usefixtures("nan_buffers")
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("T", [1, 15, 64, 100, 257])
@@ -140,6 +141,7 @@ def test_triton(path, scalar_gate, T, dtype):
     assert_matches(run(path, inputs, upstream, dtype, DEVICE), expected, tolerance(dtype))
 
 
+@pytest.mark.gpu
 @pytest.mark.usefixtures("nan_buffers")
 @pytest.mark.parametrize("gates", ["normal", "extreme", "mixed"])
 @pytest.mark.parametrize("scalar_gate", [False, True], ids=["vector", "scalar"])
@@ -149,6 +151,7 @@ def test_triton_chunk_cu_seqlens(scalar_gate, gates):
     assert_matches(run(triton_chunk, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected, FP32_TOL)
 
 
+@pytest.mark.gpu
 @pytest.mark.usefixtures("nan_buffers")
 @pytest.mark.parametrize("scalar_gate", [False, True], ids=["vector", "scalar"])
 def test_triton_fused_recurrent_cu_seqlens(scalar_gate):
@@ -158,6 +161,7 @@ def test_triton_fused_recurrent_cu_seqlens(scalar_gate):
                    FP32_TOL)
 
 
+@pytest.mark.gpu
 @pytest.mark.usefixtures("nan_buffers")
 def test_triton_batch_heads_and_wide_state():
     """Two rows of two chunks, K and V wider than one 64-wide tile and not multiples of it (masked tails)."""
@@ -166,6 +170,7 @@ def test_triton_batch_heads_and_wide_state():
     assert_matches(run(triton_chunk, inputs, upstream, torch.float32, DEVICE), expected, FP32_TOL)
 
 
+@pytest.mark.gpu
 def test_entry_point_takes_triton_when_forced(monkeypatch):
     """BATON_KERNELS=triton routes the public entry point to the Triton kernels (interpreted on CPU)."""
     monkeypatch.setenv("BATON_KERNELS", "triton")

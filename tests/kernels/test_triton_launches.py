@@ -20,6 +20,7 @@ from kernels.gated_delta_rule.naive import naive_gated_delta_rule
 from kernels.gla.naive import naive_recurrent_gla
 from kernels.tuning import AUTOTUNERS, pinned_config
 
+pytestmark = pytest.mark.gpu  # compiled on a GPU (bench.gpu_check), interpreted here
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 5e-3 if DEVICE == "cuda" else 2e-4  # GLA's fp32 dots are TF32 on a GPU
 
