@@ -66,8 +66,8 @@ def test_first_call_compiles_few_variants(tmp_path):
     for r in rows:
         assert set(r["per_kernel"]) == KERNELS[r["op"]] - {"fused_recurrent_gla_fwd_kernel", "_fused_recurrent_kernel"}
         assert 0 < r["variants"] <= 40, r
-        if r["target"] == "sm_90":  # one config per kernel: one variant per distinct launch
-            assert r["variants"] == len(r["per_kernel"]) + 1, r  # + the state pass with and without a final state
+        if r["target"] == "sm_90":  # one config per kernel: a variant per specialisation launched (at most two:
+            assert max(r["per_kernel"].values()) <= 2, r  # with and without a final state, or T stored)
 
 
 def test_failures_name_each_reason():
