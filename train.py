@@ -22,6 +22,7 @@ from tqdm import tqdm
 from configs.errors import ConfigError, run_cli
 from configs.schema import load_config
 from data import prepare_dataset
+from data.loader import batch_to_device
 from eval import run_tasks
 from model.config import vocab_for_data
 from parallel.build import build_engine
@@ -81,7 +82,7 @@ def train(cfg, raw_cfg, stop: StopSignals) -> int:
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=topo.device)
         for _ in range(micro_per_step):
-            batch = {k: v.to(topo.device) for k, v in next(loader).items()}
+            batch = batch_to_device(next(loader), topo.device)
             with torch.autocast(topo.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = engine.model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"],
                                       sp=engine.sequence_parallel(batch))

@@ -34,6 +34,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,11 @@ from kernels.compile_check import TARGETS, CompileLog, Compiled, compile_only, f
 
 RESULTS_DIR = ROOT / "bench" / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# Ops by the mixer that runs them; 'gla_scalar' is chunk_gla with a [B, T, H] gate (Mamba2).
+# Ops by the mixer that runs them; 'gla_scalar' is chunk_gla with a [B, T, H] gate (Mamba2). Every recurrent
+# mixer also runs the short convolution ('conv', whose shape is (channels, width)).
 MIXER_OPS = {"gla": "gla", "mamba2": "gla_scalar", "gated_deltanet": "gated_delta_rule"}
+OPS = sorted({*MIXER_OPS.values(), "conv"})
+CONV_CHANNELS = 1024  # the kernels block channels by 32-128 and are keyed on (channels, width): any size will do
 
 
 def preset_shapes() -> dict[str, list[tuple[int, int]]]:
@@ -54,10 +58,12 @@ def preset_shapes() -> dict[str, list[tuple[int, int]]]:
     from omegaconf import OmegaConf
 
     from model.config import ModelConfig
-    shapes: dict[str, set] = {op: set() for op in MIXER_OPS.values()}
+    shapes: dict[str, set] = {op: set() for op in OPS}
     for path in sorted(glob.glob(str(ROOT / "configs" / "model" / "*.yaml"))):
         c = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
         mixers = set(c.layer_mixers())
+        for mixer in mixers & set(MIXER_OPS):
+            shapes["conv"].add((CONV_CHANNELS, getattr(c, mixer).conv_size))
         if "gla" in mixers:
             g = c.gla
             shapes["gla"].add((int(c.d_model * g.expand_k) // g.num_heads, int(c.d_model * g.expand_v) // g.num_heads))
@@ -86,7 +92,10 @@ def _inputs(op: str, K: int, V: int, dtype: torch.dtype, B: int = 1, T: int = 64
 
 
 def _entry_points(op: str):
-    """(chunk, fused recurrent) Triton entry points of an op."""
+    """(chunk, fused recurrent) Triton entry points of an op; the convolution has one."""
+    if op == "conv":
+        from kernels import causal_conv1d
+        return (causal_conv1d,)
     if op == "gated_delta_rule":
         from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_triton
         from kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton
@@ -99,6 +108,14 @@ def _entry_points(op: str):
 def run_op(op: str, K: int, V: int, dtype: torch.dtype, chunk_only: bool = False) -> None:
     """Forward (chunk and, unless chunk_only, fused recurrent, with initial and final state) and backward of
     one op."""
+    if op == "conv":  # K channels, width V, two packed documents with initial states
+        x = torch.randn(1, 64, K, dtype=dtype, requires_grad=True)
+        weight, bias, state = torch.randn(K, V), torch.randn(K), torch.randn(2, K, V - 1)
+        with mock.patch("kernels.conv.function.use_triton", lambda x: True):  # CPU tensors, compiled kernels
+            y, final = _entry_points(op)[0](x, weight, bias, "silu", state, output_final_state=True,
+                                            cu_seqlens=torch.tensor([0, 37, 64], dtype=torch.int32))
+            torch.autograd.backward([y, final], [torch.ones_like(y), torch.ones_like(final)])
+        return
     for fn in _entry_points(op)[:1 if chunk_only else 2]:
         o, final = fn(**_inputs(op, K, V, dtype), output_final_state=True)
         torch.autograd.backward([o, final], [torch.ones_like(o), torch.ones_like(final)])
@@ -189,7 +206,7 @@ HEADER = (f"{'target':7}{'op':17}{'dtype':5}{'K x V':10}{'kernel':34}{'regs':>5}
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
-    p.add_argument("--ops", nargs="+", choices=sorted(set(MIXER_OPS.values())), default=sorted(set(MIXER_OPS.values())))
+    p.add_argument("--ops", nargs="+", choices=OPS, default=OPS)
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: bf16 and fp32 (--quick: bf16)")
     p.add_argument("--shapes", nargs="+", metavar="KxV", help="head dims for every op (default: the presets')")
     p.add_argument("--quick", action="store_true",

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data.shards import ShardSet
+from kernels.common import attach_host_bounds
 
 MIX_BLOCK = 4096
 OPEN_SHARDS = 4  # shard orders (and memory maps) kept per dataset: a batch, and one epoch's end and the next's start
@@ -224,3 +225,12 @@ class PackedLoader:
 def hash_seed(seed: int, dataset: int) -> int:
     """Each dataset of a mixture gets its own shuffle seed."""
     return int(np.random.SeedSequence([seed, dataset]).generate_state(1)[0])
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A loader batch on the device. cu_seqlens keeps its bounds as read on the host
+    (kernels.common.attach_host_bounds), so no layer has to read them back from the device."""
+    on_device = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+    if "cu_seqlens" in batch:
+        attach_host_bounds(on_device["cu_seqlens"], batch["cu_seqlens"])
+    return on_device

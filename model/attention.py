@@ -46,8 +46,8 @@ class QueryBlockAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, q, k, v, q_pos, q_doc_start, key_pos, window):
-        ctx.blocks, ctx.window = query_blocks(q_pos, q_doc_start, key_pos, window), window
+    def forward(ctx, q, k, v, q_pos, q_doc_start, key_pos, window, blocks):
+        ctx.blocks, ctx.window = blocks, window
         ctx.save_for_backward(q, k, v, q_pos, q_doc_start, key_pos)
         positions = (q_pos, q_doc_start, key_pos, window)
         return torch.cat([_attend_block(q[:, :, queries], k[:, :, keys], v[:, :, keys], positions, queries, keys)
@@ -66,7 +66,7 @@ class QueryBlockAttention(torch.autograd.Function):
             part_grads = torch.autograd.grad(o, parts, grad_o[:, :, queries])
             for grad, part_grad, rows in zip(grads, part_grads, (queries, keys, keys)):
                 grad[:, :, rows] += part_grad
-        return *grads, None, None, None, None
+        return *grads, None, None, None, None, None
 
 
 def _attend_block(q, k, v, positions, queries: slice, keys: slice) -> torch.Tensor:
@@ -89,17 +89,22 @@ def _compiled_flex():
     return torch.compile(flex_attention), torch.compile(create_block_mask)
 
 
-_shared_block_masks: dict = {}  # window -> (layout, BlockMask) of the batch the layers saw last
+_shared_masks: dict = {}  # (kind, window) -> (layout, mask) of the batch the layers saw last
 
 
-def shared_block_mask(layout: tuple, q_pos, q_doc_start, key_pos, window: Optional[int]) -> BlockMask:
-    """This batch's BlockMask, built by its first attention layer of this window and reused by the others.
-    layout = (the batch's cu_seqlens or sp object, or None, then the shapes): the same object with the same
-    shapes means the same positions (batches bring new cu_seqlens tensors; none is changed in place)."""
-    cached = _shared_block_masks.get(window)
+def shared_mask(kind: str, layout: tuple, q_pos, q_doc_start, key_pos, window: Optional[int]):
+    """This batch's mask of one kind, built by its first attention layer of this window and reused by the
+    others: 'flex', FlexAttention's BlockMask (CUDA); 'blocks', the query blocks and their key ranges (the
+    CPU path, read on the host once per batch). layout = (the batch's cu_seqlens or sp object, or None, then
+    the shapes): the same object with the same shapes means the same positions (batches bring new cu_seqlens
+    tensors; none is changed in place)."""
+    cached = _shared_masks.get((kind, window))
     if cached is None or cached[0][0] is not layout[0] or cached[0][1:] != layout[1:]:
-        block_mask = flex_block_mask(q_pos, q_doc_start, key_pos, window, build=_compiled_flex()[1])
-        _shared_block_masks[window] = cached = (layout, block_mask)
+        if kind == "flex":
+            mask = flex_block_mask(q_pos, q_doc_start, key_pos, window, build=_compiled_flex()[1])
+        else:
+            mask = query_blocks(q_pos, q_doc_start, key_pos, window)
+        _shared_masks[(kind, window)] = cached = (layout, mask)
     return cached[1]
 
 
@@ -145,12 +150,14 @@ class Attention(nn.Module):
             key_pos = q_pos
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        layout = (cu_seqlens if sp is None else sp, B, T, key_pos.numel(), x.device)
         if x.device.type in FLEX_DEVICE_TYPES and cache is None:
-            layout = (cu_seqlens if sp is None else sp, B, T, key_pos.numel(), x.device)
-            block_mask = shared_block_mask(layout, q_pos, q_doc_start, key_pos, self.window)
+            block_mask = shared_mask("flex", layout, q_pos, q_doc_start, key_pos, self.window)
             o = _compiled_flex()[0](q, k, v, block_mask=block_mask, enable_gqa=True)
         else:
-            o = QueryBlockAttention.apply(q, k, v, q_pos, q_doc_start, key_pos, self.window)
+            blocks = (query_blocks(q_pos, q_doc_start, key_pos, self.window) if cache is not None  # decode: new keys
+                      else shared_mask("blocks", layout, q_pos, q_doc_start, key_pos, self.window))
+            o = QueryBlockAttention.apply(q, k, v, q_pos, q_doc_start, key_pos, self.window, blocks)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
     def _extend_cache(self, cache: dict, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):

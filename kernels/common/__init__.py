@@ -10,8 +10,9 @@
 Each op's Triton file composes these stages and adds its own part (GLA's intra-chunk attention with a vector
 gate, the delta rule's WY factors). The Triton modules are imported on first use (CPU-only runs need no Triton).
 """
-from kernels.common.chunks import CHUNK_SIZE, ChunkIndex, ChunkLayout, chunk_layout, sequence_bounds
+from kernels.common.chunks import (CHUNK_SIZE, ChunkIndex, ChunkLayout, attach_host_bounds, chunk_index, chunk_layout,
+                                   sequence_bounds)
 from kernels.common.contract import check_recurrent_inputs, compute_dtype, decay_or_zero
 
-__all__ = ["CHUNK_SIZE", "ChunkIndex", "ChunkLayout", "check_recurrent_inputs", "chunk_layout", "compute_dtype",
-           "decay_or_zero", "sequence_bounds"]
+__all__ = ["CHUNK_SIZE", "ChunkIndex", "ChunkLayout", "attach_host_bounds", "check_recurrent_inputs", "chunk_index",
+           "chunk_layout", "compute_dtype", "decay_or_zero", "sequence_bounds"]

@@ -1,11 +1,18 @@
 """Chunks of packed sequences: CHUNK_SIZE (the one definition), the sequence bounds, the PyTorch paths'
 chunked layout and the Triton kernels' chunk index.
 
+The bounds of a batch's cu_seqlens are read to the host once per batch, not once per layer: they are kept on
+the tensor itself (with its version, so an in-place change is seen), as is the chunk index built from them.
+The training loop attaches them while the batch is still on the host (`attach_host_bounds`), so on a GPU
+no layer waits for the device to answer what the loader already knew.
+
 Sequences (the rows of a batch, or the documents of cu_seqlens) are cut into chunks that start at each
 sequence's own first token, so a chunk never spans two sequences. The PyTorch paths gather the tokens into a
 [num_chunks, chunk_size] layout (the tail of each sequence's last chunk is zero) and run the state scan over
 a [num_seqs, max_chunks] grid; the Triton kernels get the same chunks as a list of (sequence, chunk) pairs.
 """
+import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +24,21 @@ def sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int) -
     """Offsets of the sequences in the flattened [B*T] token axis: the rows, or cu_seqlens."""
     if cu_seqlens is None:
         return [b * seq_len for b in range(batch + 1)]
-    bounds = cu_seqlens.tolist()
+    known = getattr(cu_seqlens, "_host_bounds", None)
+    if known is not None and known[0] == cu_seqlens._version:
+        bounds = known[1]
+    else:
+        bounds = cu_seqlens.tolist()
+        cu_seqlens._host_bounds = (cu_seqlens._version, bounds)
     if bounds[0] != 0 or bounds[-1] != batch * seq_len or any(a > b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens {batch * seq_len}, got {bounds}")
     return bounds
+
+
+def attach_host_bounds(cu_seqlens: torch.Tensor, host_cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens (on the device) knowing its bounds from host_cu_seqlens, the same values on the host."""
+    cu_seqlens._host_bounds = (cu_seqlens._version, host_cu_seqlens.tolist())
+    return cu_seqlens
 
 
 @dataclass
@@ -70,6 +88,22 @@ def chunk_layout(bounds: list[int], chunk_size: int, device: torch.device | str)
                        token_slot.to(device), chunk_slot.to(device))
 
 
+def chunk_index(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, device: torch.device) -> "ChunkIndex":
+    """The ChunkIndex of a call, built once per batch (kept on cu_seqlens) or per (batch, seq_len, device)."""
+    if cu_seqlens is None:
+        return _fixed_chunk_index(batch, seq_len, torch.device(device))
+    known = getattr(cu_seqlens, "_chunk_index", None)
+    if known is None or known[0] != cu_seqlens._version or known[1] != (batch, seq_len):
+        known = (cu_seqlens._version, (batch, seq_len), ChunkIndex(cu_seqlens, batch, seq_len, device))
+        cu_seqlens._chunk_index = known
+    return known[2]
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_chunk_index(batch: int, seq_len: int, device: torch.device) -> "ChunkIndex":
+    return ChunkIndex(None, batch, seq_len, device)
+
+
 class ChunkIndex:
     """The chunks of one call for the Triton kernels, all int64 (token offsets of long packed batches do not
     fit int32 once multiplied by heads and dims): every call is variable-length, a [B, T] batch being B
@@ -77,17 +111,21 @@ class ChunkIndex:
       cu_seqlens    [N+1]            the sequences' bounds in the flattened token axis
       chunk_indices [num_chunks, 2]  (sequence, chunk within the sequence) of every chunk, sequence-major
       chunk_offsets [N+1]            each sequence's first chunk (where its states are stored), and the total
-    Built on the host from the bounds: without cu_seqlens from (B, T) alone, with cu_seqlens on a GPU by one
-    copy to the host. The op's forward builds it once and its backward reuses it."""
+    Built on the host from the bounds (sequence_bounds: no device sync once the bounds are known) and copied
+    to the device from pinned memory without waiting; `chunk_index` builds it once per batch."""
 
     def __init__(self, cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, device: torch.device | str):
-        bounds = torch.tensor(sequence_bounds(cu_seqlens, batch, seq_len), dtype=torch.long)
-        lengths = bounds[1:] - bounds[:-1]
-        chunks = (lengths + CHUNK_SIZE - 1) // CHUNK_SIZE
-        offsets = torch.cat([chunks.new_zeros(1), torch.cumsum(chunks, 0)])
-        sequence = torch.repeat_interleave(torch.arange(len(chunks)), chunks)
-        within = torch.arange(len(sequence)) - offsets[sequence]
-        self.num_sequences, self.num_chunks = len(chunks), len(sequence)
-        self.cu_seqlens = bounds.to(device)
-        self.chunk_indices = torch.stack([sequence, within], 1).contiguous().to(device)
-        self.chunk_offsets = offsets.to(device)
+        bounds = sequence_bounds(cu_seqlens, batch, seq_len)
+        chunks = [(end - start + CHUNK_SIZE - 1) // CHUNK_SIZE for start, end in zip(bounds, bounds[1:])]
+        pairs = [(sequence, within) for sequence, count in enumerate(chunks) for within in range(count)]
+        self.num_sequences, self.num_chunks = len(chunks), len(pairs)
+        self.cu_seqlens = _to_device(torch.tensor(bounds, dtype=torch.long), device)
+        self.chunk_indices = _to_device(torch.tensor(pairs, dtype=torch.long).view(-1, 2), device)
+        self.chunk_offsets = _to_device(torch.tensor([0, *itertools.accumulate(chunks)], dtype=torch.long), device)
+
+
+def _to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on the device; to a GPU from pinned memory, so the copy does not block the host."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.chunks import ChunkIndex
+from kernels.common.chunks import chunk_index
 from kernels.common.state_passes import check_key_dim
 from kernels.gated_delta_rule.triton_chunk import _ChunkGatedDeltaRule
 from kernels.tuning import autotune
@@ -58,7 +58,7 @@ class _FusedRecurrentGatedDeltaRule(_ChunkGatedDeltaRule):  # the chunk backward
     def forward(ctx, q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens):
         B, T, H, K = k.shape
         V = v.shape[-1]
-        chunks = ChunkIndex(cu_seqlens, B, T, q.device)
+        chunks = chunk_index(cu_seqlens, B, T, q.device)
         N = chunks.num_sequences
         initial_state = initial_state.contiguous() if initial_state is not None else None
         o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)

@@ -13,7 +13,7 @@ spills and shared memory.
 """
 import torch
 
-from kernels.common.chunks import CHUNK_SIZE, ChunkIndex
+from kernels.common.chunks import CHUNK_SIZE, ChunkIndex, chunk_index
 from kernels.common.output_pass import chunk_outputs
 from kernels.common.state_passes import block_size, check_key_dim, chunk_state_grads, chunk_states, dot_precision
 from kernels.gated_delta_rule.triton_wy import (_intra_bwd_dk_kernel, _intra_bwd_k_kernel, _intra_bwd_v_kernel,
@@ -88,7 +88,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens):
         initial_state = initial_state.contiguous() if initial_state is not None else None
-        chunks = ChunkIndex(cu_seqlens, q.shape[0], q.shape[1], q.device)
+        chunks = chunk_index(cu_seqlens, q.shape[0], q.shape[1], q.device)
         o, final_state = chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state,
                                                     chunks)
         ctx.save_for_backward(q, k, v, g, beta, initial_state)

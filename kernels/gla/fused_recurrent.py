@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.chunks import ChunkIndex
+from kernels.common.chunks import chunk_index
 from kernels.gla.triton_chunk import ChunkGLAFunction, prepare_inputs
 from kernels.tuning import autotune
 
@@ -51,7 +51,7 @@ class FusedRecurrentGLAFunction(ChunkGLAFunction):  # the chunk backward serves 
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        chunks = ChunkIndex(cu_seqlens, B, T, q.device)
+        chunks = chunk_index(cu_seqlens, B, T, q.device)
         o = torch.empty_like(v)
         final = (torch.empty(chunks.num_sequences, H, K, V, dtype=torch.float32, device=q.device)
                  if output_final_state else None)

@@ -20,7 +20,7 @@ int64 offsets); lengths are never specialized on, so new lengths reuse the compi
 import torch
 import triton
 
-from kernels.common.chunks import CHUNK_SIZE, ChunkIndex
+from kernels.common.chunks import CHUNK_SIZE, ChunkIndex, chunk_index
 from kernels.common.output_pass import chunk_outputs
 from kernels.common.state_passes import chunk_state_grads, chunk_states
 from kernels.gla.chunk import SUB_CHUNK_SIZE
@@ -116,7 +116,7 @@ def chunk_gla_bwd(q, k, v, g, scale, initial_state, do, d_final, chunks: ChunkIn
 class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        chunks = ChunkIndex(cu_seqlens, q.shape[0], q.shape[1], q.device)
+        chunks = chunk_index(cu_seqlens, q.shape[0], q.shape[1], q.device)
         o, final = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, chunks)
         ctx.save_for_backward(q, k, v, g, initial_state)
         ctx.scale, ctx.chunks = scale, chunks

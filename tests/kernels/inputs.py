@@ -52,6 +52,26 @@ def gated_delta_rule_inputs(B, T, H, K, V, num_states, gates="normal", seed=0):
     return inputs, upstream
 
 
+def conv_inputs(B, T, D, W, N, bias=True, state=True, seed=0):
+    """fp64 inputs of the short convolution (x [B, T, D], weight [D, W], bias, state [N, D, W-1]) and upstream
+    gradients of its output and final state."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    inputs = dict(x=rand(B, T, D), weight=rand(D, W), bias=rand(D) if bias else None,
+                  initial_state=rand(N, D, W - 1) if state else None)
+    return inputs, dict(y=rand(B, T, D), final_state=rand(N, D, W - 1))
+
+
+def run_conv(fn, inputs, upstream, cu_seqlens=None, activation="silu", dtype=torch.float64):
+    """Output, final state and the gradients of every input, in fp64; the final state gets a gradient too."""
+    leaves = {n: x.detach().to(dtype).requires_grad_() for n, x in inputs.items() if x is not None}
+    y, final = fn(leaves["x"], leaves["weight"], leaves.get("bias"), activation, leaves.get("initial_state"),
+                  output_final_state=True, cu_seqlens=cu_seqlens)
+    ((y.double() * upstream["y"]).sum() + (final.double() * upstream["final_state"]).sum()).backward()
+    results = {"y": y, "final_state": final, **{f"d{n}": x.grad for n, x in leaves.items()}}
+    return {name: t.detach().double() for name, t in results.items()}
+
+
 def gla_triton_chunk(*args, **kwargs):
     from kernels.gla.triton_chunk import chunk_gla_triton
     return chunk_gla_triton(*args, **kwargs)

@@ -8,10 +8,11 @@ with the host under cu_seqlens.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import causal_conv1d
 from kernels.conv.naive import naive_causal_conv1d
+from inputs import conv_inputs as make_inputs, run_conv as run
+from training.host_syncs import HostSyncs
 
 BACKENDS = {"torch": dict(dtype=torch.float64, tol=1e-12), "triton": dict(dtype=torch.float32, tol=2e-5)}
 
@@ -21,24 +22,6 @@ def backend(request, monkeypatch):
     """The path under test (kernels/backend.py's override), with its dtype and tolerance."""
     monkeypatch.setenv("BATON_KERNELS", request.param)
     return BACKENDS[request.param]
-
-
-def run(fn, inputs, upstream, cu_seqlens=None, activation="silu", dtype=torch.float64):
-    """Output, final state and the gradients of every input, in fp64; the final state gets a gradient too."""
-    leaves = {n: x.detach().to(dtype).requires_grad_() for n, x in inputs.items() if x is not None}
-    y, final = fn(leaves["x"], leaves["weight"], leaves.get("bias"), activation, leaves.get("initial_state"),
-                  output_final_state=True, cu_seqlens=cu_seqlens)
-    ((y.double() * upstream["y"]).sum() + (final.double() * upstream["final_state"]).sum()).backward()
-    results = {"y": y, "final_state": final, **{f"d{n}": x.grad for n, x in leaves.items()}}
-    return {name: t.detach().double() for name, t in results.items()}
-
-
-def make_inputs(B, T, D, W, N, bias=True, state=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
-    inputs = dict(x=rand(B, T, D), weight=rand(D, W), bias=rand(D) if bias else None,
-                  initial_state=rand(N, D, W - 1) if state else None)
-    return inputs, dict(y=rand(B, T, D), final_state=rand(N, D, W - 1))
 
 
 def assert_all_close(actual, expected, tol):
@@ -145,45 +128,25 @@ def test_saves_at_most_4_bytes_per_channel_per_token_in_bf16(backend):
     assert x.grad.shape == x.shape and torch.isfinite(weight.grad).all()
 
 
-SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero",
-            "aten.masked_select", "aten.repeat_interleave.Tensor", "aten._unique", "aten.unique")
-
-
-class RecordHostSyncs(TorchDispatchMode):
-    """Records the aten ops that read a tensor's values on the host (a device sync on CUDA)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith(SYNC_OPS):
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def test_no_host_sync_under_cu_seqlens(backend, monkeypatch):
+def test_no_host_sync_under_cu_seqlens(backend):
     """Forward and backward with packed documents, an initial state and a final-state gradient never read a
-    tensor's values on the host. Tensor.tolist reads CPU data without an aten op, so it is patched to fail."""
-    def tolist(self):
-        raise AssertionError("Tensor.tolist() syncs with the host")
-
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    tensor's values on the host."""
     cu_seqlens = torch.tensor(CU_SEQLENS, dtype=torch.int32)
     inputs, upstream = make_inputs(1, 150, 8, 4, len(CU_SEQLENS) - 1)
-    with RecordHostSyncs() as recorder:
+    with HostSyncs() as syncs:
         run(causal_conv1d, inputs, upstream, cu_seqlens, dtype=backend["dtype"])
-    assert recorder.syncs == []
+    assert syncs.counts == {}
 
 
 def test_recorder_sees_host_syncs():
-    """The check above can fail: .item(), bool() and repeat_interleave with tensor counts are recorded."""
+    """The check above can fail: .item(), bool(), repeat_interleave with tensor counts and tolist are counted."""
     counts = torch.tensor([1, 2])
-    with RecordHostSyncs() as recorder:
+    with HostSyncs() as syncs:
         counts[0].item()
         bool(counts[1] > 0)
         torch.repeat_interleave(torch.arange(2), counts)
-    assert len(recorder.syncs) == 3
+        counts.tolist()
+    assert syncs.total == 4 and syncs.counts["Tensor.tolist"] == 1
 
 
 def test_torch_path_runs_on_meta_tensors(monkeypatch):

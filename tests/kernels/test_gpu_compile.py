@@ -4,7 +4,7 @@ variants, checked without a GPU (kernels/compile_check.py, through bench/gpu_com
 The checks run `python -m bench.gpu_compile --quick` and `--count` in subprocesses: compiled (not interpreted) kernels need
 TRITON_INTERPRET unset before Triton decorates them, and the other kernel tests of this process run under the
 interpreter. The quick set (bench.gpu_compile.quick_cases) is sm_80, sm_90 and sm_100 in bf16, each op at its
-largest preset shape (GLA and Gated DeltaNet K=256, V=512; Mamba2's scalar gate K=128, V=64), each kernel's
+largest preset shape (GLA and Gated DeltaNet K=256, V=512; Mamba2's scalar gate K=128, V=64; the short convolution), each kernel's
 configs compiled in order up to the first that fits unspilled, the cases spread over the cores; the full sweep
 (every preset shape, every autotune config) is `python -m bench.gpu_compile`. Run alone with
 `pytest -m gpu_compile`.
@@ -32,6 +32,7 @@ KERNELS = {
     "gla_scalar": SHARED | {"chunk_cumsum_kernel", "chunk_scalar_fwd_A_kernel", "chunk_bwd_dA_kernel",
                             "chunk_gla_bwd_dv_kernel", "chunk_scalar_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel",
                             "fused_recurrent_gla_fwd_kernel"},
+    "conv": {"causal_conv_fwd_kernel", "causal_conv_bwd_kernel"},
 }
 ENV = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
 
@@ -64,7 +65,7 @@ def test_first_call_compiles_few_variants(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["target"], r["op"]) for r in rows} == {(t, op) for t in ("sm_80", "sm_90", "sm_100") for op in KERNELS}
     for r in rows:
-        assert set(r["per_kernel"]) == KERNELS[r["op"]] - {"fused_recurrent_gla_fwd_kernel", "_fused_recurrent_kernel"}
+        assert set(r["per_kernel"]) == KERNELS[r["op"]] - {"fused_recurrent_gla_fwd_kernel", "_fused_recurrent_kernel"}, r
         assert 0 < r["variants"] <= 40, r
         if r["target"] == "sm_90":  # one config per kernel: a variant per specialisation launched (at most two:
             assert max(r["per_kernel"].values()) <= 2, r  # with and without a final state, or T stored)

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from compare import assert_matches, run
-from inputs import (gated_delta_rule_inputs, gated_delta_rule_triton_chunk, gated_delta_rule_triton_fused_recurrent,
-                    gla_inputs, gla_triton_chunk, gla_triton_fused_recurrent)
+from inputs import (conv_inputs, gated_delta_rule_inputs, gated_delta_rule_triton_chunk,
+                    gated_delta_rule_triton_fused_recurrent, gla_inputs, gla_triton_chunk, gla_triton_fused_recurrent,
+                    run_conv)
+from kernels import causal_conv1d
+from kernels.conv.naive import naive_causal_conv1d
 from kernels.backend import interpret_mode
 from kernels.gated_delta_rule.naive import naive_gated_delta_rule
 from kernels.gla.naive import naive_recurrent_gla
@@ -41,6 +44,7 @@ OPS = {
 
 def _import_kernels():
     """Import every Triton kernel module, so that AUTOTUNERS lists them all."""
+    import kernels.conv.triton_conv  # noqa: F401
     import kernels.gated_delta_rule.fused_recurrent  # noqa: F401
     import kernels.gla.fused_recurrent  # noqa: F401
 
@@ -56,16 +60,37 @@ def test_every_kernel_has_few_candidates_heuristic_first():
     assert not [name for name, key in keys.items() if {"T", "B"} & set(key)], keys  # never tuned per length
 
 
-@pytest.mark.usefixtures("nan_buffers")
-@pytest.mark.parametrize("index", range(MOST_CANDIDATES))
-@pytest.mark.parametrize("op", OPS)
-def test_every_candidate_matches_the_reference(op, index):
+def run_op(op: str, index: int | None = None) -> tuple[dict, dict]:
+    """(results of the Triton path in fp32, the fp64 reference's) for one op; candidate `index` of every
+    kernel when given. The short convolution runs with 80 channels: ragged token and channel blocks."""
+    pinned = pinned_config(index) if index is not None else contextlib.nullcontext()
+    if op == "conv":
+        inputs, upstream = conv_inputs(1, T, 80, 4, NUM_DOCS)
+        expected = run_conv(naive_causal_conv1d, inputs, upstream, CU_SEQLENS)
+        inputs = {name: x.to(DEVICE) for name, x in inputs.items()}
+        upstream = {name: x.to(DEVICE) for name, x in upstream.items()}
+        with pinned:
+            actual = run_conv(causal_conv1d, inputs, upstream, CU_SEQLENS.to(DEVICE), dtype=torch.float32)
+        return {name: x.cpu() for name, x in actual.items()}, expected
     make, reference, *paths = OPS[op]
     inputs, upstream = make()
     expected = run(reference, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
-    with pinned_config(index):
-        for path in paths:
-            assert_matches(run(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected, TOL)
+    with pinned:
+        actual = {f"{i}:{name}": x for i, path in enumerate(paths)
+                  for name, x in run(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS).items()}
+    return actual, {f"{i}:{name}": x for i in range(len(paths)) for name, x in expected.items()}
+
+
+@pytest.fixture
+def triton_paths(monkeypatch):
+    monkeypatch.setenv("BATON_KERNELS", "triton")  # the convolution's entry point dispatches by backend
+
+
+@pytest.mark.usefixtures("nan_buffers", "triton_paths")
+@pytest.mark.parametrize("index", range(MOST_CANDIDATES))
+@pytest.mark.parametrize("op", [*OPS, "conv"])
+def test_every_candidate_matches_the_reference(op, index):
+    assert_matches(*run_op(op, index), TOL)
 
 
 @contextlib.contextmanager
@@ -98,13 +123,10 @@ def every_launch_twice():
         Launcher.run = launch
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_every_kernel_gives_the_same_result_when_launched_twice(op):
-    make, reference, *paths = OPS[op]
-    inputs, upstream = make()
-    expected = run(reference, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
+@pytest.mark.usefixtures("triton_paths")
+@pytest.mark.parametrize("op,kernels", [("gla", 10), ("gla_scalar", 10), ("gated_delta_rule", 9), ("conv", 2)])
+def test_every_kernel_gives_the_same_result_when_launched_twice(op, kernels):
     with every_launch_twice() as differences:
-        for path in paths:
-            assert_matches(run(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected, TOL)
-    assert len(differences) >= 8, sorted(differences)  # the forward and backward kernels all ran
+        assert_matches(*run_op(op), TOL)
+    assert len(differences) == kernels, sorted(differences)  # every forward and backward kernel ran
     assert not {name: args for name, args in differences.items() if args}, differences
