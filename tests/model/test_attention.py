@@ -51,7 +51,8 @@ def test_query_blocks_match_the_dense_mask(layout, window):
     q_pos, q_doc_start, key_pos = positions(*layout)
     inputs = qkv(q_pos.numel(), key_pos.numel())
     reference = [x.detach().clone().requires_grad_() for x in inputs]
-    o = QueryBlockAttention.apply(*inputs, q_pos, q_doc_start, key_pos, window)
+    blocks = query_blocks(q_pos, q_doc_start, key_pos, window)
+    o = QueryBlockAttention.apply(*inputs, q_pos, q_doc_start, key_pos, window, blocks)
     o_ref = dense_reference(*reference, q_pos, q_doc_start, key_pos, window)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     grad_o = torch.randn_like(o)
