@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.chunks import chunk_index
+from kernels.common.chunks import ChunkIndex
 from kernels.common.state_passes import check_key_dim
-from kernels.gated_delta_rule.triton_chunk import _ChunkGatedDeltaRule
+from kernels.gated_delta_rule.triton_chunk import gated_delta_rule_op
 from kernels.tuning import autotune
 
 
@@ -53,26 +53,22 @@ def _fused_recurrent_kernel(
         tl.store(final_state + state_offsets, b_h, mask=state_mask)
 
 
-class _FusedRecurrentGatedDeltaRule(_ChunkGatedDeltaRule):  # the chunk backward serves decode too
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens):
-        B, T, H, K = k.shape
-        V = v.shape[-1]
-        chunks = chunk_index(cu_seqlens, B, T, q.device)
-        N = chunks.num_sequences
-        initial_state = initial_state.contiguous() if initial_state is not None else None
-        o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
-        final_state = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-        grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)  # noqa: E731
-        _fused_recurrent_kernel[grid](
-            q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), o,
-            initial_state, final_state, scale, chunks.cu_seqlens,
-            H=H, K=K, V=V, BK=triton.next_power_of_2(K), USE_INITIAL_STATE=initial_state is not None,
-            STORE_FINAL_STATE=output_final_state,
-        )
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
-        ctx.scale, ctx.chunks = scale, chunks
-        return o, final_state
+def fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                         chunks: ChunkIndex):
+    """(o, final state or None), one token at a time."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = chunks.num_sequences
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
+    final_state = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)  # noqa: E731
+    _fused_recurrent_kernel[grid](
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), o,
+        initial_state, final_state, scale, chunks.cu_seqlens,
+        H=H, K=K, V=V, BK=triton.next_power_of_2(K), USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state,
+    )
+    return o, final_state
 
 
 def fused_recurrent_gated_delta_rule_triton(
@@ -83,5 +79,4 @@ def fused_recurrent_gated_delta_rule_triton(
     """Step-by-step Triton gated delta rule; same contract as `kernels.fused_recurrent_gated_delta_rule`."""
     check_key_dim(k.shape[-1])  # for the chunk kernels of the backward
     scale = k.shape[-1] ** -0.5 if scale is None else scale
-    return _FusedRecurrentGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state,
-                                               cu_seqlens)
+    return gated_delta_rule_op(q, k, v, [g, beta], initial_state, cu_seqlens, scale, output_final_state, True)

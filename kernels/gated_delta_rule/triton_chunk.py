@@ -13,7 +13,8 @@ spills and shared memory.
 """
 import torch
 
-from kernels.common.chunks import CHUNK_SIZE, ChunkIndex, chunk_index
+from kernels.common.chunks import CHUNK_SIZE, ChunkIndex
+from kernels.common.custom_ops import recurrent_op
 from kernels.common.output_pass import chunk_outputs
 from kernels.common.state_passes import block_size, check_key_dim, chunk_state_grads, chunk_states, dot_precision
 from kernels.gated_delta_rule.triton_wy import (_intra_bwd_dk_kernel, _intra_bwd_k_kernel, _intra_bwd_v_kernel,
@@ -84,25 +85,28 @@ def _flatten(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous() for x in xs]
 
 
-class _ChunkGatedDeltaRule(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens):
-        initial_state = initial_state.contiguous() if initial_state is not None else None
-        chunks = chunk_index(cu_seqlens, q.shape[0], q.shape[1], q.device)
-        o, final_state = chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state,
+def _forward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, output_final_state, recurrent):
+    g, beta = gates
+    initial_state = initial_state.contiguous() if initial_state is not None else None
+    if recurrent:  # the decode schedule; the backward is the chunkwise one either way
+        from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd
+        return fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state,
                                                     chunks)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
-        ctx.scale, ctx.chunks = scale, chunks
-        return o, final_state
+    return chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, chunks)
 
-    @staticmethod
-    def backward(ctx, do, d_final_state):
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
-        if d_final_state is not None:
-            d_final_state = d_final_state.contiguous()
-        grads = chunk_gated_delta_rule_bwd(q, k, v, g, beta, ctx.scale, initial_state, ctx.chunks, do,
-                                           d_final_state)
-        return *grads, None, None, None
+
+def _backward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, do, d_final_state):
+    g, beta = gates
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if d_final_state is not None:
+        d_final_state = d_final_state.contiguous()
+    dq, dk, dv, dg, dbeta, d_h0 = chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, chunks, do,
+                                                             d_final_state)
+    return dq, dk, dv, [dg, dbeta], d_h0
+
+
+gated_delta_rule_op = recurrent_op("gated_delta_rule", _forward, _backward)
 
 
 def chunk_gated_delta_rule_triton(
@@ -119,4 +123,4 @@ def chunk_gated_delta_rule_triton(
     """Triton chunkwise gated delta rule; same contract as `kernels.chunk_gated_delta_rule`."""
     check_key_dim(k.shape[-1])
     scale = k.shape[-1] ** -0.5 if scale is None else scale
-    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens)
+    return gated_delta_rule_op(q, k, v, [g, beta], initial_state, cu_seqlens, scale, output_final_state, False)

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.chunks import chunk_index
-from kernels.gla.triton_chunk import ChunkGLAFunction, prepare_inputs
+from kernels.common.chunks import ChunkIndex
+from kernels.gla.triton_chunk import gla_op, prepare_inputs
 from kernels.tuning import autotune
 
 
@@ -46,26 +46,22 @@ def fused_recurrent_gla_fwd_kernel(q, k, v, g, o, h0, ht, cu_seqlens, scale, H: 
         tl.store(ht + state_offsets, state, mask=state_mask)
 
 
-class FusedRecurrentGLAFunction(ChunkGLAFunction):  # the chunk backward serves decode too
-    @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        chunks = chunk_index(cu_seqlens, B, T, q.device)
-        o = torch.empty_like(v)
-        final = (torch.empty(chunks.num_sequences, H, K, V, dtype=torch.float32, device=q.device)
-                 if output_final_state else None)
-        BV = min(32, triton.next_power_of_2(V))  # the whole K stays in one program: no partial outputs to sum
-        fused_recurrent_gla_fwd_kernel[(triton.cdiv(V, BV), chunks.num_sequences * H)](
-            q, k, v, g, o, initial_state, final, chunks.cu_seqlens, scale, H=H, K=K, V=V,
-            BK=triton.next_power_of_2(K), BV=BV, SCALAR=g.dim() == 3, USE_H0=initial_state is not None,
-            STORE_FINAL=output_final_state)
-        ctx.save_for_backward(q, k, v, g, initial_state)
-        ctx.scale, ctx.chunks = scale, chunks
-        return o, final
+def fused_recurrent_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, chunks: ChunkIndex):
+    """(o, final state or None), one token at a time."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    o = torch.empty_like(v)
+    final = (torch.empty(chunks.num_sequences, H, K, V, dtype=torch.float32, device=q.device)
+             if output_final_state else None)
+    BV = min(32, triton.next_power_of_2(V))  # the whole K stays in one program: no partial outputs to sum
+    fused_recurrent_gla_fwd_kernel[(triton.cdiv(V, BV), chunks.num_sequences * H)](
+        q, k, v, g, o, initial_state, final, chunks.cu_seqlens, scale, H=H, K=K, V=V,
+        BK=triton.next_power_of_2(K), BV=BV, SCALAR=g.dim() == 3, USE_H0=initial_state is not None,
+        STORE_FINAL=output_final_state)
+    return o, final
 
 
 def fused_recurrent_gla_triton(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
                                cu_seqlens=None):
     q, k, v, g, scale, initial_state = prepare_inputs(q, k, v, g, scale, initial_state)
-    return FusedRecurrentGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return gla_op(q, k, v, [g], initial_state, cu_seqlens, scale, output_final_state, True)

@@ -20,7 +20,8 @@ int64 offsets); lengths are never specialized on, so new lengths reuse the compi
 import torch
 import triton
 
-from kernels.common.chunks import CHUNK_SIZE, ChunkIndex, chunk_index
+from kernels.common.chunks import CHUNK_SIZE, ChunkIndex
+from kernels.common.custom_ops import recurrent_op
 from kernels.common.output_pass import chunk_outputs
 from kernels.common.state_passes import chunk_state_grads, chunk_states
 from kernels.gla.chunk import SUB_CHUNK_SIZE
@@ -113,21 +114,21 @@ def chunk_gla_bwd(q, k, v, g, scale, initial_state, do, d_final, chunks: ChunkIn
     return dq, dk, dv, dg, d_initial
 
 
-class ChunkGLAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        chunks = chunk_index(cu_seqlens, q.shape[0], q.shape[1], q.device)
-        o, final = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, chunks)
-        ctx.save_for_backward(q, k, v, g, initial_state)
-        ctx.scale, ctx.chunks = scale, chunks
-        return o, final
+def _forward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, output_final_state, recurrent):
+    if recurrent:  # the decode schedule; the backward is the chunkwise one either way
+        from kernels.gla.fused_recurrent import fused_recurrent_gla_fwd
+        return fused_recurrent_gla_fwd(q, k, v, gates[0], scale, initial_state, output_final_state, chunks)
+    return chunk_gla_fwd(q, k, v, gates[0], scale, initial_state, output_final_state, chunks)
 
-    @staticmethod
-    def backward(ctx, do, d_final):
-        q, k, v, g, initial_state = ctx.saved_tensors
-        dq, dk, dv, dg, d_initial = chunk_gla_bwd(q, k, v, g, ctx.scale, initial_state, do.contiguous(),
-                                                  None if d_final is None else d_final.contiguous(), ctx.chunks)
-        return dq, dk, dv, dg, None, d_initial, None, None
+
+def _backward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, do, d_final_state):
+    if d_final_state is not None:
+        d_final_state = d_final_state.contiguous()
+    dq, dk, dv, dg, d_initial = chunk_gla_bwd(q, k, v, gates[0], scale, initial_state, do, d_final_state, chunks)
+    return dq, dk, dv, [dg], d_initial
+
+
+gla_op = recurrent_op("gla", _forward, _backward)
 
 
 def prepare_inputs(q, k, v, g, scale, initial_state):
@@ -141,4 +142,4 @@ def prepare_inputs(q, k, v, g, scale, initial_state):
 
 def chunk_gla_triton(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     q, k, v, g, scale, initial_state = prepare_inputs(q, k, v, g, scale, initial_state)
-    return ChunkGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return gla_op(q, k, v, [g], initial_state, cu_seqlens, scale, output_final_state, False)

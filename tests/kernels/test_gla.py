@@ -178,8 +178,8 @@ def test_entry_point_takes_triton_when_forced(monkeypatch):
         assert os.environ.get("TRITON_INTERPRET") == "1"
     import kernels.gla.triton_chunk as triton_module
     calls = []
-    original = triton_module.ChunkGLAFunction.apply
-    monkeypatch.setattr(triton_module.ChunkGLAFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    original = triton_module.gla_op
+    monkeypatch.setattr(triton_module, "gla_op", lambda *a: calls.append(1) or original(*a))
     inputs, _ = make_inputs(1, 20, 1, 16, 16, scalar_gate=True, num_states=1)
     q, k, v, g = (inputs[n].float().to(DEVICE) for n in ("q", "k", "v", "g"))
     o, _ = chunk_gla(q, k, v, g)
