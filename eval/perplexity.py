@@ -17,7 +17,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from configs.errors import ConfigError, DataError
@@ -80,8 +79,7 @@ def evaluate_held_out(model, documents, eos_id: int, seq_len: int, batch_size: i
         labels = targets[start: start + batch_size].to(device)
         cu_seqlens = cu_seqlens_for_rows(inputs.cpu(), eos_id).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs.to(device), cu_seqlens=cu_seqlens)
-        total_nats += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
+            total_nats += model(inputs.to(device), cu_seqlens=cu_seqlens, labels=labels, reduction="sum").item()
     model.train(was_training)
     return HeldOutResult(total_nats / n_targets, total_nats / math.log(2) / n_bytes, n_targets, n_bytes)
 
