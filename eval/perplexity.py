@@ -102,6 +102,21 @@ def score_tokens(model, inputs: torch.Tensor, targets: torch.Tensor, chunk_len: 
     return torch.cat(logprobs, dim=1), torch.cat(greedy, dim=1)
 
 
+@torch.no_grad()
+def token_losses(model, inputs: torch.Tensor, targets: torch.Tensor, chunk_len: int,
+                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Loss (nats) of each target [B, T] from one pass over the rows, chunked and state carried as in
+    score_tokens, through the fused head and loss (model/loss.py): no [B, chunk, vocab] logits."""
+    state = model.init_state(inputs.shape[0])
+    losses = []
+    for start in range(0, inputs.shape[1], chunk_len):
+        with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, state = model.step(inputs[:, start:start + chunk_len], state,
+                                     labels=targets[:, start:start + chunk_len])
+        losses.append(loss)
+    return torch.cat(losses, dim=1)
+
+
 @dataclass
 class PositionCurve:
     """Mean loss (nats) at each position 1..max_len over `documents` held-out documents, and in buckets."""
@@ -128,7 +143,7 @@ def loss_by_position(model, documents: Iterable[tuple[np.ndarray, int]], eos_id:
                      max_documents: int, num_buckets: int, chunk_len: int, batch_size: int, device: torch.device,
                      autocast_dtype: torch.dtype | None = None, progress: bool = True) -> PositionCurve:
     """Score the first max_len tokens of each held-out document at least that long (`EOS doc`, as packed
-    in training), in one pass with the state carried (score_tokens), and average the loss per position."""
+    in training), in one pass with the state carried (token_losses), and average the loss per position."""
     rows, longest = [], 0
     for tokens, _ in documents:
         longest = max(longest, len(tokens))
@@ -145,8 +160,7 @@ def loss_by_position(model, documents: Iterable[tuple[np.ndarray, int]], eos_id:
     total = torch.zeros(max_len, dtype=torch.float64)
     for start in tqdm(range(0, len(rows), batch_size), desc="ppl by position", disable=not progress, leave=False):
         batch = rows[start:start + batch_size].to(device)
-        logprobs, _ = score_tokens(model, batch[:, :-1], batch[:, 1:], chunk_len, autocast_dtype)
-        total -= logprobs.double().sum(0).cpu()
+        total += token_losses(model, batch[:, :-1], batch[:, 1:], chunk_len, autocast_dtype).double().sum(0).cpu()
     model.train(was_training)
     return PositionCurve((total / len(rows)).numpy(), len(rows), position_edges(max_len, num_buckets))
 

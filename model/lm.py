@@ -139,10 +139,14 @@ class LM(nn.Module):
         """Empty per-layer states: zero recurrent and conv states, empty KV caches."""
         return [block.mixer.init_cache(batch_size) for block in self.blocks]
 
-    def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, token_ids: torch.Tensor, state: State,
+             labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
         """Advance every row by token_ids: [B] (one decode step, logits [B, vocab]) or [B, T] (a prefill,
-        logits [B, T, vocab]). Returns the new state; the given one is left untouched."""
+        logits [B, T, vocab]; with labels [B, T], the per-token losses [B, T] instead, no logits built).
+        Returns the new state; the given one is left untouched."""
         state = [dict(layer) for layer in state]
+        if labels is not None:
+            return self._run(token_ids, None, None, state, labels, "none"), state
         logits = self._run(token_ids[:, None] if token_ids.dim() == 1 else token_ids, None, None, state)
         return (logits[:, 0] if token_ids.dim() == 1 else logits), state
 
