@@ -96,7 +96,8 @@ def main():
             print(f"{vocab:7d} {path:>8} {row['forward_peak_bytes'] / MiB:12.1f} {row['peak_bytes'] / MiB:10.1f} "
                   f"{per_token:12.0f} {per_token / vocab:8.2f} {row['loss']:8.4f} {row['seconds']:6.1f}", flush=True)
         logits, fused = rows["logits"], rows["fused"]
-        grad_error = max(float((fused[g] - logits[g]).norm() / logits[g].norm()) for g in ("grad_hidden", "grad_weight"))
+        grad_error = max(float((fused[name] - logits[name]).norm() / logits[name].norm())
+                         for name in ("grad_hidden", "grad_weight"))
         print(f"{vocab:7d}  fused / logits peak: {fused['peak_bytes'] / logits['peak_bytes']:.3f}; loss difference "
               f"{abs(fused['loss'] - logits['loss']):.2e}; gradients' relative difference {grad_error:.2e} (bf16)")
         for path, row in rows.items():
