@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from model import loss as loss_module
+from model.lm import LMHead
 from model.loss import linear_cross_entropy
+from model.memory import saved_bytes
 
 IGNORE = -100
 
@@ -105,3 +107,12 @@ def test_model_labels_path_matches_its_logits(make_lm, tie):
         per_token = lm(ids[:, :-1], cu_seqlens=cu_seqlens, labels=labels, reduction="none")
     assert per_token.shape == labels.shape
     torch.testing.assert_close(per_token.sum() / (labels != IGNORE).sum(), expected_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_of_size_tokens_x_vocab_is_kept():
+    """Kept for the backward: d hidden [tokens, d] and d weight [vocab, d] (fp32), never the logits."""
+    tokens, d, vocab = 512, 16, 4000  # logits would be 8 MB in fp32; what is kept is about 0.3 MB
+    head = LMHead(d, vocab, None)
+    hidden = torch.randn(1, tokens, d, requires_grad=True)
+    targets = torch.randint(0, vocab, (1, tokens))
+    assert saved_bytes(head, hidden, targets) == tokens * d * 4 + vocab * d * 4
