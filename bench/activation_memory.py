@@ -15,7 +15,7 @@ The recurrent ops run the Triton kernels' autograd Functions, what a GPU runs, i
 (BATON_KERNELS=triton TRITON_INTERPRET=1, set here unless --kernels torch, the chunked PyTorch path, which
 keeps far more). Attention runs its CPU path, which keeps q, k and v (FlexAttention on a GPU also keeps
 its output and log-sum-exp). The interpreter is slow, so the default lengths are short; bytes per token
-do not depend on the length (every op keeps O(T)), which `--lengths 1024 2048` confirms.
+do not depend on the length (every op keeps O(T)): `--lengths 1024 2048` gives the same figures.
 Prints tables and writes JSON (versions, date, config, results) to bench/results/.
 
     python bench/activation_memory.py                          # blocks and presets at T 128 -> 256, growth
