@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -84,9 +83,8 @@ def train(cfg, raw_cfg, stop: StopSignals) -> int:
         for _ in range(micro_per_step):
             batch = batch_to_device(next(loader), topo.device)
             with torch.autocast(topo.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = engine.model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"],
-                                      sp=engine.sequence_parallel(batch))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten()) / micro_per_step
+                loss = engine.model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"],  # fused head + loss
+                                    sp=engine.sequence_parallel(batch), labels=batch["labels"]) / micro_per_step
             engine.backward(loss)
             loss_sum += loss.detach()
         lr = lr_at(step, cfg.train.max_steps, cfg.optim)

@@ -17,7 +17,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from configs.errors import ConfigError, DataError
@@ -80,8 +79,7 @@ def evaluate_held_out(model, documents, eos_id: int, seq_len: int, batch_size: i
         labels = targets[start: start + batch_size].to(device)
         cu_seqlens = cu_seqlens_for_rows(inputs.cpu(), eos_id).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs.to(device), cu_seqlens=cu_seqlens)
-        total_nats += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
+            total_nats += model(inputs.to(device), cu_seqlens=cu_seqlens, labels=labels, reduction="sum").item()
     model.train(was_training)
     return HeldOutResult(total_nats / n_targets, total_nats / math.log(2) / n_bytes, n_targets, n_bytes)
 
@@ -102,6 +100,21 @@ def score_tokens(model, inputs: torch.Tensor, targets: torch.Tensor, chunk_len: 
         logprobs.append(logits.gather(-1, target.clamp(min=0)[..., None])[..., 0])
         greedy.append(logits.argmax(-1) == target)
     return torch.cat(logprobs, dim=1), torch.cat(greedy, dim=1)
+
+
+@torch.no_grad()
+def token_losses(model, inputs: torch.Tensor, targets: torch.Tensor, chunk_len: int,
+                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Loss (nats) of each target [B, T] from one pass over the rows, chunked and state carried as in
+    score_tokens, through the fused head and loss (model/loss.py): no [B, chunk, vocab] logits."""
+    state = model.init_state(inputs.shape[0])
+    losses = []
+    for start in range(0, inputs.shape[1], chunk_len):
+        with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, state = model.step(inputs[:, start:start + chunk_len], state,
+                                     labels=targets[:, start:start + chunk_len])
+        losses.append(loss)
+    return torch.cat(losses, dim=1)
 
 
 @dataclass
@@ -130,7 +143,7 @@ def loss_by_position(model, documents: Iterable[tuple[np.ndarray, int]], eos_id:
                      max_documents: int, num_buckets: int, chunk_len: int, batch_size: int, device: torch.device,
                      autocast_dtype: torch.dtype | None = None, progress: bool = True) -> PositionCurve:
     """Score the first max_len tokens of each held-out document at least that long (`EOS doc`, as packed
-    in training), in one pass with the state carried (score_tokens), and average the loss per position."""
+    in training), in one pass with the state carried (token_losses), and average the loss per position."""
     rows, longest = [], 0
     for tokens, _ in documents:
         longest = max(longest, len(tokens))
@@ -147,8 +160,7 @@ def loss_by_position(model, documents: Iterable[tuple[np.ndarray, int]], eos_id:
     total = torch.zeros(max_len, dtype=torch.float64)
     for start in tqdm(range(0, len(rows), batch_size), desc="ppl by position", disable=not progress, leave=False):
         batch = rows[start:start + batch_size].to(device)
-        logprobs, _ = score_tokens(model, batch[:, :-1], batch[:, 1:], chunk_len, autocast_dtype)
-        total -= logprobs.double().sum(0).cpu()
+        total += token_losses(model, batch[:, :-1], batch[:, 1:], chunk_len, autocast_dtype).double().sum(0).cpu()
     model.train(was_training)
     return PositionCurve((total / len(rows)).numpy(), len(rows), position_edges(max_len, num_buckets))
 

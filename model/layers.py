@@ -1,11 +1,56 @@
 """Token-local building blocks shared by every block: norms, the SwiGLU MLP, rotary embeddings."""
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's when it is on for x's device, else x's own."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def _rms_norm(x: torch.Tensor, gate: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+              norm_before_gate: bool) -> torch.Tensor:
+    """The norm in fp32: x * rsqrt(mean(x^2) + eps) * weight, times silu(gate) after (norm_before_gate) or on
+    x * silu(gate) before."""
+    x32 = x.float()
+    if gate is not None and not norm_before_gate:
+        x32 = x32 * F.silu(gate.float())
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    if gate is not None and norm_before_gate:
+        y = y * F.silu(gate.float())
+    return y
+
+
+class _RecomputedRMSNorm(torch.autograd.Function):
+    """_rms_norm keeping only its inputs for the backward, which recomputes the fp32 intermediates (cheap
+    elementwise work) instead of holding four or five fp32 copies of the activations per token."""
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps: float, norm_before_gate: bool, out_dtype: torch.dtype):
+        ctx.eps, ctx.norm_before_gate = eps, norm_before_gate
+        ctx.save_for_backward(x, gate, weight)
+        return _rms_norm(x, gate, weight, eps, norm_before_gate).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate, weight = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(needs) if t is not None else None
+                  for t, needs in zip((x, gate, weight), ctx.needs_input_grad)]
+        with torch.enable_grad():
+            y = _rms_norm(*inputs, ctx.eps, ctx.norm_before_gate)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad_out))
+        return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None, None, None)
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (bf16 mean-of-squares loses too much), returned in the input dtype."""
+    """RMSNorm computed in fp32 (bf16 mean-of-squares loses too much), returned in the compute dtype: the
+    autocast dtype under autocast (cast once here, so the projections reading it share one bf16 copy), else
+    the input's. Keeps only its input for the backward (_RecomputedRMSNorm)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -13,23 +58,49 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return _RecomputedRMSNorm.apply(x, None, self.weight, self.eps, True, compute_dtype(x))
 
 
 class GatedRMSNorm(RMSNorm):
-    """RMSNorm with a SiLU gate: norm(x) * silu(z) (GLA, Gated DeltaNet) or norm(x * silu(z)) (Mamba2)."""
+    """RMSNorm with a SiLU gate: norm(x) * silu(z) (GLA, Gated DeltaNet) or norm(x * silu(z)) (Mamba2).
+    Keeps x and z (bf16 under autocast) for the backward, nothing in fp32."""
 
     def __init__(self, dim: int, eps: float = 1e-5, norm_before_gate: bool = True):
         super().__init__(dim, eps)
         self.norm_before_gate = norm_before_gate
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        gate = F.silu(gate.float())
-        if self.norm_before_gate:
-            return (super().forward(x).float() * gate).to(x.dtype)
-        return super().forward((x.float() * gate)).to(x.dtype)
+        return _RecomputedRMSNorm.apply(x, gate, self.weight, self.eps, self.norm_before_gate, compute_dtype(x))
+
+
+class _SiluGatedLinear(torch.autograd.Function):
+    """(silu(gate) * up) @ weight.T keeping gate and up but not their product: the backward recomputes it
+    (elementwise) for the weight's gradient, where plain autograd would also keep silu(gate) and the product."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight):
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(F.silu(gate) * up, weight.to(gate.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, weight = ctx.saved_tensors
+        gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        with torch.enable_grad():
+            hidden = F.silu(gate) * up
+        grad_weight = grad_out.flatten(0, -2).T @ hidden.detach().flatten(0, -2)
+        grad_gate, grad_up = torch.autograd.grad(hidden, (gate, up), grad_out @ weight.to(grad_out.dtype))
+        return grad_gate, grad_up, grad_weight.to(weight.dtype)
+
+
+class SiluGatedLinear(nn.Linear):
+    """SwiGLU's down projection applied to silu(gate) * up, fused (_SiluGatedLinear). A Linear of its own, so
+    engines that gather a module's weights around its forward (DeepSpeed ZeRO-3) see it used."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(gate)
+        with torch.autocast(gate.device.type, enabled=False):
+            return _SiluGatedLinear.apply(gate.to(dtype), up.to(dtype), self.weight)
 
 
 class SwiGLU(nn.Module):
@@ -37,10 +108,10 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.down_proj = SiluGatedLinear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.gate_proj(x), self.up_proj(x))
 
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ from model.flops import forward_flops_per_token
 from model.gated_deltanet import GatedDeltaNet
 from model.gla import GLA
 from model.layers import RMSNorm, SwiGLU
+from model.loss import linear_cross_entropy
 from model.mamba2 import Mamba2
 
 State = list[dict]  # one cache dict per layer (see each mixer's init_cache)
@@ -51,6 +52,28 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LMHead(nn.Linear):
+    """The output head: logits, or with targets the loss straight from the hidden states (model/loss.py).
+    The loss is computed inside this module's forward so that every engine's hooks (FSDP2's unshard,
+    DeepSpeed ZeRO-3's gather) hold the head's weight while it is used. Ids from valid_vocab_size on (the
+    vocabulary rounded up past the tokenizer's) are -inf: never sampled, scored or learnt."""
+
+    def __init__(self, d_model: int, vocab_size: int, valid_vocab_size: Optional[int]):
+        super().__init__(d_model, vocab_size, bias=False)
+        self.valid_vocab_size = valid_vocab_size
+
+    def forward(self, hidden: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                reduction: str = "mean") -> torch.Tensor:
+        if targets is not None:
+            return linear_cross_entropy(hidden, self.weight, targets, reduction=reduction,
+                                        valid_vocab_size=self.valid_vocab_size)
+        logits = super().forward(hidden)
+        if self.valid_vocab_size is not None:
+            # In place: the head's matmul keeps nothing of its output for backward, so no second logits copy.
+            logits[..., self.valid_vocab_size:] = float("-inf")
+        return logits
+
+
 class LM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -61,7 +84,7 @@ class LM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, name) for name in cfg.layer_mixers())
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.valid_vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.init_weights()
@@ -93,35 +116,37 @@ class LM(nn.Module):
             if name.rsplit(".", 2)[-2] in RESIDUAL_PROJECTIONS:
                 param.div_(math.sqrt(2 * len(self.blocks)))
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None) -> torch.Tensor:
-        """Logits [B, T, vocab], padding ids (valid_vocab_size and up) at -inf. cu_seqlens (int32 [N+1] over
-        the flattened B*T tokens, every row start included) isolates packed documents; sp is the
-        sequence-parallel context of this batch."""
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
+                labels: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits [B, T, vocab], padding ids (valid_vocab_size and up) at -inf; or, given labels [B, T] (-100:
+        not scored), the cross entropy without the logits ever existing whole (model/loss.py): fp32, the
+        mean or sum over scored tokens, or per token ([B, T], no gradient) with reduction='none'.
+        cu_seqlens (int32 [N+1] over the flattened B*T tokens, every row start included) isolates packed
+        documents; sp is the sequence-parallel context of this batch."""
         if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32):
             raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        return self._run(input_ids, cu_seqlens, sp, None)
+        return self._run(input_ids, cu_seqlens, sp, None, labels, reduction)
 
-    def _run(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp,
-             state: Optional[State]) -> torch.Tensor:
+    def _run(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp, state: Optional[State],
+             labels: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, sp=sp, cache=None if state is None else state[i])
-        logits = self.lm_head(self.norm(x))
-        if self.config.valid_vocab_size is not None:
-            # Padding ids (the vocabulary rounded up past the tokenizer's): never sampled, scored or learnt.
-            # In place: the head's matmul keeps nothing of its output for backward, so no second logits copy.
-            logits[..., self.config.valid_vocab_size:] = float("-inf")
-        return logits
+        return self.lm_head(self.norm(x), labels, reduction)
 
     # --- generation -------------------------------------------------------------------------------
     def init_state(self, batch_size: int) -> State:
         """Empty per-layer states: zero recurrent and conv states, empty KV caches."""
         return [block.mixer.init_cache(batch_size) for block in self.blocks]
 
-    def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, token_ids: torch.Tensor, state: State,
+             labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
         """Advance every row by token_ids: [B] (one decode step, logits [B, vocab]) or [B, T] (a prefill,
-        logits [B, T, vocab]). Returns the new state; the given one is left untouched."""
+        logits [B, T, vocab]; with labels [B, T], the per-token losses [B, T] instead, no logits built).
+        Returns the new state; the given one is left untouched."""
         state = [dict(layer) for layer in state]
+        if labels is not None:
+            return self._run(token_ids, None, None, state, labels, "none"), state
         logits = self._run(token_ids[:, None] if token_ids.dim() == 1 else token_ids, None, None, state)
         return (logits[:, 0] if token_ids.dim() == 1 else logits), state
 

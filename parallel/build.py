@@ -1,7 +1,6 @@
 """Build the engine `parallel.engine` names: one process or FSDP2 (parallel/engine.py), or DeepSpeed ZeRO
 (parallel/deepspeed.py). Kept apart from both so that neither engine module imports the other."""
-from functools import partial
-
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.engine import Engine
 from parallel.fsdp import apply_fsdp
 from parallel.materialize import build_model
@@ -15,9 +14,12 @@ def build_engine(cfg, topology: Topology):
         from parallel.deepspeed import DeepSpeedEngine  # imports deepspeed: only when asked for
 
         return DeepSpeedEngine(cfg, topology)
-    shard = None
-    if topology.engine == "fsdp":
-        shard = partial(apply_fsdp, mesh=fsdp_mesh(topology.mesh), cfg=cfg.parallel, device=topology.device)
-    model = build_model(cfg.model, topology.device, cfg.run.seed, shard)
+
+    def wrap(model) -> None:  # on the meta device, before the weights are allocated
+        apply_activation_checkpointing(model, cfg.parallel)
+        if topology.engine == "fsdp":
+            apply_fsdp(model, fsdp_mesh(topology.mesh), cfg.parallel, topology.device)
+
+    model = build_model(cfg.model, topology.device, cfg.run.seed, wrap)
     return Engine(model, cfg.optim, topology)
 

@@ -23,10 +23,10 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.checkpoint import CheckpointError
 from parallel.engine import Engine
 from parallel.topology import Topology
-from parallel.fsdp import apply_activation_checkpointing
 from parallel.materialize import build_model, shard_rows
 from parallel.safe_load import safe_loading
 from training.optim import build_optimizer, set_lr
@@ -107,8 +107,7 @@ def build_zero_model(cfg, topology: Topology, config: dict) -> tuple[nn.Module, 
     # DeepSpeed has no dp_replicate: dp_shard x sp is the whole world.
     shard = partial(shard_rows, mesh=topology.mesh["dp_shard_sp"]) if zero3 else None
     model = build_model(cfg.model, topology.device, cfg.run.seed, shard)
-    if cfg.parallel.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    apply_activation_checkpointing(model, cfg.parallel)
     # The decay / no-decay split of training/optim.py, by name: ZeRO-3 replaces the parameters, and its
     # partitioned ones no longer show their shapes. Deepspeed owns the optimizer built from these groups.
     names = {id(p): name for name, p in model.named_parameters()}

@@ -8,7 +8,6 @@ no rank ever holds all of a large preset.
 from __future__ import annotations
 
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -16,18 +15,10 @@ from model import LM
 from parallel.config import ParallelConfig
 
 
-def apply_activation_checkpointing(model: LM) -> None:
-    """Recompute each block's forward in the backward (non-reentrant, so the sp collectives inside a
-    block simply run again, in the same order on every rank)."""
-    for index, block in enumerate(model.blocks):
-        model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
-
-
 def apply_fsdp(model: LM, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device) -> None:
     """Shard `model` in place: each block, then the root (the root is not resharded after forward,
-    because the backward starts with the head that holds)."""
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    because the backward starts with the head that holds). Blocks already wrapped for activation
+    checkpointing (parallel/activation_checkpointing.py) are sharded wrapper and all."""
     if device.type == "cuda" and cfg.mixed_precision:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:

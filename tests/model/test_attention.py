@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from bench.attention_memory import packed_documents, saved_bytes
 from model import attention
 from model.attention import QueryBlockAttention
 from model.attention_mask import BLOCK_SIZE, attention_mask, flex_block_mask, query_blocks
 from model.config import AttentionConfig
+from model.memory import packed_documents, saved_bytes
 
 VOCAB = 97  # tests/model/conftest.py's small models
 CUDA = torch.cuda.is_available()

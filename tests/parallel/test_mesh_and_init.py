@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from configs.schema import OptimConfig
 from model import LM
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.config import ParallelConfig
 from parallel.engine import Engine
 from parallel.topology import Topology, init_topology
@@ -80,9 +81,13 @@ def run_sharded_build(rank: int, world_size: int, init_file: str) -> None:
     try:
         # HSDP: 2 replicas x 2 shards, with activation checkpointing.
         mesh = build_mesh(ParallelDims.resolve(2, 2, 1, world_size), "cpu")
-        cfg = ParallelConfig(engine="fsdp", dp_replicate=2, dp_shard=2, activation_checkpointing=True)
-        model = build_model(TINY, torch.device("cpu"), seed=3,
-                            shard=lambda m: apply_fsdp(m, fsdp_mesh(mesh), cfg, torch.device("cpu")))
+        cfg = ParallelConfig(engine="fsdp", dp_replicate=2, dp_shard=2, activation_checkpointing="full")
+
+        def shard(model) -> None:  # as parallel/build.py does
+            apply_activation_checkpointing(model, cfg)
+            apply_fsdp(model, fsdp_mesh(mesh), cfg, torch.device("cpu"))
+
+        model = build_model(TINY, torch.device("cpu"), seed=3, shard=shard)
         reference = build_model(TINY, torch.device("cpu"), seed=3)
         local = sum(p.to_local().numel() for p in model.parameters())
         total = sum(p.numel() for p in reference.parameters())
