@@ -2,13 +2,13 @@
 
 The state serves decoding (one token at a time, T=1 with the cached state) and the sequence-parallel halo
 (the W-1 tokens of the previous rank). CUDA tensors take the Triton kernels (triton_conv.py), others the
-PyTorch path (causal_conv.py), both behind one autograd Function (function.py) that saves only x and
+PyTorch path (causal_conv.py), both behind one custom op (function.py) that saves only x and
 recomputes the rest in the backward. No path syncs with the host: document boundaries are found on the device.
 """
 import torch
 
 from kernels.conv.causal_conv import conv_backward_torch, conv_forward_torch
-from kernels.conv.function import CausalConv1dFunction
+from kernels.conv.function import causal_conv1d_op
 from kernels.conv.naive import naive_causal_conv1d
 
 ACTIVATIONS = (None, "silu")
@@ -40,7 +40,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and initial_state.shape != (N, D, W - 1):
         raise ValueError(f"initial_state must be [N, D, W-1] = [{N}, {D}, {W - 1}], got {tuple(initial_state.shape)}")
-    return CausalConv1dFunction.apply(x, weight, bias, initial_state, cu_seqlens, activation, output_final_state)
+    return causal_conv1d_op(x, weight, bias, initial_state, cu_seqlens, activation, output_final_state)
 
 
 __all__ = ["causal_conv1d", "conv_backward_torch", "conv_forward_torch", "naive_causal_conv1d"]
