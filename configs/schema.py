@@ -82,6 +82,7 @@ class TrainConfig:
     dtype: str = "auto"
     max_bad_steps: int = 5
     spike_factor: float = 3.0
+    compile: bool = False  # regional torch.compile of every block (parallel/compile.py)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self):

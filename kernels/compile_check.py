@@ -126,7 +126,8 @@ def compile_only(target: str, quick: bool = False, count_only: bool = False):
     def record(jit_fn, kwargs, kernel) -> Compiled:
         if kernel.hash not in log.variants:
             registers, stack = _resource_usage(kernel.asm["cubin"])
-            log.variants[kernel.hash] = Compiled(jit_fn.__name__, _config_label(kwargs, tunables.get(id(jit_fn), set())),
+            label = _config_label(kwargs, tunables.get(id(jit_fn), set()))
+            log.variants[kernel.hash] = Compiled(jit_fn.__name__, label,
                                                  registers, stack, kernel.metadata.shared,
                                                  kernel.metadata.shared <= max_shared)
         return log.variants[kernel.hash]

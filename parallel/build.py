@@ -1,6 +1,7 @@
 """Build the engine `parallel.engine` names: one process or FSDP2 (parallel/engine.py), or DeepSpeed ZeRO
 (parallel/deepspeed.py). Kept apart from both so that neither engine module imports the other."""
 from parallel.activation_checkpointing import apply_activation_checkpointing
+from parallel.compile import apply_compile
 from parallel.engine import Engine
 from parallel.fsdp import apply_fsdp
 from parallel.materialize import build_model
@@ -17,6 +18,8 @@ def build_engine(cfg, topology: Topology):
 
     def wrap(model) -> None:  # on the meta device, before the weights are allocated
         apply_activation_checkpointing(model, cfg.parallel)
+        if cfg.train.compile:
+            apply_compile(model)
         if topology.engine == "fsdp":
             apply_fsdp(model, fsdp_mesh(topology.mesh), cfg.parallel, topology.device)
 

@@ -24,6 +24,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from parallel.activation_checkpointing import apply_activation_checkpointing
+from parallel.compile import apply_compile
 from parallel.checkpoint import CheckpointError
 from parallel.engine import Engine
 from parallel.topology import Topology
@@ -108,6 +109,8 @@ def build_zero_model(cfg, topology: Topology, config: dict) -> tuple[nn.Module, 
     shard = partial(shard_rows, mesh=topology.mesh["dp_shard_sp"]) if zero3 else None
     model = build_model(cfg.model, topology.device, cfg.run.seed, shard)
     apply_activation_checkpointing(model, cfg.parallel)
+    if cfg.train.compile:
+        apply_compile(model)
     # The decay / no-decay split of training/optim.py, by name: ZeRO-3 replaces the parameters, and its
     # partitioned ones no longer show their shapes. Deepspeed owns the optimizer built from these groups.
     names = {id(p): name for name, p in model.named_parameters()}

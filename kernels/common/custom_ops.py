@@ -16,7 +16,8 @@ BACKWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor[] gates, Tensor? initi
 
 
 def _no_state(x: torch.Tensor) -> torch.Tensor:
-    """What stands for an absent state: ops cannot return None."""
+    """What stands for an absent state: ops cannot return None. (Every output is contiguous: what the fake
+    implementations promise the compiler.)"""
     return x.new_empty(0, dtype=torch.float32)
 
 
@@ -31,21 +32,22 @@ def recurrent_op(name: str, forward, backward):
     def forward_op(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent):
         chunks = chunk_index(cu_seqlens, q.shape[0], q.shape[1], q.device)
         o, final = forward(q, k, v, gates, initial_state, chunks, scale, output_final_state, recurrent)
-        return o, _no_state(q) if final is None else final
+        return o.contiguous(), _no_state(q) if final is None else final.contiguous()
 
     def forward_fake(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent):
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         final = q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
-        return torch.empty_like(v), final if output_final_state else _no_state(q)
+        return v.new_empty(v.shape), final if output_final_state else _no_state(q)
 
     def backward_op(q, k, v, gates, initial_state, cu_seqlens, scale, do, d_final_state):
         chunks = chunk_index(cu_seqlens, q.shape[0], q.shape[1], q.device)
         dq, dk, dv, dgates, d_initial = backward(q, k, v, gates, initial_state, chunks, scale, do, d_final_state)
-        return dq, dk, dv, dgates, _no_state(q) if d_initial is None else d_initial
+        return (dq.contiguous(), dk.contiguous(), dv.contiguous(), [dg.contiguous() for dg in dgates],
+                _no_state(q) if d_initial is None else d_initial.contiguous())
 
     def backward_fake(q, k, v, gates, initial_state, cu_seqlens, scale, do, d_final_state):
-        d_initial = _no_state(q) if initial_state is None else torch.empty_like(initial_state)
-        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(g) for g in gates],
+        d_initial = _no_state(q) if initial_state is None else initial_state.new_empty(initial_state.shape)
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), [g.new_empty(g.shape) for g in gates],
                 d_initial)
 
     op = torch.library.custom_op(f"baton::{name}", forward_op, mutates_args=(), schema=FORWARD_SCHEMA)

@@ -71,16 +71,18 @@ def conv_backward(x, weight, bias, initial_state, cu_seqlens, activation, grad_y
 
 # The op and its backward as torch.library custom ops: torch.compile treats each as one opaque call (it does
 # not trace into the Triton launches), and eager mode runs the same ops. Ops cannot return None: an empty
-# tensor stands for an absent final state, bias gradient or state gradient.
+# tensor stands for an absent final state, bias gradient or state gradient. Every output is contiguous (what
+# the fake implementations promise the compiler).
 def _forward_op(x, weight, bias, initial_state, cu_seqlens, activation, output_final_state):
     y, final = conv_forward(x, weight, bias, initial_state, cu_seqlens, activation, output_final_state)
-    return y, x.new_empty(0) if final is None else final
+    return y.contiguous(), x.new_empty(0) if final is None else final.contiguous()
 
 
 def _backward_op(x, weight, bias, initial_state, cu_seqlens, activation, grad_y, grad_final_state):
     dx, dweight, dbias, dstate = conv_backward(x, weight, bias, initial_state, cu_seqlens, activation, grad_y,
                                                grad_final_state)
-    return dx, dweight, x.new_empty(0) if dbias is None else dbias, x.new_empty(0) if dstate is None else dstate
+    return (dx.contiguous(), dweight.contiguous(), x.new_empty(0) if dbias is None else dbias.contiguous(),
+            x.new_empty(0) if dstate is None else dstate.contiguous())
 
 
 _conv = torch.library.custom_op(
@@ -96,13 +98,15 @@ _conv_backward = torch.library.custom_op(
 @_conv.register_fake
 def _(x, weight, bias, initial_state, cu_seqlens, activation, output_final_state):
     N = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return torch.empty_like(x), x.new_empty(N, x.shape[2], weight.shape[1] - 1) if output_final_state else x.new_empty(0)
+    final = x.new_empty(N, x.shape[2], weight.shape[1] - 1) if output_final_state else x.new_empty(0)
+    return x.new_empty(x.shape), final
 
 
 @_conv_backward.register_fake
 def _(x, weight, bias, initial_state, cu_seqlens, activation, grad_y, grad_final_state):
-    return (torch.empty_like(x), torch.empty_like(weight), x.new_empty(0) if bias is None else torch.empty_like(bias),
-            x.new_empty(0) if initial_state is None else torch.empty_like(initial_state))
+    d_bias = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    d_state = x.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), d_bias, d_state
 
 
 def _setup_context(ctx, inputs, output):

@@ -182,7 +182,8 @@ def _intra_bwd_wy_kernel(
     b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
     b_da_a = b_da_kk * b_beta[:, None]  # dA * A
     b_dbeta = tl.load(dbeta_v + rows * H + i_h, mask=valid, other=0.0) + tl.sum(b_da_kk, axis=1)
-    b_dgamma = tl.load(dgamma_k + rows * H + i_h, mask=valid, other=0.0) + tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0)
+    b_dgamma = tl.load(dgamma_k + rows * H + i_h, mask=valid, other=0.0)
+    b_dgamma += tl.sum(b_da_a, axis=1) - tl.sum(b_da_a, axis=0)
     tl.store(dbeta_part + rows * H + i_h, b_dbeta, mask=valid)
     tl.store(dgamma_part + rows * H + i_h, b_dgamma, mask=valid)
 

@@ -38,7 +38,8 @@ OPS = {
     "gla_scalar": (lambda: gla_inputs(1, T, 1, 16, 32, scalar_gate=True, num_states=NUM_DOCS, gates="mixed"),
                    naive_recurrent_gla, gla_triton_chunk, gla_triton_fused_recurrent),
     "gated_delta_rule": (lambda: gated_delta_rule_inputs(1, T, 1, 16, 32, num_states=NUM_DOCS, gates="mixed"),
-                         naive_gated_delta_rule, gated_delta_rule_triton_chunk, gated_delta_rule_triton_fused_recurrent),
+                         naive_gated_delta_rule, gated_delta_rule_triton_chunk,
+                         gated_delta_rule_triton_fused_recurrent),
 }
 
 
