@@ -5,9 +5,9 @@ The checks run `python -m bench.gpu_compile --quick` and `--count` in subprocess
 kernels need TRITON_INTERPRET unset before Triton decorates them, and the other kernel tests of this process run
 under the interpreter. The quick set (bench.gpu_compile.quick_cases) is sm_80, sm_90 and sm_100 in bf16, each op
 at its largest preset shape (GLA and Gated DeltaNet K=256, V=512; Mamba2's scalar gate K=128, V=64; the short
-convolution), each kernel's configs compiled in order up to the first that fits unspilled, the cases spread over the cores; the full sweep
-(every preset shape, every autotune config) is `python -m bench.gpu_compile`. Run alone with
-`pytest -m gpu_compile`.
+convolution), each kernel's configs compiled in order up to the first that fits unspilled, the cases spread over
+the cores; the full sweep (every preset shape, every autotune config) is `python -m bench.gpu_compile`. Run alone
+with `pytest -m gpu_compile`.
 """
 import json
 import os
@@ -95,3 +95,20 @@ def test_compile_only_restores_the_driver():
             assert JITFunction.run is not before[1] and Autotuner.prune_configs is not before[2]
             raise RuntimeError("inside")
     assert (drivers._active, JITFunction.run, Autotuner.prune_configs) == before
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_baton_autotune_switch(setting):
+    """BATON_AUTOTUNE=0 leaves every kernel its heuristic config (no tuning at all); otherwise every candidate
+    stays (the architecture's share is chosen at launch). Read when the kernels are decorated: a fresh process."""
+    script = ("import json, kernels.conv.triton_conv, kernels.gla.fused_recurrent\n"
+              "import kernels.gated_delta_rule.fused_recurrent\n"
+              "from kernels.tuning import AUTOTUNERS\n"
+              "print(json.dumps([[len(t.configs), len(t.candidates), t.configs[0] is t.candidates[0]]\n"
+              "                  for t in AUTOTUNERS]))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**ENV, "BATON_AUTOTUNE": setting},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuners = json.loads(proc.stdout)
+    assert len(tuners) >= 16 and all(heuristic_first for _, _, heuristic_first in tuners)
+    assert all(configs == (1 if setting == "0" else candidates) for configs, candidates, _ in tuners), tuners
