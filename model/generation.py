@@ -7,6 +7,8 @@ kernels; a decode step writes one token per row in place, with a fixed set of op
 which is what lets the loop capture one step as a CUDA graph and replay it (mamba_ssm's cg=True), or hand it
 to torch.compile(mode="reduce-overhead").
 """
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
@@ -28,13 +30,25 @@ class DecodeState:
         return [{key: value if key == "constants" else value[rows] for key, value in cache.items()} | {"start": start}
                 for cache in self.caches]
 
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every per-row tensor of the state once (views of another, like a fused conv window's parts, skipped)."""
+        for cache in self.caches:
+            for key, value in cache.items():
+                if key != "constants" and value._base is None:
+                    yield value
+
+    def numel(self) -> int:
+        """Floats the state holds (KV caches, recurrent states, conv windows)."""
+        return sum(t.numel() for t in self.tensors())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
     def reset(self):
         """Back to empty rows, in place (a captured graph keeps the addresses)."""
         self.lengths.zero_()
-        for cache in self.caches:
-            for key, value in cache.items():
-                if key != "constants":
-                    value.zero_()
+        for tensor in self.tensors():
+            tensor.zero_()
 
 
 def prefill_groups(state: DecodeState, seq_len: int,
@@ -129,17 +143,27 @@ def decode_step_for(lm, batch_size: int, max_len: int, mode: Union[bool, str]) -
     step_class = DECODE_STEPS[mode] if lm.embed.weight.is_cuda else EagerDecodeStep
     if step_class is EagerDecodeStep:
         return step_class(lm, batch_size, max_len)
-    kept = lm.__dict__.setdefault("_decode_steps", {})
-    key = (step_class.__name__, batch_size, max_len)
-    if key not in kept:
-        kept[key] = step_class(lm, batch_size, max_len)
-    return kept[key]
+    autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    key = (step_class.__name__, batch_size, max_len, autocast)
+    kept = lm.__dict__.get("_decode_step")
+    if kept is None or kept[0] != key:  # only the latest is kept: its state (KV caches) can be large
+        lm.__dict__["_decode_step"] = None
+        try:
+            kept = (key, step_class(lm, batch_size, max_len))
+        except RuntimeError as err:  # e.g. an op that syncs with the host cannot be captured
+            warnings.warn(f"decoding eagerly: the {step_class.__name__} could not be built: "
+                          f"{str(err).splitlines()[0]}")
+            return EagerDecodeStep(lm, batch_size, max_len)
+        lm.__dict__["_decode_step"] = kept
+    return kept[1]
 
 
 def decode_loop(lm, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                 generator: Optional[torch.Generator], prompt_lengths: Optional[torch.Tensor],
-                stop_tokens: tuple[int, ...], max_len: Optional[int], mode: Union[bool, str]) -> torch.Tensor:
-    """LM.generate's loop (see there): prefill, then sample and decode one token per row at a time."""
+                stop_tokens: tuple[int, ...], max_len: Optional[int], mode: Union[bool, str],
+                timings: Optional[dict] = None) -> torch.Tensor:
+    """LM.generate's loop (see there): prefill, then sample and decode one token per row at a time. `timings`
+    (a dict) receives the seconds of the prefill and of the decoding (synchronised), and the decode steps run."""
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
         raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 0, "
                          f"got {temperature}, {top_p}, {top_k}, {max_new_tokens}")
@@ -156,6 +180,7 @@ def decode_loop(lm, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
 
     step = decode_step_for(lm, B, max_len, mode)
     step.state.reset()
+    started = _synchronized_clock(device)
     logits = lm.prefill(input_ids, step.state, prompt_lengths)
     rows = torch.arange(B, device=device)
     logits = logits[rows, prompt_lengths - 1]
@@ -163,6 +188,8 @@ def decode_loop(lm, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     out = torch.cat((input_ids * in_prompt, input_ids.new_zeros(B, max_new_tokens)), 1)
     stops = torch.tensor(stop_tokens, dtype=input_ids.dtype, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    prefilled = _synchronized_clock(device) if timings is not None else 0.0
+    steps_run = 0
     for i in range(num_steps):
         token = sample(logits, temperature, top_p, top_k, generator)
         if stop_tokens:
@@ -174,4 +201,14 @@ def decode_loop(lm, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
                 break
         if i + 1 < num_steps:
             logits = step(token)
+            steps_run += 1
+    if timings is not None:
+        timings.update(prefill_s=prefilled - started, decode_s=_synchronized_clock(device) - prefilled,
+                       decode_steps=steps_run)
     return out
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -173,16 +173,17 @@ class LM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, generator: Optional[torch.Generator] = None,
                  prompt_lengths: Optional[torch.Tensor] = None, stop_tokens: tuple[int, ...] = (),
-                 max_len: Optional[int] = None, cuda_graph: Union[bool, str] = True) -> torch.Tensor:
+                 max_len: Optional[int] = None, cuda_graph: Union[bool, str] = True,
+                 timings: Optional[dict] = None) -> torch.Tensor:
         """Prompts [B, T] (right-padded when prompt_lengths [B] differ) -> [B, T + max_new_tokens]: row b holds
         its prompt, then its generated tokens from position prompt_lengths[b], then the pad (0) after its end.
         temperature 0 is greedy; top_k > 0 keeps the k likeliest tokens, top_p < 1 the smallest set with that
         much mass. A row ends after a stop token (repeated to the row's end) or at max_len tokens (default
         the longest prompt + max_new_tokens). cuda_graph: on CUDA, True replays one decode step captured as
         a CUDA graph per (batch, max_len), "compile" uses torch.compile(mode="reduce-overhead"), False eager;
-        ignored on other devices."""
+        ignored on other devices. `timings` (a dict) receives the prefill's and the decoding's seconds."""
         return decode_loop(self, input_ids, max_new_tokens, temperature, top_p, top_k, generator, prompt_lengths,
-                           stop_tokens, max_len, cuda_graph)
+                           stop_tokens, max_len, cuda_graph, timings)
 
     # --- checkpoints ------------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, Path]):
