@@ -181,9 +181,8 @@ def decode_loop(lm, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     step = decode_step_for(lm, B, max_len, mode)
     step.state.reset()
     started = _synchronized_clock(device)
-    logits = lm.prefill(input_ids, step.state, prompt_lengths)
+    logits = lm.prefill(input_ids, step.state, prompt_lengths, last_only=True)
     rows = torch.arange(B, device=device)
-    logits = logits[rows, prompt_lengths - 1]
     in_prompt = torch.arange(T, device=device) < prompt_lengths[:, None]
     out = torch.cat((input_ids * in_prompt, input_ids.new_zeros(B, max_new_tokens)), 1)
     stops = torch.tensor(stop_tokens, dtype=input_ids.dtype, device=device)

@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 
@@ -110,10 +111,14 @@ class LM(nn.Module):
 
     def _run(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp,
              caches: Optional[list[dict]]) -> torch.Tensor:
+        return self._logits(self._hidden(input_ids, cu_seqlens, sp, caches))
+
+    def _hidden(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp,
+                caches: Optional[list[dict]]) -> torch.Tensor:
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, sp=sp, cache=None if caches is None else caches[i])
-        return self._logits(x)
+        return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(x))
@@ -139,7 +144,7 @@ class LM(nn.Module):
         """Advance the rows of `state` in place. token_ids [B]: one decode step, logits [B, vocab] (no host
         sync, a fixed set of operations: CUDA-graph capturable). token_ids [B, T]: a prefill with the chunked
         kernels, logits [B, T, vocab]; `lengths` [B] (optional) are the rows' prompt lengths when they are
-        right-padded (rows' logits past their length are zero)."""
+        right-padded (logits past a row's length are meaningless)."""
         if token_ids.dim() == 1:
             return self.decode_step(token_ids, state)
         return self.prefill(token_ids, state, lengths)
@@ -153,21 +158,22 @@ class LM(nn.Module):
         state.lengths.add_(1)
         return self._logits(x)
 
-    def prefill(self, token_ids: torch.Tensor, state: DecodeState,
-                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def prefill(self, token_ids: torch.Tensor, state: DecodeState, lengths: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
         """Run prompts [B, T] (right-padded to T when `lengths` [B] differ) through the chunked path from each
-        row's current length, writing the caches in place. Rows are grouped into runs that share their
-        current and prompt lengths; each run is one batched call on a view of the state."""
+        row's current length, writing the caches in place; logits [B, T, vocab], or with last_only those of
+        each row's last prompt token [B, vocab] (a long prompt's full logits would dwarf the model). Rows are
+        grouped into runs sharing their current and prompt lengths; each run is one batched call on a view
+        of the state."""
         B, T = token_ids.shape
-        logits = None
+        hidden = None
         for rows, start, length in prefill_groups(state, T, lengths):
-            caches = state.view_rows(rows, start)
-            run_logits = self._run(token_ids[rows, :length], None, None, caches)
-            if logits is None:
-                logits = run_logits.new_zeros(B, T, run_logits.shape[-1])
-            logits[rows, :length] = run_logits
+            run_hidden = self._hidden(token_ids[rows, :length], None, None, state.view_rows(rows, start))
+            if hidden is None:
+                hidden = run_hidden.new_zeros(B, *(() if last_only else (T,)), run_hidden.shape[-1])
+            hidden[rows] = run_hidden[:, -1] if last_only else F.pad(run_hidden, (0, 0, 0, T - length))
             state.lengths[rows] += length
-        return logits
+        return self._logits(hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
