@@ -155,17 +155,21 @@ class Attention(nn.Module):
 
     def _extend_cache(self, cache: dict, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):
         """A prefill: write this call's keys into the preallocated cache (slot = position, or position mod
-        the window for a sliding-window layer's ring) and return all keys this call attends to."""
+        the window for a sliding-window layer's ring) and return all keys this call attends to, in k's dtype
+        (the cache's is the weights', k's the autocast one)."""
         start, T = cache["start"], k.shape[1]
         slots = cache["k"].shape[1]
         if self.window is None:
             cache["k"][:, start:start + T], cache["v"][:, start:start + T] = k, v
-            return cache["k"][:, :start + T], cache["v"][:, :start + T], torch.arange(start + T, device=k.device)
+            keys = torch.arange(start + T, device=k.device)
+            return cache["k"][:, :start + T].to(k.dtype), cache["v"][:, :start + T].to(v.dtype), keys
         # The earlier keys a window still sees, in position order, then this call's keys.
         earlier = torch.arange(max(0, start - self.window + 1), start, device=k.device)
-        all_k, all_v = torch.cat((cache["k"][:, earlier % slots], k), 1), torch.cat((cache["v"][:, earlier % slots], v), 1)
+        all_k = torch.cat((cache["k"][:, earlier % slots].to(k.dtype), k), 1)
+        all_v = torch.cat((cache["v"][:, earlier % slots].to(v.dtype), v), 1)
         kept = q_pos[-slots:]  # a ring of `slots` keeps the last ones
-        cache["k"][:, kept % slots], cache["v"][:, kept % slots] = k[:, -slots:], v[:, -slots:]
+        cache["k"][:, kept % slots] = k[:, -slots:].to(cache["k"].dtype)
+        cache["v"][:, kept % slots] = v[:, -slots:].to(cache["v"].dtype)
         return all_k, all_v, torch.cat((earlier, q_pos))
 
     def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
@@ -195,8 +199,11 @@ class Attention(nn.Module):
         slots = max_len if self.window is None else min(self.window, max_len)
         half = self.head_dim // 2
         inv_freq = self.rope_theta ** (-torch.arange(half, device=w.device, dtype=torch.float32) / half)
-        return {"k": w.new_zeros(batch_size, slots, self.num_kv_heads, self.head_dim),
-                "v": w.new_zeros(batch_size, slots, self.num_kv_heads, self.head_dim),
+        # Under autocast the keys are computed (and attended) in its dtype: caching them in it halves the cache
+        # and spares a cast of the whole cache every step.
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        shape = (batch_size, slots, self.num_kv_heads, self.head_dim)
+        return {"k": w.new_zeros(shape, dtype=dtype), "v": w.new_zeros(shape, dtype=dtype),
                 "constants": {"slot_ids": torch.arange(slots, device=w.device),
                               "rows": torch.arange(batch_size, device=w.device),
                               "inv_freq": torch.cat((inv_freq, inv_freq))}}

@@ -98,8 +98,10 @@ def fused_conv_cache(convs: dict, batch_size: int) -> dict:
     all of them in one call (fused_conv_decode)."""
     convs = list(convs.values())
     state = torch.cat([conv.init_cache(batch_size) for conv in convs], 1)
-    views = state.split([conv.dim for conv in convs], 1)
-    return {"fused_conv": state, **{conv.cache_key: view for conv, view in zip(convs, views)}}
+    cache, start = {"fused_conv": state}, 0
+    for conv in convs:  # slices, not split(): a prefill under autograd writes them in place
+        cache[conv.cache_key], start = state[:, start:start + conv.dim], start + conv.dim
+    return cache
 
 
 def fused_conv_decode(convs: dict, x: torch.Tensor, cache: dict) -> torch.Tensor:
