@@ -97,8 +97,8 @@ def count_decode_ops(lm: LM, token_ids: torch.Tensor, state) -> dict:
                 return _kernel(*args, **kwargs)
             stack.enter_context(mock.patch.object(module, name, counted))
         for i, block in enumerate(lm.blocks):
-            stack.enter_context(mock.patch.object(block, "decode",
-                                                  counter.labelled(lambda outer, i=i: ("block", i), block.decode)))
+            stack.enter_context(mock.patch.object(block, "forward",
+                                                  counter.labelled(lambda outer, i=i: ("block", i), block.forward)))
         with counter:
             lm.decode_step(token_ids, state)
     blocks = []

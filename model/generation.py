@@ -125,6 +125,11 @@ class CompiledDecodeStep(EagerDecodeStep):
 
     def __init__(self, lm, batch_size: int, max_len: int):
         super().__init__(lm, batch_size, max_len)
+        # The step writes the state in place: static addresses let the CUDA graph trees keep it (inputs that
+        # are mutated and not static make them skip the graph).
+        for tensor in (*self.state.tensors(), self.state.lengths,
+                       *(t for cache in self.state.caches for t in cache.get("constants", {}).values())):
+            torch._dynamo.mark_static_address(tensor)
         self.compiled = torch.compile(lm.decode_step, mode="reduce-overhead")
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -49,13 +49,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
-                cache: Optional[dict] = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, sp=sp, cache=cache)
-        return x + self.mlp(self.mlp_norm(x))
-
-    def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
-        """One token per row, x [B, d_model] (2-D: each linear is one matmul), at row positions [B]."""
-        x = x + self.mixer.decode(self.mixer_norm(x), cache, positions)
+                cache: Optional[dict] = None, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, d_model]; with positions [B], a decode step: one token per row, x [B, d_model] (2-D: each
+        linear is one matmul) at the rows' positions, through the mixer's `decode` (a module call, so
+        wrappers' hooks such as FSDP's still run)."""
+        if positions is not None:
+            x = x + self.mixer.decode(self.mixer_norm(x), cache, positions)
+        else:
+            x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, sp=sp, cache=cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -154,7 +155,7 @@ class LM(nn.Module):
         positions = state.lengths
         x = self.embed(token_ids)
         for block, cache in zip(self.blocks, state.caches):
-            x = block.decode(x, cache, positions)
+            x = block(x, cache=cache, positions=positions)
         state.lengths.add_(1)
         return self._logits(x)
 
