@@ -89,6 +89,8 @@ def generate_continuations(named: dict, overrides: list[str], progress: bool = T
         torch.cuda.reset_peak_memory_stats(device)
     prompts = read_prompts(named)
     encoded = [[tokenizer.eos_id] + tokenizer.encode(text) for text in prompts]
+    # One-time costs (kernel compilation and autotuning, lazy imports) out of the measured speed.
+    model.generate(torch.full((1, 2), tokenizer.eos_id, device=device), 2, cuda_graph=False)
     generator = torch.Generator(device).manual_seed(named["seed"])
     results, timing = [], {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
     batches = range(0, len(encoded), named["batch_size"])
