@@ -87,7 +87,7 @@ class GatedDeltaNet(nn.Module):
         """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
         B, H = x.shape[0], self.num_heads
         qkv = fused_conv_decode(self.convs, torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), -1), cache)
-        qk, v = qkv.view(B, 1, -1).split((2 * self.key_dim, self.value_dim), -1)
+        qk, v = qkv.split((2 * self.key_dim, self.value_dim), -1)
         # q and k L2-normalised together: 2H vectors of head_k_dim.
         qk = F.normalize(qk.reshape(B, 1, 2 * H, self.head_k_dim).float(), dim=-1).to(v.dtype)
         q, k = qk.chunk(2, 2)

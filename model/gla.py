@@ -69,9 +69,8 @@ class GLA(nn.Module):
         """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
         B, H = x.shape[0], self.num_heads
         qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), -1)
-        if self.convs is not None:
-            qkv = fused_conv_decode(self.convs, qkv, cache)
-        qk, v = qkv.view(B, 1, -1).split((2 * self.key_dim, self.value_dim), -1)
+        qkv = qkv[:, None] if self.convs is None else fused_conv_decode(self.convs, qkv, cache)  # [B, 1, ...]
+        qk, v = qkv.split((2 * self.key_dim, self.value_dim), -1)
         q, k = qk.view(B, 1, 2 * H, self.head_k_dim).chunk(2, 2)
         o = recurrent_step(fused_recurrent_gla, q, k, v.view(B, 1, H, self.head_v_dim),
                            g=self._log_decay(x).view(B, 1, H, self.head_k_dim), scale=self.head_k_dim ** -0.5,

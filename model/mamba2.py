@@ -77,10 +77,10 @@ class Mamba2(nn.Module):
 
     def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
-        z, xbc, dt = self._split_projection(x[:, None])
-        xs, c, b, v, log_decay = self._scan_inputs(self.conv.step(xbc, cache["conv"]), dt)
+        z, xbc, dt = self._split_projection(x)  # on [B, d_model]: one matmul
+        xs, c, b, v, log_decay = self._scan_inputs(self.conv.step(xbc[:, None], cache["conv"]), dt[:, None])
         o = recurrent_step(fused_recurrent_gla, c, b, v, g=log_decay, scale=1.0, state=cache["recurrent"])
-        return self._output(o[:, 0], xs[:, 0], z[:, 0])
+        return self._output(o[:, 0], xs[:, 0], z)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """The recurrent state [B, H, N, P] fp32 and the conv's window (independent of max_len)."""

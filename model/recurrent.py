@@ -106,10 +106,10 @@ def fused_conv_cache(convs: dict, batch_size: int) -> dict:
 
 def fused_conv_decode(convs: dict, x: torch.Tensor, cache: dict) -> torch.Tensor:
     """The decode step of bias-free short convs with one activation over their concatenated inputs
-    x [B, sum of dims] (one token per row), in one conv call on the fused_conv_cache state."""
+    x [B, sum of dims] (one token per row), in one conv call on the fused_conv_cache state: y [B, 1, sum]."""
     convs = list(convs.values())
     weight = torch.cat([conv.weight for conv in convs])
     y, final = causal_conv1d(x[:, None], weight, None, convs[0].activation, initial_state=cache["fused_conv"],
                              output_final_state=True)
     cache["fused_conv"].copy_(final)
-    return y[:, 0]
+    return y
