@@ -175,6 +175,7 @@ def measure_cuda(preset: str, args) -> list[dict]:
             except torch.OutOfMemoryError:
                 rows.append({"preset": preset, "batch": batch, "context": context, "error": "out of memory"})
                 continue
+            lm.__dict__.pop("_decode_step", None)  # one state alive at a time: the next line sizes one
             state = lm.init_state(batch, context + args.steps + 1)
             rows.append({"preset": preset, "layers": len(lm.blocks), "batch": batch, "context": context,
                          "mode": str(args.mode), "step_ms": timings["decode_s"] / timings["decode_steps"] * 1e3,

@@ -32,6 +32,18 @@ def test_prefill_across_chunks_then_decode(make_lm):
     torch.testing.assert_close(torch.stack(decoded, 1), expected[:, 67:], atol=ATOL, rtol=RTOL)
 
 
+def test_prefill_in_chunks_carries_every_cache(make_lm):
+    """Prefills continuing a non-empty state (as eval's scoring does): the window ring wraps mid-chunk."""
+    lm = make_lm("GMDAW")
+    ids = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        expected = lm(ids)
+        state = lm.init_state(2, max_len=30)
+        chunks = [lm.step(ids[:, start:end], state) for start, end in ((0, 3), (3, 11), (11, 29))]
+        last = lm.step(ids[:, 29], state)
+    torch.testing.assert_close(torch.cat(chunks + [last[:, None]], 1), expected, atol=ATOL, rtol=RTOL)
+
+
 def test_batched_prompts_of_different_lengths(make_lm, pattern):
     """Right-padded prompts of lengths 9, 4, 4, 13 prefill together, then decode side by side at each row's own
     position: every row's logits are its own sequence's teacher-forced logits (the padding never leaks)."""
