@@ -124,6 +124,11 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, one_period: boo
         return LM.from_config(cfg).to(dtype).eval()
 
 
+def warm_up(lm: LM):
+    """One short generation: kernel compilation, autotuning and lazy imports out of the measured times."""
+    lm.generate(torch.zeros(1, 80, dtype=torch.long, device=lm.embed.weight.device), 3, cuda_graph=False)
+
+
 def step_seconds(lm: LM, state, batch: int, steps: int) -> float:
     """Median seconds of one decode step (two warm-up steps first)."""
     token_ids = torch.zeros(batch, dtype=torch.long, device=state.lengths.device)
@@ -139,6 +144,7 @@ def step_seconds(lm: LM, state, batch: int, steps: int) -> float:
 
 def measure_cpu(preset: str, args) -> list[dict]:
     lm = build(preset, torch.device("cpu"), torch.float32, one_period=True)
+    warm_up(lm)
     rows = []
     prompt = torch.randint(0, VOCAB, (1, args.cpu_prompt_tokens))
     state = lm.init_state(1, args.cpu_prompt_tokens)
@@ -162,6 +168,7 @@ def measure_cpu(preset: str, args) -> list[dict]:
 def measure_cuda(preset: str, args) -> list[dict]:
     device = torch.device("cuda")
     lm = build(preset, device, torch.bfloat16, one_period=False)
+    warm_up(lm)
     rows = []
     for batch in args.batches:
         for context in args.contexts:
