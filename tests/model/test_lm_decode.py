@@ -136,3 +136,5 @@ def test_sampling_top_p_top_k_and_seed(make_lm):
     assert not torch.equal(sampled(3), greedy)
     with pytest.raises(ValueError, match="top_p"):
         lm.generate(prompt, max_new_tokens=1, top_p=0.0)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        lm.generate(prompt, max_new_tokens=1, cuda_graph="always")
