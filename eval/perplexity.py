@@ -90,11 +90,11 @@ def score_tokens(model, inputs: torch.Tensor, targets: torch.Tensor, chunk_len: 
     """Log-probability of each target [B, T] and whether it was the argmax, from one pass over the rows:
     chunks of chunk_len tokens through `model.step`, the recurrent state and attention KV carried from one
     chunk to the next, so position t is scored with all t tokens before it (also past the training length)."""
-    state = model.init_state(inputs.shape[0])
+    state = model.init_state(*inputs.shape)
     logprobs, greedy = [], []
     for start in range(0, inputs.shape[1], chunk_len):
         with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, state = model.step(inputs[:, start:start + chunk_len], state)
+            logits = model.step(inputs[:, start:start + chunk_len], state)
         logits = logits.float().log_softmax(-1)
         target = targets[:, start:start + chunk_len]
         logprobs.append(logits.gather(-1, target.clamp(min=0)[..., None])[..., 0])
@@ -107,12 +107,11 @@ def token_losses(model, inputs: torch.Tensor, targets: torch.Tensor, chunk_len: 
                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Loss (nats) of each target [B, T] from one pass over the rows, chunked and state carried as in
     score_tokens, through the fused head and loss (model/loss.py): no [B, chunk, vocab] logits."""
-    state = model.init_state(inputs.shape[0])
+    state = model.init_state(*inputs.shape)
     losses = []
     for start in range(0, inputs.shape[1], chunk_len):
         with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss, state = model.step(inputs[:, start:start + chunk_len], state,
-                                     labels=targets[:, start:start + chunk_len])
+            loss = model.step(inputs[:, start:start + chunk_len], state, labels=targets[:, start:start + chunk_len])
         losses.append(loss)
     return torch.cat(losses, dim=1)
 

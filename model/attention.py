@@ -133,8 +133,8 @@ class Attention(nn.Module):
 
         if sp is not None:
             q_pos, q_doc_start = sp.positions(), sp.doc_start()
-        elif cache is not None:  # generation: each row is one document that started at position 0
-            q_pos = cache["pos"] + torch.arange(T, device=x.device)
+        elif cache is not None:  # a prefill: these rows hold cache["start"] tokens already
+            q_pos = cache["start"] + torch.arange(T, device=x.device)
             q_doc_start = torch.zeros(B, T, dtype=torch.long, device=x.device)
         else:
             q_pos = torch.arange(T, device=x.device)
@@ -161,17 +161,65 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
     def _extend_cache(self, cache: dict, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):
-        """Append this call's keys to the cache; return all keys this call attends to. The cache keeps
-        only the last `window` keys of a sliding-window layer: later queries never see older ones."""
-        if cache["k"] is not None:
-            k, v = torch.cat((cache["k"], k), dim=1), torch.cat((cache["v"], v), dim=1)
-            key_pos = torch.cat((cache["key_pos"], q_pos))
-        else:
-            key_pos = q_pos
-        keep = slice(None) if self.window is None else slice(-self.window, None)
-        cache["k"], cache["v"], cache["key_pos"] = k[:, keep], v[:, keep], key_pos[keep]
-        cache["pos"] += q_pos.numel()
-        return k, v, key_pos
+        """A prefill: write this call's keys into the preallocated cache (slot = position, or position mod
+        the window for a sliding-window layer's ring) and return all keys this call attends to, in k's dtype
+        (the cache's is the weights', k's the autocast one)."""
+        start, T = cache["start"], k.shape[1]
+        slots = cache["k"].shape[1]
+        if self.window is None:
+            cache["k"][:, start:start + T], cache["v"][:, start:start + T] = k, v
+            keys = torch.arange(start + T, device=k.device)
+            return cache["k"][:, :start + T].to(k.dtype), cache["v"][:, :start + T].to(v.dtype), keys
+        # The earlier keys a window still sees, in position order, then this call's keys.
+        earlier = torch.arange(max(0, start - self.window + 1), start, device=k.device)
+        all_k = torch.cat((cache["k"][:, earlier % slots].to(k.dtype), k), 1)
+        all_v = torch.cat((cache["v"][:, earlier % slots].to(v.dtype), v), 1)
+        kept = q_pos[-slots:]  # a ring of `slots` keeps the last ones
+        cache["k"][:, kept % slots] = k[:, -slots:].to(cache["k"].dtype)
+        cache["v"][:, kept % slots] = v[:, -slots:].to(cache["v"].dtype)
+        return all_k, all_v, torch.cat((earlier, q_pos))
 
-    def init_cache(self, batch_size: int) -> dict:
-        return {"k": None, "v": None, "key_pos": None, "pos": 0}
+    def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row, x [B, d_model] at row positions [B] (a tensor: rows may differ): write its key and
+        value in place at their slot, attend over the whole preallocated cache with the slots past each row's
+        position masked, so the work and the operations do not depend on the context (no host sync, no copy).
+        Grouped heads: the G query heads of a KV head are G queries against it (no K/V expansion)."""
+        B = x.shape[0]
+        G, D = self.num_heads // self.num_kv_heads, self.head_dim
+        qk = torch.cat((self.q_proj(x), self.k_proj(x)), -1).view(B, -1, D)
+        constants = cache["constants"]
+        qk = rotate_rows(qk, positions, constants["inv_freq"])
+        q, k = qk.split((self.num_heads, self.num_kv_heads), 1)
+        slot = positions if self.window is None else positions % cache["k"].shape[1]
+        cache["k"].index_put_((constants["rows"], slot), k.to(cache["k"].dtype))
+        cache["v"].index_put_((constants["rows"], slot), self.v_proj(x).view(B, -1, D).to(cache["v"].dtype))
+        # Slot s holds a key of this row once written: s <= position (a window's ring is full from then on).
+        mask = (constants["slot_ids"] <= positions[:, None]).view(B, 1, 1, -1)
+        o = F.scaled_dot_product_attention(q.reshape(B, self.num_kv_heads, G, D).to(cache["k"].dtype),
+                                           cache["k"].transpose(1, 2), cache["v"].transpose(1, 2), attn_mask=mask)
+        return self.o_proj(o.reshape(B, -1).to(x.dtype))
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """K and V [B, slots, H_kv, D], slots = max_len (a window: min(window, max_len), used as a ring), and
+        the decode step's constants (not per row)."""
+        w = self.k_proj.weight
+        slots = max_len if self.window is None else min(self.window, max_len)
+        half = self.head_dim // 2
+        inv_freq = self.rope_theta ** (-torch.arange(half, device=w.device, dtype=torch.float32) / half)
+        # Under autocast the keys are computed (and attended) in its dtype: caching them in it halves the cache
+        # and spares a cast of the whole cache every step.
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        shape = (batch_size, slots, self.num_kv_heads, self.head_dim)
+        return {"k": w.new_zeros(shape, dtype=dtype), "v": w.new_zeros(shape, dtype=dtype),
+                "constants": {"slot_ids": torch.arange(slots, device=w.device),
+                              "rows": torch.arange(batch_size, device=w.device),
+                              "inv_freq": torch.cat((inv_freq, inv_freq))}}
+
+
+def rotate_rows(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """apply_rotary for one token per row: x [B, H, D] at positions [B]; inv_freq [D] is the rotary
+    frequencies repeated for both halves (x rotates as x cos + rotate_half(x) sin)."""
+    angles = (positions[:, None] * inv_freq)[:, None]  # [B, 1, D] fp32
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, -1)
+    return (x32 * angles.cos() + torch.cat((-x2, x1), -1) * angles.sin()).to(x.dtype)

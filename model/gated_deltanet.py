@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm, RMSNorm
-from model.recurrent import ShortConvolution, recurrent_scan
+from model.recurrent import ShortConvolution, fused_conv_cache, fused_conv_decode, recurrent_scan, recurrent_step
 
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 0.001, 0.1, 1e-4  # as Mamba2 initialises its step sizes
 
@@ -62,22 +62,43 @@ class GatedDeltaNet(nn.Module):
         v = self.convs["v"](self.v_proj(x), cu_seqlens, sp, cache).view(B, T, H, self.head_v_dim)
         q = F.normalize(q.float(), dim=-1).to(v.dtype)
         k = F.normalize(k.float(), dim=-1).to(v.dtype)
+        g, beta = self._gates(x)
+        o = recurrent_scan(chunk_gated_delta_rule, q, k, v, g=g, beta=beta,
+                           scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+        return self._output(o, x)
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log decay g, write strength beta) [..., H] fp32 of the tokens x [..., d_model]."""
         beta = torch.sigmoid(self.b_proj(x).float())
         if self.allow_neg_eigval:
             beta = beta * 2
         g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return g, beta
 
-        o = recurrent_scan(chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, q, k, v, g=g, beta=beta,
-                           scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """o [..., H, V] of the tokens x [..., d_model] -> the mixer's output [..., d_model]."""
         if self.g_proj is not None:
-            o = self.o_norm(o, self.g_proj(x).view(B, T, H, self.head_v_dim))
+            o = self.o_norm(o, self.g_proj(x).view(o.shape))
         else:
             o = self.o_norm(o)
-        return self.o_proj(o.reshape(B, T, self.value_dim))
+        return self.o_proj(o.flatten(-2))
 
-    def init_cache(self, batch_size: int) -> dict:
+    def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
+        B, H = x.shape[0], self.num_heads
+        qkv = fused_conv_decode(self.convs, torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), -1), cache)
+        qk, v = qkv.split((2 * self.key_dim, self.value_dim), -1)
+        # q and k L2-normalised together: 2H vectors of head_k_dim.
+        qk = F.normalize(qk.reshape(B, 1, 2 * H, self.head_k_dim).float(), dim=-1).to(v.dtype)
+        q, k = qk.chunk(2, 2)
+        g, beta = self._gates(x[:, None])
+        o = recurrent_step(fused_recurrent_gated_delta_rule, q, k, v.view(B, 1, H, self.head_v_dim), g=g, beta=beta,
+                           scale=self.head_k_dim ** -0.5, state=cache["recurrent"])
+        return self._output(o.view(B, H, self.head_v_dim), x)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """The recurrent state [B, H, K, V] fp32 and the convs' windows (independent of max_len)."""
         cache = {"recurrent": torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim,
                                           device=self.A_log.device, dtype=torch.float32)}
-        for conv in self.convs.values():
-            cache[conv.cache_key] = conv.init_cache(batch_size)
+        cache.update(fused_conv_cache(self.convs, batch_size))
         return cache

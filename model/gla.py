@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from kernels import chunk_gla, fused_recurrent_gla
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm, RMSNorm
-from model.recurrent import ShortConvolution, recurrent_scan
+from model.recurrent import ShortConvolution, fused_conv_cache, fused_conv_decode, recurrent_scan, recurrent_step
 
 
 class GLA(nn.Module):
@@ -48,23 +48,40 @@ class GLA(nn.Module):
             q = self.convs["q"](q, cu_seqlens, sp, cache)
             k = self.convs["k"](k, cu_seqlens, sp, cache)
             v = self.convs["v"](v, cu_seqlens, sp, cache)
-        gk = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer  # fp32 log decay <= 0
-
         H = self.num_heads
-        o = recurrent_scan(chunk_gla, fused_recurrent_gla,
-                           q.view(B, T, H, self.head_k_dim), k.view(B, T, H, self.head_k_dim),
-                           v.view(B, T, H, self.head_v_dim), g=gk.view(B, T, H, self.head_k_dim),
+        o = recurrent_scan(chunk_gla, q.view(B, T, H, self.head_k_dim), k.view(B, T, H, self.head_k_dim),
+                           v.view(B, T, H, self.head_v_dim), g=self._log_decay(x).view(B, T, H, self.head_k_dim),
                            scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+        return self._output(o, x)
+
+    def _log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer  # fp32 log decay <= 0
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """o [..., H, V] of the tokens x [..., d_model] -> the mixer's output [..., d_model]."""
         if self.g_proj is not None:
-            o = self.g_norm(o, self.g_proj(x).view(B, T, H, self.head_v_dim))
+            o = self.g_norm(o, self.g_proj(x).view(o.shape))
         else:
             o = self.g_norm(o)
-        return self.o_proj(o.reshape(B, T, self.value_dim))
+        return self.o_proj(o.flatten(-2))
 
-    def init_cache(self, batch_size: int) -> dict:
+    def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
+        B, H = x.shape[0], self.num_heads
+        qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), -1)
+        qkv = qkv[:, None] if self.convs is None else fused_conv_decode(self.convs, qkv, cache)  # [B, 1, ...]
+        qk, v = qkv.split((2 * self.key_dim, self.value_dim), -1)
+        q, k = qk.view(B, 1, 2 * H, self.head_k_dim).chunk(2, 2)
+        o = recurrent_step(fused_recurrent_gla, q, k, v.view(B, 1, H, self.head_v_dim),
+                           g=self._log_decay(x).view(B, 1, H, self.head_k_dim), scale=self.head_k_dim ** -0.5,
+                           state=cache["recurrent"])
+        return self._output(o.view(B, H, self.head_v_dim), x)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """The recurrent state [B, H, K, V] fp32 and the convs' windows (independent of max_len)."""
         w = self.q_proj.weight
         cache = {"recurrent": torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim,
                                           device=w.device, dtype=torch.float32)}
-        for conv in (self.convs or {}).values():
-            cache[conv.cache_key] = conv.init_cache(batch_size)
+        if self.convs is not None:
+            cache.update(fused_conv_cache(self.convs, batch_size))
         return cache

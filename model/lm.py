@@ -1,9 +1,11 @@
 """The language model: embed -> [pre-norm block: mixer, SwiGLU MLP] x L -> norm -> head.
 
 Each block's mixer is chosen by the config's layer pattern. The same forward serves training
-(`lm(input_ids, cu_seqlens, sp)`) and generation (`lm.step(token_ids, state)`): a per-layer cache dict
-turns every mixer stateful (recurrent state and conv state, or a KV cache), so prefill and decode are
-the training code with an initial state.
+(`lm(input_ids, cu_seqlens, sp)`) and a prompt's prefill (`lm.step(prompt_ids, state)`): a per-layer cache
+dict turns every mixer stateful (recurrent state and conv window, or a KV cache), so a prefill is the
+training code with an initial state. A decode step (`lm.step(token_ids [B], state)`) runs each mixer's
+`decode`: one token per row, the fused recurrent kernels, a fixed number of operations whatever the context
+(model/generation.py: the preallocated state, sampling, CUDA graphs).
 """
 import dataclasses
 import json
@@ -13,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 
@@ -23,10 +26,10 @@ from model.flops import forward_flops_per_token
 from model.gated_deltanet import GatedDeltaNet
 from model.gla import GLA
 from model.layers import RMSNorm, SwiGLU
+from model.generation import DecodeState, decode_loop, prefill_groups
 from model.loss import linear_cross_entropy
 from model.mamba2 import Mamba2
 
-State = list[dict]  # one cache dict per layer (see each mixer's init_cache)
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")  # write into the residual stream: init scaled by depth
 
 
@@ -47,8 +50,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
-                cache: Optional[dict] = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+                cache: Optional[dict] = None, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, d_model]; with positions [B], a decode step: one token per row, x [B, d_model] (2-D: each
+        linear is one matmul) at the rows' positions, through the mixer's `decode` (a module call, so
+        wrappers' hooks such as FSDP's still run)."""
+        if positions is not None:
+            x = x + self.mixer.decode(self.mixer_norm(x), cache, positions)
+        else:
+            x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, sp=sp, cache=cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -127,44 +136,82 @@ class LM(nn.Module):
             raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         return self._run(input_ids, cu_seqlens, sp, None, labels, reduction)
 
-    def _run(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp, state: Optional[State],
+    def _run(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp, caches: Optional[list[dict]],
              labels: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+        return self.lm_head(self.norm(self._hidden(input_ids, cu_seqlens, sp, caches)), labels, reduction)
+
+    def _hidden(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp,
+                caches: Optional[list[dict]]) -> torch.Tensor:
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, cu_seqlens=cu_seqlens, sp=sp, cache=None if state is None else state[i])
-        return self.lm_head(self.norm(x), labels, reduction)
+            x = block(x, cu_seqlens=cu_seqlens, sp=sp, cache=None if caches is None else caches[i])
+        return x
 
     # --- generation -------------------------------------------------------------------------------
-    def init_state(self, batch_size: int) -> State:
-        """Empty per-layer states: zero recurrent and conv states, empty KV caches."""
-        return [block.mixer.init_cache(batch_size) for block in self.blocks]
+    def init_state(self, batch_size: int, max_len: int) -> DecodeState:
+        """A generation state for batch_size rows of up to max_len tokens, allocated once: each attention
+        layer's KV cache [B, max_len (a window: min(window, max_len)), H_kv, D], each recurrent layer's state
+        and conv window (independent of max_len), and the rows' lengths (all 0)."""
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"init_state: need batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+        caches = [block.mixer.init_cache(batch_size, max_len) for block in self.blocks]
+        return DecodeState(caches, torch.zeros(batch_size, dtype=torch.long, device=self.embed.weight.device),
+                           max_len)
 
-    def step(self, token_ids: torch.Tensor, state: State,
-             labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
-        """Advance every row by token_ids: [B] (one decode step, logits [B, vocab]) or [B, T] (a prefill,
-        logits [B, T, vocab]; with labels [B, T], the per-token losses [B, T] instead, no logits built).
-        Returns the new state; the given one is left untouched."""
-        state = [dict(layer) for layer in state]
+    def step(self, token_ids: torch.Tensor, state: DecodeState, lengths: Optional[torch.Tensor] = None,
+             labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Advance the rows of `state` in place. token_ids [B]: one decode step, logits [B, vocab] (no host
+        sync, a fixed set of operations: CUDA-graph capturable). token_ids [B, T]: a prefill with the chunked
+        kernels, logits [B, T, vocab]; `lengths` [B] (optional) are the rows' prompt lengths when they are
+        right-padded (logits past a row's length are meaningless); with labels [B, T], the prefill's per-token
+        losses [B, T] instead (no logits built, model/loss.py)."""
+        if token_ids.dim() == 1:
+            return self.decode_step(token_ids, state)
+        return self.prefill(token_ids, state, lengths, labels=labels)
+
+    def decode_step(self, token_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """One token per row at the rows' own positions (state.lengths, then advanced by one)."""
+        positions = state.lengths
+        x = self.embed(token_ids)
+        for block, cache in zip(self.blocks, state.caches):
+            x = block(x, cache=cache, positions=positions)
+        state.lengths.add_(1)
+        return self.lm_head(self.norm(x))
+
+    def prefill(self, token_ids: torch.Tensor, state: DecodeState, lengths: Optional[torch.Tensor] = None,
+                last_only: bool = False, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run prompts [B, T] (right-padded to T when `lengths` [B] differ) through the chunked path from each
+        row's current length, writing the caches in place; logits [B, T, vocab], or with last_only those of
+        each row's last prompt token [B, vocab] (a long prompt's full logits would dwarf the model). Rows are
+        grouped into runs sharing their current and prompt lengths; each run is one batched call on a view
+        of the state."""
+        B, T = token_ids.shape
+        hidden = None
+        for rows, start, length in prefill_groups(state, T, lengths):
+            run_hidden = self._hidden(token_ids[rows, :length], None, None, state.view_rows(rows, start))
+            if hidden is None:
+                hidden = run_hidden.new_zeros(B, *(() if last_only else (T,)), run_hidden.shape[-1])
+            hidden[rows] = run_hidden[:, -1] if last_only else F.pad(run_hidden, (0, 0, 0, T - length))
+            state.lengths[rows] += length
         if labels is not None:
-            return self._run(token_ids, None, None, state, labels, "none"), state
-        logits = self._run(token_ids[:, None] if token_ids.dim() == 1 else token_ids, None, None, state)
-        return (logits[:, 0] if token_ids.dim() == 1 else logits), state
+            return self.lm_head(self.norm(hidden), labels, "none")
+        return self.lm_head(self.norm(hidden))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Prompt [B, T] -> prompt plus max_new_tokens sampled tokens [B, T + max_new_tokens].
-        temperature 0 is greedy; top_p < 1 samples from the smallest set of tokens with that much mass."""
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        logits, state = self.step(input_ids, self.init_state(input_ids.shape[0]))
-        logits, tokens = logits[:, -1], [input_ids]
-        for i in range(max_new_tokens):
-            next_token = sample(logits, temperature, top_p, generator)
-            tokens.append(next_token[:, None])
-            if i + 1 < max_new_tokens:
-                logits, state = self.step(next_token, state)
-        return torch.cat(tokens, dim=1)
+                 top_k: int = 0, generator: Optional[torch.Generator] = None,
+                 prompt_lengths: Optional[torch.Tensor] = None, stop_tokens: tuple[int, ...] = (),
+                 max_len: Optional[int] = None, cuda_graph: Union[bool, str] = True,
+                 timings: Optional[dict] = None) -> torch.Tensor:
+        """Prompts [B, T] (right-padded when prompt_lengths [B] differ) -> [B, T + max_new_tokens]: row b holds
+        its prompt, then its generated tokens from position prompt_lengths[b], then the pad (0) after its end.
+        temperature 0 is greedy; top_k > 0 keeps the k likeliest tokens, top_p < 1 the smallest set with that
+        much mass. A row ends after a stop token (repeated to the row's end) or at max_len tokens (default
+        the longest prompt + max_new_tokens). cuda_graph: on CUDA, True replays one decode step captured as
+        a CUDA graph per (batch, max_len), "compile" uses torch.compile(mode="reduce-overhead"), False eager;
+        ignored on other devices. `timings` (a dict) receives the prefill's and the decoding's seconds."""
+        return decode_loop(self, input_ids, max_new_tokens, temperature, top_p, top_k, generator, prompt_lengths,
+                           stop_tokens, max_len, cuda_graph, timings)
 
     # --- checkpoints ------------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, Path]):
@@ -203,17 +250,3 @@ class LM(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training (forward + backward) FLOPs per token at this sequence length; see model/flops.py."""
         return 3 * forward_flops_per_token(self, seq_len)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, vocab]."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep a token if the mass before it is below top_p (so the top token always stays).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from kernels import chunk_gla, fused_recurrent_gla
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm
-from model.recurrent import ShortConvolution, recurrent_scan
+from model.recurrent import ShortConvolution, recurrent_scan, recurrent_step
 
 
 class Mamba2(nn.Module):
@@ -49,22 +49,41 @@ class Mamba2(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
                 cache: Optional[dict] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        H, P, N, G = self.num_heads, self.head_dim, self.d_state, self.n_groups
-        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * G * N, H], dim=-1)
-        xbc = self.conv(xbc, cu_seqlens, sp, cache)
-        xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
+        z, xbc, dt = self._split_projection(x)
+        xs, c, b, v, log_decay = self._scan_inputs(self.conv(xbc, cu_seqlens, sp, cache), dt)
+        o = recurrent_scan(chunk_gla, c, b, v, g=log_decay, scale=1.0, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+        return self._output(o, xs, z)
 
+    def _split_projection(self, x: torch.Tensor):
+        return self.in_proj(x).split([self.d_inner, self.d_inner + 2 * self.n_groups * self.d_state,
+                                      self.num_heads], dim=-1)
+
+    def _scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
+        """The convolved x|B|C [B, T, conv_dim] and dt [B, T, H] -> (x [B, T, H, P], then the scan's q = C, k = B,
+        v = dt * x, g = dt * A)."""
+        B, T, _ = xbc.shape
+        H, P, N, G = self.num_heads, self.head_dim, self.d_state, self.n_groups
+        xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H], fp32
         log_decay = -torch.exp(self.A_log.float()) * dt
         xs = xs.view(B, T, H, P)
         b = b.view(B, T, G, N).repeat_interleave(H // G, dim=2)
         c = c.view(B, T, G, N).repeat_interleave(H // G, dim=2)
-        o = recurrent_scan(chunk_gla, fused_recurrent_gla, c, b, (xs * dt[..., None]).to(xs.dtype),
-                           g=log_decay, scale=1.0, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
-        y = o + xs * self.D.to(xs.dtype)[:, None]
-        return self.o_proj(self.norm(y.reshape(B, T, self.d_inner), z))
+        return xs, c, b, (xs * dt[..., None]).to(xs.dtype), log_decay
 
-    def init_cache(self, batch_size: int) -> dict:
+    def _output(self, o: torch.Tensor, xs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = o + xs * self.D.to(xs.dtype)[:, None]
+        return self.o_proj(self.norm(y.flatten(-2), z))
+
+    def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
+        z, xbc, dt = self._split_projection(x)  # on [B, d_model]: one matmul
+        xs, c, b, v, log_decay = self._scan_inputs(self.conv.step(xbc[:, None], cache["conv"]), dt[:, None])
+        o = recurrent_step(fused_recurrent_gla, c, b, v, g=log_decay, scale=1.0, state=cache["recurrent"])
+        return self._output(o[:, 0], xs[:, 0], z)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """The recurrent state [B, H, N, P] fp32 and the conv's window (independent of max_len)."""
         return {"recurrent": torch.zeros(batch_size, self.num_heads, self.d_state, self.head_dim,
                                          device=self.A_log.device, dtype=torch.float32),
                 "conv": self.conv.init_cache(batch_size)}

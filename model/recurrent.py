@@ -4,8 +4,9 @@ A recurrent op (and the short conv) runs in exactly one of these modes per call:
 - training: `op(..., cu_seqlens=...)` on the batch flattened to [1, B*T] (cu_seqlens contains every row
   start, so rows and packed documents all restart the state), or on [B, T] without cu_seqlens;
 - sequence parallel: the `sp` context's scan / conv (parallel/sequence.py), which threads states across ranks;
-- generation: the cached state is the initial state and the final state replaces it; a single token
-  uses the fused recurrent kernel, a prompt the chunked one.
+- generation: the cached state is the initial state and the final state is written over it in place (the
+  state is preallocated once per generation); a prompt uses the chunked kernel, a decode step (one token per
+  row, the mixers' `decode`) the fused recurrent one.
 """
 import math
 from typing import Callable, Optional
@@ -20,24 +21,30 @@ def _flatten(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def recurrent_scan(chunk_op: Callable, decode_op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def recurrent_scan(chunk_op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    *, scale: float, cu_seqlens: Optional[torch.Tensor], sp, cache: Optional[dict],
                    **gates: torch.Tensor) -> torch.Tensor:
     """Run a recurrent core op (chunk_gla or chunk_gated_delta_rule) and return o [B, T, H, V].
-    With a cache, cache["recurrent"] holds the state [B, H, K, V] and is replaced by the final state."""
+    With a cache (a prefill), cache["recurrent"] holds the state [B, H, K, V] and is overwritten by the final one."""
     if sp is not None:
         return sp.scan(chunk_op, q, k, v, scale=scale, **gates)
     if cache is not None:
-        op = decode_op if q.shape[1] == 1 else chunk_op
-        o, cache["recurrent"] = op(q, k, v, **gates, scale=scale, initial_state=cache["recurrent"],
-                                   output_final_state=True)
-        return o
+        return recurrent_step(chunk_op, q, k, v, scale=scale, state=cache["recurrent"], **gates)
     if cu_seqlens is None:
         return chunk_op(q, k, v, **gates, scale=scale)[0]
     B, T = q.shape[:2]
     flat_gates = {name: _flatten(gate) for name, gate in gates.items()}
     o, _ = chunk_op(_flatten(q), _flatten(k), _flatten(v), **flat_gates, scale=scale, cu_seqlens=cu_seqlens)
     return o.view(B, T, *o.shape[2:])
+
+
+def recurrent_step(op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                   state: torch.Tensor, **gates: torch.Tensor) -> torch.Tensor:
+    """Advance a preallocated state [B, H, K, V] in place by op (chunked for a prompt, fused recurrent for
+    one token) and return o [B, T, H, V]."""
+    o, final = op(q, k, v, **gates, scale=scale, initial_state=state, output_final_state=True)
+    state.copy_(final)
+    return o
 
 
 class ShortConvolution(nn.Module):
@@ -66,15 +73,43 @@ class ShortConvolution(nn.Module):
         if sp is not None:
             return sp.conv(x, self.weight, self.bias, self.activation)
         if cache is not None:
-            y, cache[self.cache_key] = causal_conv1d(x, self.weight, self.bias, self.activation,
-                                                     initial_state=cache[self.cache_key],
-                                                     output_final_state=True)
-            return y
+            return self.step(x, cache[self.cache_key])
         if cu_seqlens is None:
             return causal_conv1d(x, self.weight, self.bias, self.activation)[0]
         y, _ = causal_conv1d(_flatten(x), self.weight, self.bias, self.activation, cu_seqlens=cu_seqlens)
         return y.view(x.shape)
 
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Convolve x [B, T, D] after the window state [B, D, W-1], which is overwritten in place by the last
+        W-1 inputs (a prefill, or one decode token)."""
+        y, final = causal_conv1d(x, self.weight, self.bias, self.activation, initial_state=state,
+                                 output_final_state=True)
+        state.copy_(final)
+        return y
+
     def init_cache(self, batch_size: int) -> torch.Tensor:
         return torch.zeros(batch_size, self.dim, self.kernel_size - 1, device=self.weight.device,
                            dtype=self.weight.dtype)
+
+
+def fused_conv_cache(convs: dict, batch_size: int) -> dict:
+    """One window state [B, sum of dims, W-1] for several short convs of the same kernel size, with each
+    conv's own state a view of it under its cache key: a prefill runs the convs one by one, a decode step
+    all of them in one call (fused_conv_decode)."""
+    convs = list(convs.values())
+    state = torch.cat([conv.init_cache(batch_size) for conv in convs], 1)
+    cache, start = {"fused_conv": state}, 0
+    for conv in convs:  # slices, not split(): a prefill under autograd writes them in place
+        cache[conv.cache_key], start = state[:, start:start + conv.dim], start + conv.dim
+    return cache
+
+
+def fused_conv_decode(convs: dict, x: torch.Tensor, cache: dict) -> torch.Tensor:
+    """The decode step of bias-free short convs with one activation over their concatenated inputs
+    x [B, sum of dims] (one token per row), in one conv call on the fused_conv_cache state: y [B, 1, sum]."""
+    convs = list(convs.values())
+    weight = torch.cat([conv.weight for conv in convs])
+    y, final = causal_conv1d(x[:, None], weight, None, convs[0].activation, initial_state=cache["fused_conv"],
+                             output_final_state=True)
+    cache["fused_conv"].copy_(final)
+    return y

@@ -153,9 +153,10 @@ def test_model_flex_branch_shares_one_block_mask_per_batch_and_window(make_lm, m
         assert len(builds) == 4
 
 
-def test_prefill_and_decode_build_only_per_block_masks(make_lm, monkeypatch):
+def test_prefill_builds_only_per_block_masks_and_decode_none(make_lm, monkeypatch):
     """Generation never builds a [T, T] mask: a prefill attends block by block (a W layer to at most
-    block + window - 1 keys), a decode step with one [1, keys] mask over only the keys it can see."""
+    block + window - 1 keys); a decode step masks the preallocated cache by each row's length, without the
+    query-block machinery."""
     lm = make_lm("AW")
     window = lm.config.attention.window
     shapes = []
@@ -167,9 +168,10 @@ def test_prefill_and_decode_build_only_per_block_masks(make_lm, monkeypatch):
 
     monkeypatch.setattr(attention, "attention_mask", recording_mask)
     with torch.no_grad():
-        _, state = lm.step(torch.randint(0, VOCAB, (2, 300)), lm.init_state(2))
+        state = lm.init_state(2, max_len=301)
+        lm.step(torch.randint(0, VOCAB, (2, 300)), state)
         lm.step(torch.randint(0, VOCAB, (2,)), state)
     full = [shape for layer_window, shape in shapes if layer_window is None]
     windowed = [shape for layer_window, shape in shapes if layer_window == window]
-    assert full == [(128, 128), (128, 256), (44, 300), (1, 301)]
-    assert windowed == [(128, 128), (128, 128 + window - 1), (44, 44 + window - 1), (1, window)]
+    assert full == [(128, 128), (128, 256), (44, 300)]
+    assert windowed == [(128, 128), (128, 128 + window - 1), (44, 44 + window - 1)]

@@ -58,9 +58,12 @@ def test_bf16_autocast_forward_backward(make_lm):
         reference = lm(ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = lm(ids)
-        _, state = lm.step(ids[:, :5], lm.init_state(2))
+        state = lm.init_state(2, max_len=6)
+        lm.step(ids[:, :5], state)
+        lm.step(ids[:, 5], state)
     assert logits.dtype == torch.bfloat16
-    assert all(layer["recurrent"].dtype == torch.float32 for layer in state[:3])
+    assert all(cache["recurrent"].dtype == torch.float32 for cache in state.caches[:3])
+    assert state.caches[3]["k"].dtype == torch.bfloat16  # the KV cache in the dtype attention computes in
     assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
     logits.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in lm.parameters())

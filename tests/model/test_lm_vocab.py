@@ -58,7 +58,7 @@ def test_padding_ids_are_never_scored_learnt_or_sampled(make_lm, pattern):
     loss.backward()
     assert lm.lm_head.weight.grad[VOCAB:].abs().max() == 0 and lm.lm_head.weight.grad[:VOCAB].abs().max() > 0
     # Decode steps and generation (greedy and sampled) see the same mask.
-    step_logits, _ = lm.step(ids[:, 0], lm.init_state(2))
+    step_logits = lm.step(ids[:, 0], lm.init_state(2, max_len=1))
     assert torch.isneginf(step_logits[:, VOCAB:]).all()
     for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (2.0, 0.9)):
         out = lm.generate(ids[:, :4], max_new_tokens=12, temperature=temperature, top_p=top_p,

@@ -1,0 +1,238 @@
+"""Generation speed and memory of each 370M preset (random weights): per-step time, decode and prefill tokens/s,
+peak memory and the decode state's size, at context 2K, 8K and 32K, batch 1 and 8; and the aten operations of
+one decode step per block (the constant-work property: the same count at every context).
+
+    python bench/decode.py                          # CUDA: everything; CPU: the reduced measurement below
+    python bench/decode.py --presets gated_deltanet_hybrid_370m,transformer_370m --contexts 2048,8192 --batches 1
+    python bench/decode.py --mode eager             # CUDA without the captured graph (or --mode compile)
+
+CUDA: each full preset in bf16; per (batch, context) a prefill of `context` random tokens, then --steps decode
+steps through LM.generate (one step captured as a CUDA graph by default).
+CPU (two shared cores cannot prefill 32K tokens through 24 layers): one period of each preset's pattern at full
+width (1 layer; 4 for the 3:1 hybrids) in fp32, the state set to the context length without a prefill (a decode
+step reads the whole preallocated cache whatever it holds, so its work is the same), per-step time at the
+--cpu-contexts (2K and 8K), and prefill tokens/s of a --cpu-prompt-token prompt.
+Writes bench/results/decode_<cpu|cuda>_<date>.json and prints a table.
+"""
+import argparse
+import datetime
+import importlib
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+from unittest import mock
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from model import LM  # noqa: E402
+from model.config import _pattern_letters  # noqa: E402
+
+RESULTS_DIR = REPO / "bench" / "results"
+PRESETS = ["transformer_370m", "gla_370m", "gla_hybrid_370m", "mamba2_370m", "mamba2_hybrid_370m",
+           "gated_deltanet_370m", "gated_deltanet_hybrid_370m"]
+VOCAB = 32000  # what the presets' parameter counts assume
+# The kernel entry points the mixers' decode steps call (module, name): their internal operations are counted
+# apart, since on CUDA each is one Triton launch (the recurrences) or a few fused elementwise ops (the conv).
+KERNEL_ENTRY_POINTS = (("model.recurrent", "causal_conv1d"), ("model.gla", "fused_recurrent_gla"),
+                       ("model.mamba2", "fused_recurrent_gla"),
+                       ("model.gated_deltanet", "fused_recurrent_gated_delta_rule"))
+
+HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten operation under a label: ("block", i), ("kernel", i) inside block i's kernel calls,
+    or None (embedding, head, the step's own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.label, self.counts, self.kernel_calls = None, Counter(), Counter()
+        self.host_syncs, self.output_elements = Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[self.label] += 1
+        if func in HOST_SYNCS:
+            self.host_syncs[self.label] += 1
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:  # what the op wrote (a new tensor, or in place)
+            self.output_elements[self.label] += sum(t.numel() for t in pytree.tree_leaves(out)
+                                                    if isinstance(t, torch.Tensor))
+        return out
+
+    def labelled(self, label_of, fn):
+        def run(*args, **kwargs):
+            outer = self.label
+            self.label = label_of(outer)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.label = outer
+        return run
+
+
+def count_decode_ops(lm: LM, token_ids: torch.Tensor, state) -> dict:
+    """The aten operations of one decode step (the step is taken: the state advances): in all, and per block
+    {mixer, ops, kernel_ops (inside the kernel entry points), kernel_calls, own_ops (ops - kernel_ops +
+    kernel_calls: each kernel call counted once), host_syncs and kernel_host_syncs (.item() and the like),
+    output_elements (elements the block's ops wrote, views excluded)}."""
+    counter = OpCounter()
+    with ExitStack() as stack, torch.no_grad():
+        for module_name, name in KERNEL_ENTRY_POINTS:
+            module = importlib.import_module(module_name)
+            kernel = counter.labelled(lambda outer: ("kernel", outer[1]), getattr(module, name))
+
+            def counted(*args, _kernel=kernel, **kwargs):
+                counter.kernel_calls[counter.label[1]] += 1
+                return _kernel(*args, **kwargs)
+            stack.enter_context(mock.patch.object(module, name, counted))
+        for i, block in enumerate(lm.blocks):
+            stack.enter_context(mock.patch.object(block, "forward",
+                                                  counter.labelled(lambda outer, i=i: ("block", i), block.forward)))
+        with counter:
+            lm.decode_step(token_ids, state)
+    blocks = []
+    for i, name in enumerate(lm.config.layer_mixers()):
+        kernel_ops = counter.counts[("kernel", i)]
+        ops = counter.counts[("block", i)] + kernel_ops
+        blocks.append({"mixer": name, "ops": ops, "kernel_ops": kernel_ops, "kernel_calls": counter.kernel_calls[i],
+                       "own_ops": ops - kernel_ops + counter.kernel_calls[i],
+                       "host_syncs": counter.host_syncs[("block", i)],
+                       "kernel_host_syncs": counter.host_syncs[("kernel", i)],
+                       "output_elements": counter.output_elements[("block", i)]
+                       + counter.output_elements[("kernel", i)]})
+    return {"total": sum(counter.counts.values()), "outside_blocks": counter.counts[None], "blocks": blocks}
+
+
+def build(preset: str, device: torch.device, dtype: torch.dtype, one_period: bool) -> LM:
+    cfg = OmegaConf.load(REPO / "configs" / "model" / f"{preset}.yaml")
+    cfg.vocab_size = VOCAB
+    if one_period:
+        cfg.n_layers = len(_pattern_letters(cfg.pattern))
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LM.from_config(cfg).to(dtype).eval()
+
+
+def warm_up(lm: LM):
+    """One short generation: kernel compilation, autotuning and lazy imports out of the measured times."""
+    lm.generate(torch.zeros(1, 80, dtype=torch.long, device=lm.embed.weight.device), 3, cuda_graph=False)
+
+
+def step_seconds(lm: LM, state, batch: int, steps: int) -> float:
+    """Median seconds of one decode step (two warm-up steps first)."""
+    token_ids = torch.zeros(batch, dtype=torch.long, device=state.lengths.device)
+    times = []
+    with torch.no_grad():
+        for i in range(steps + 2):
+            start = time.perf_counter()
+            lm.decode_step(token_ids, state)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_cpu(preset: str, args) -> list[dict]:
+    lm = build(preset, torch.device("cpu"), torch.float32, one_period=True)
+    warm_up(lm)
+    rows = []
+    prompt = torch.randint(0, VOCAB, (1, args.cpu_prompt_tokens))
+    state = lm.init_state(1, args.cpu_prompt_tokens)
+    start = time.perf_counter()
+    with torch.no_grad():
+        lm.prefill(prompt, state, last_only=True)
+    prefill_tokens_per_s = args.cpu_prompt_tokens / (time.perf_counter() - start)
+    for batch in args.batches:
+        for context in args.cpu_contexts:
+            state = lm.init_state(batch, context + args.steps + 3)
+            state.lengths.fill_(context)
+            ops = count_decode_ops(lm, torch.zeros(batch, dtype=torch.long), state)
+            seconds = step_seconds(lm, state, batch, args.steps)
+            rows.append({"preset": preset, "layers": len(lm.blocks), "batch": batch, "context": context,
+                         "step_ms": seconds * 1e3, "decode_tokens_per_s": batch / seconds,
+                         "prefill_tokens_per_s": prefill_tokens_per_s, "state_mb": state.nbytes() / 1e6,
+                         "ops_per_step": ops["total"], "ops_per_block": {b["mixer"]: b for b in ops["blocks"]}})
+    return rows
+
+
+def measure_cuda(preset: str, args) -> list[dict]:
+    device = torch.device("cuda")
+    lm = build(preset, device, torch.bfloat16, one_period=False)
+    warm_up(lm)
+    rows = []
+    for batch in args.batches:
+        for context in args.contexts:
+            lm.__dict__.pop("_decode_step", None)  # free the previous configuration's graph and state
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            prompt = torch.randint(0, VOCAB, (batch, context), device=device)
+            timings = {}
+            try:
+                lm.generate(prompt, args.steps + 1, timings=timings, cuda_graph=args.mode)
+            except torch.OutOfMemoryError:
+                rows.append({"preset": preset, "batch": batch, "context": context, "error": "out of memory"})
+                continue
+            lm.__dict__.pop("_decode_step", None)  # one state alive at a time: the next line sizes one
+            state = lm.init_state(batch, context + args.steps + 1)
+            rows.append({"preset": preset, "layers": len(lm.blocks), "batch": batch, "context": context,
+                         "mode": str(args.mode), "step_ms": timings["decode_s"] / timings["decode_steps"] * 1e3,
+                         "decode_tokens_per_s": batch * timings["decode_steps"] / timings["decode_s"],
+                         "prefill_tokens_per_s": batch * context / timings["prefill_s"],
+                         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+                         "state_mb": state.nbytes() / 1e6})
+            del state
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--contexts", default="2048,8192,32768")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
+    parser.add_argument("--mode", default="graph", choices=["graph", "compile", "eager"])
+    parser.add_argument("--cpu-contexts", default="2048,8192")
+    parser.add_argument("--cpu-prompt-tokens", type=int, default=256)
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="torch threads on CPU (the default one: shared cores make more threads slower)")
+    parser.add_argument("--tag", default="", help="appended to the result file's name")
+    args = parser.parse_args()
+    args.contexts, args.cpu_contexts, args.batches = ([int(x) for x in value.split(",")] for value in (
+        args.contexts, args.cpu_contexts, args.batches))
+    on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        args.steps = min(args.steps, 16)
+        torch.set_num_threads(args.cpu_threads)
+    rows = []
+    for preset in tqdm(args.presets.split(","), desc="presets"):
+        rows += measure_cuda(preset, args) if on_cuda else measure_cpu(preset, args)
+    print(f"{'preset':<28} {'B':>2} {'context':>7} {'ms/step':>8} {'tok/s':>8} {'prefill tok/s':>13} {'state MB':>9}"
+          f" {'ops/step':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['preset']:<28} {r['batch']:>2} {r['context']:>7} {r['error']}")
+            continue
+        print(f"{r['preset']:<28} {r['batch']:>2} {r['context']:>7} {r['step_ms']:>8.2f} "
+              f"{r['decode_tokens_per_s']:>8.1f} {r['prefill_tokens_per_s']:>13,.0f} {r['state_mb']:>9.1f} "
+              f"{r.get('ops_per_step', ''):>8}")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
+    out = RESULTS_DIR / f"decode_{'cuda' if on_cuda else 'cpu'}{args.tag}_{stamp}.json"
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu",
+                               "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items()},
+                               "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
