@@ -3,7 +3,7 @@ the same number of elements, at context 256 and 8192 (counted with a TorchDispat
 the model's own code, and within a budget of operations per block."""
 import torch
 
-from bench.decode import count_decode_ops
+from model.decode_ops import count_decode_ops
 
 VOCAB = 97  # tests/model/conftest.py's small models
 # Operations per block, each kernel call (conv, fused recurrence) counted once. The issue's goal is 60 per
