@@ -4,13 +4,9 @@ Each rank holds a slice of the same full rows; the reference is the op on the fu
 cu_seqlens, run on every rank. Documents cross rank boundaries, one starts exactly at a boundary, one spans
 more than two ranks, and some slices are shorter than the conv halo or the attention window.
 """
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels import causal_conv1d, chunk_gated_delta_rule, chunk_gla
@@ -130,37 +126,31 @@ def check_attention(sp, doc_starts, rank: int, local_len: int, window) -> None:
         assert_close(leaf.grad, reference.grad[:, my_slice], f"attention window={window} d{name}")
 
 
-def run_checks(rank: int, world_size: int, init_file: str) -> None:
-    torch.set_num_threads(1)  # several processes share few cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        for local_len in (7, 2):  # odd slices, and slices shorter than the conv halo / attention window
-            doc_starts = document_layout(world_size, local_len)
-            cu, starts_document = local_batch(doc_starts, rank, local_len)
-            sp = SequenceParallel(dist.group.WORLD, cu, starts_document)
-            torch.manual_seed(local_len)  # identical full inputs on every rank
-            T = world_size * local_len
-            qkv = lambda: dict(q=torch.randn(BATCH, T, HEADS, KEY_DIM), k=torch.randn(BATCH, T, HEADS, KEY_DIM) / KEY_DIM**0.5,
-                               v=torch.randn(BATCH, T, HEADS, VALUE_DIM))
-            gla_vector = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS, KEY_DIM)) / 4)
-            mamba2_scalar = dict(qkv(), g=-F.softplus(torch.randn(BATCH, T, HEADS)))
-            delta = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS)),
-                         beta=torch.rand(BATCH, T, HEADS))
-            delta["k"] = F.normalize(delta["k"], dim=-1)
-            check_scan(sp, chunk_gla, gla_vector, doc_starts, rank, local_len, flat_input=False)
-            check_scan(sp, chunk_gla, mamba2_scalar, doc_starts, rank, local_len, flat_input=True)
-            check_scan(sp, chunk_gated_delta_rule, delta, doc_starts, rank, local_len, flat_input=False)
-            for width in (2, 4):
-                check_conv(sp, doc_starts, rank, local_len, width)
-            for window in (None, 1, 3, 2 * local_len + 1):
-                check_attention(sp, doc_starts, rank, local_len, window)
-    finally:
-        dist.destroy_process_group()
+def run_checks(rank: int, world_size: int) -> None:
+    for local_len in (7, 2):  # odd slices, and slices shorter than the conv halo / attention window
+        doc_starts = document_layout(world_size, local_len)
+        cu, starts_document = local_batch(doc_starts, rank, local_len)
+        sp = SequenceParallel(dist.group.WORLD, cu, starts_document)
+        torch.manual_seed(local_len)  # identical full inputs on every rank
+        T = world_size * local_len
+        qkv = lambda: dict(q=torch.randn(BATCH, T, HEADS, KEY_DIM), k=torch.randn(BATCH, T, HEADS, KEY_DIM) / KEY_DIM**0.5,
+                           v=torch.randn(BATCH, T, HEADS, VALUE_DIM))
+        gla_vector = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS, KEY_DIM)) / 4)
+        mamba2_scalar = dict(qkv(), g=-F.softplus(torch.randn(BATCH, T, HEADS)))
+        delta = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS)),
+                     beta=torch.rand(BATCH, T, HEADS))
+        delta["k"] = F.normalize(delta["k"], dim=-1)
+        check_scan(sp, chunk_gla, gla_vector, doc_starts, rank, local_len, flat_input=False)
+        check_scan(sp, chunk_gla, mamba2_scalar, doc_starts, rank, local_len, flat_input=True)
+        check_scan(sp, chunk_gated_delta_rule, delta, doc_starts, rank, local_len, flat_input=False)
+        for width in (2, 4):
+            check_conv(sp, doc_starts, rank, local_len, width)
+        for window in (None, 1, 3, 2 * local_len + 1):
+            check_attention(sp, doc_starts, rank, local_len, window)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_sequence_parallel_ops_match_single_process(world_size):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(run_checks, args=(world_size, os.path.join(tmp, "init")), nprocs=world_size, join=True)
+def test_sequence_parallel_ops_match_single_process(spawn, world_size):
+    spawn(run_checks, world_size)
