@@ -19,7 +19,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from model.attention_mask import attention_mask, flex_block_mask, query_blocks
 from model.config import ModelConfig
+from model.flops import attention_flops
 from model.layers import apply_rotary
+from model.registry import Mixer, register
 
 
 def document_starts(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int,
@@ -168,3 +170,8 @@ class Attention(nn.Module):
 
     def init_cache(self, batch_size: int) -> dict:
         return {"k": None, "v": None, "key_pos": None, "pos": 0}
+
+
+register(Mixer("attention", "A", config_key="attention", build=Attention, flops=attention_flops))
+register(Mixer("sliding_window", "W", config_key="attention", flops=attention_flops,
+               build=lambda cfg: Attention(cfg, window=cfg.attention.window)))

@@ -9,10 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import chunk_gla, fused_recurrent_gla
+from kernels import chunk_gla, fused_recurrent_gla, gla_state_summary
 from model.config import ModelConfig
+from model.flops import chunked_recurrence_flops
 from model.layers import GatedRMSNorm, RMSNorm
 from model.recurrent import ShortConvolution, recurrent_scan
+from model.registry import Mixer, RecurrentCore, register
+
+# A [K] log decay per head and step (the vector gate).
+GLA_CORE = RecurrentCore("gla", chunk=chunk_gla, decode=fused_recurrent_gla, state_summary=gla_state_summary)
 
 
 class GLA(nn.Module):
@@ -51,8 +56,7 @@ class GLA(nn.Module):
         gk = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer  # fp32 log decay <= 0
 
         H = self.num_heads
-        o = recurrent_scan(chunk_gla, fused_recurrent_gla,
-                           q.view(B, T, H, self.head_k_dim), k.view(B, T, H, self.head_k_dim),
+        o = recurrent_scan(GLA_CORE, q.view(B, T, H, self.head_k_dim), k.view(B, T, H, self.head_k_dim),
                            v.view(B, T, H, self.head_v_dim), g=gk.view(B, T, H, self.head_k_dim),
                            scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
         if self.g_proj is not None:
@@ -68,3 +72,12 @@ class GLA(nn.Module):
         for conv in (self.convs or {}).values():
             cache[conv.cache_key] = conv.init_cache(batch_size)
         return cache
+
+
+def _head_dims(cfg: ModelConfig) -> tuple[int, int]:
+    g = cfg.gla
+    return int(cfg.d_model * g.expand_k) // g.num_heads, int(cfg.d_model * g.expand_v) // g.num_heads
+
+
+register(Mixer("gla", "G", config_key="gla", build=GLA, core=GLA_CORE, head_dims=_head_dims,
+               flops=lambda m, seq_len: chunked_recurrence_flops(m.num_heads, m.head_k_dim, m.head_v_dim)))

@@ -17,31 +17,22 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 
 from configs.errors import ConfigError
-from model.attention import Attention
+# The mixers register themselves (model/registry.py) when imported; the model builds them from the registry.
+from model import gla, mamba2, gated_deltanet, attention  # noqa: F401  (this order: the pattern letters' listing)
 from model.config import ModelConfig
 from model.flops import forward_flops_per_token
-from model.gated_deltanet import GatedDeltaNet
-from model.gla import GLA
 from model.layers import RMSNorm, SwiGLU
-from model.mamba2 import Mamba2
+from model.registry import MIXERS
 
 State = list[dict]  # one cache dict per layer (see each mixer's init_cache)
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")  # write into the residual stream: init scaled by depth
-
-
-def build_mixer(cfg: ModelConfig, name: str) -> nn.Module:
-    if name == "attention":
-        return Attention(cfg)
-    if name == "sliding_window":
-        return Attention(cfg, window=cfg.attention.window)
-    return {"gla": GLA, "mamba2": Mamba2, "gated_deltanet": GatedDeltaNet}[name](cfg)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mixer: str):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = build_mixer(cfg, mixer)
+        self.mixer = MIXERS[mixer].build(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 

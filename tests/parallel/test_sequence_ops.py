@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels import causal_conv1d, chunk_gated_delta_rule, chunk_gla
+from kernels import causal_conv1d
 from model.attention import attention_mask, document_starts
+from model.registry import MIXERS
 from parallel.sequence import SequenceParallel
 
 BATCH, HEADS, KEY_DIM, VALUE_DIM = 3, 2, 8, 6
@@ -56,12 +57,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
-def check_scan(sp, op, inputs: dict, doc_starts, rank: int, local_len: int, flat_input: bool) -> None:
-    """sp.scan on the slices == op on the full rows with cu_seqlens: outputs and input gradients."""
+def check_scan(sp, mixer: str, inputs: dict, doc_starts, rank: int, local_len: int, flat_input: bool) -> None:
+    """sp.scan with the mixer's recurrent core on the slices == its chunked op on the full rows with cu_seqlens:
+    outputs and input gradients."""
+    core = MIXERS[mixer].core
     T = local_len * sp.size
     cu = full_cu_seqlens(doc_starts, T)
     full = {name: x.clone().requires_grad_() for name, x in inputs.items()}
-    o_full, _ = op(**{name: flat(x) for name, x in full.items()}, cu_seqlens=cu)
+    o_full, _ = core.chunk(**{name: flat(x) for name, x in full.items()}, cu_seqlens=cu)
     o_full = o_full.view(BATCH, T, HEADS, -1)
     weight = torch.randn_like(o_full)  # same on every rank: seeded identically
     (o_full * weight).sum().backward()
@@ -69,14 +72,14 @@ def check_scan(sp, op, inputs: dict, doc_starts, rank: int, local_len: int, flat
     local = {name: local_slice(x, rank, local_len) for name, x in inputs.items()}
     shaped = {name: flat(x) if flat_input else x for name, x in local.items()}
     q, k, v = shaped.pop("q"), shaped.pop("k"), shaped.pop("v")
-    o = sp.scan(op, q, k, v, **shaped)
+    o = sp.scan(core, q, k, v, **shaped)
     assert o.shape == v.shape
     o = o.view(BATCH, local_len, HEADS, -1)
     my_slice = slice(rank * local_len, (rank + 1) * local_len)
-    assert_close(o, o_full[:, my_slice].detach(), f"{op.__name__} output")
+    assert_close(o, o_full[:, my_slice].detach(), f"{mixer} output")
     (o * weight[:, my_slice]).sum().backward()
     for name in inputs:
-        assert_close(local[name].grad, full[name].grad[:, my_slice], f"{op.__name__} d{name}")
+        assert_close(local[name].grad, full[name].grad[:, my_slice], f"{mixer} d{name}")
 
 
 def check_conv(sp, doc_starts, rank: int, local_len: int, width: int) -> None:
@@ -140,9 +143,9 @@ def run_checks(rank: int, world_size: int) -> None:
         delta = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS)),
                      beta=torch.rand(BATCH, T, HEADS))
         delta["k"] = F.normalize(delta["k"], dim=-1)
-        check_scan(sp, chunk_gla, gla_vector, doc_starts, rank, local_len, flat_input=False)
-        check_scan(sp, chunk_gla, mamba2_scalar, doc_starts, rank, local_len, flat_input=True)
-        check_scan(sp, chunk_gated_delta_rule, delta, doc_starts, rank, local_len, flat_input=False)
+        check_scan(sp, "gla", gla_vector, doc_starts, rank, local_len, flat_input=False)
+        check_scan(sp, "mamba2", mamba2_scalar, doc_starts, rank, local_len, flat_input=True)
+        check_scan(sp, "gated_deltanet", delta, doc_starts, rank, local_len, flat_input=False)
         for width in (2, 4):
             check_conv(sp, doc_starts, rank, local_len, width)
         for window in (None, 1, 3, 2 * local_len + 1):
