@@ -5,8 +5,8 @@
     torchrun --nproc_per_node=8 train.py parallel=fsdp parallel.sp=2 ...
     python train.py run.dir=runs/x resume=auto          # continue from the newest complete checkpoint
 
-Configs: configs/ (Hydra). Models: model/. Data: data/. Sharding, sequence parallelism and
-checkpoints: parallel/. Evaluation: eval/. Signals, bad steps and exit codes: training/faults.py.
+Configs: configs/ (Hydra). Models: model/. Data: data/. Sharding and sequence parallelism:
+parallel/. Checkpoints: checkpoints/. Evaluation: eval/. Signals, bad steps and exit codes: training/faults.py.
 """
 import json
 import os
@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from checkpoints import Checkpointer
 from configs.errors import ConfigError, run_cli
 from configs.schema import load_config
 from data import prepare_dataset
 from eval import run_tasks
 from model.config import vocab_for_data
 from parallel.build import build_engine
-from parallel.checkpoint import Checkpointer
 from parallel.topology import init_topology
 from training.faults import (EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_TIMEOUT, StepGuard, StopSignals, TrainingDiverged,
                              describe_timeout)

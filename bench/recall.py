@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, write_results
+from checkpoints import load_model
 from model import LM
 from model.registry import MIXERS
 
@@ -69,7 +70,7 @@ def train_one(pattern: str, out: Path, args, threads: int) -> dict:
     train_s = time.perf_counter() - started
     results = json.loads((run_dir / "results.json").read_text())
     checkpoint = run_dir / "checkpoints" / f"step_{args.steps:06d}"
-    model = LM.from_checkpoint(checkpoint)
+    model = load_model(checkpoint)
     return {"name": MODELS[pattern], "pattern": pattern * (2 // len(pattern)), "accuracy": results["mqar_accuracy"],
             "checkpoint": str(checkpoint), "vocab_size": args.vocab_size, "num_kv_pairs": args.num_kv_pairs,
             "seq_len": args.seq_len, "power_a": args.power_a, "params": model.num_params(),

@@ -3,18 +3,15 @@
 Each block's mixer is chosen by the config's layer pattern. The same forward serves training
 (`lm(input_ids, cu_seqlens, sp)`) and generation (`lm.step(token_ids, state)`): a per-layer cache dict
 turns every mixer stateful (recurrent state and conv state, or a KV cache), so prefill and decode are
-the training code with an initial state.
+the training code with an initial state. Checkpoints (saving, exports, loading any engine's) are
+checkpoints/'s: `checkpoints.load_model(dir)`.
 """
-import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_model, save_model
 
 from configs.errors import ConfigError
 # The mixers register themselves (model/registry.py) when imported; the model builds them from the registry.
@@ -131,32 +128,6 @@ class LM(nn.Module):
             if i + 1 < max_new_tokens:
                 logits, state = self.step(next_token, state)
         return torch.cat(tokens, dim=1)
-
-    # --- checkpoints ------------------------------------------------------------------------------
-    def save_pretrained(self, directory: Union[str, Path]):
-        """directory/model.safetensors + directory/config.json (an unsharded module; no pickle)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
-
-    @classmethod
-    def from_checkpoint(cls, directory: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "LM":
-        """Load an export (model.safetensors + config.json) or any training checkpoint (one process, FSDP at
-        any world size, DeepSpeed ZeRO 1/2/3), whole, in this process. Nothing is unpickled; a directory
-        that is neither, or holds anything but plain tensors, raises CheckpointError."""
-        directory = Path(directory)
-        if (directory / "model.safetensors").is_file():
-            with torch.device(device):
-                lm = cls.from_config(json.loads((directory / "config.json").read_text()))
-            load_model(lm, str(directory / "model.safetensors"), device=str(device))
-            return lm
-        from parallel.checkpoint import load_model_weights, read_train_state  # the training checkpoint format
-
-        with torch.device(device):
-            lm = cls.from_config(read_train_state(directory)["model_config"])
-        load_model_weights(directory, lm)
-        return lm
 
     # --- accounting -------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

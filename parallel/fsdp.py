@@ -8,19 +8,12 @@ no rank ever holds all of a large preset.
 from __future__ import annotations
 
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model import LM
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.config import ParallelConfig
-
-
-def apply_activation_checkpointing(model: LM) -> None:
-    """Recompute each block's forward in the backward (non-reentrant, so the sp collectives inside a
-    block simply run again, in the same order on every rank)."""
-    for index, block in enumerate(model.blocks):
-        model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_fsdp(model: LM, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device) -> None:

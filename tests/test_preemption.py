@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from checkpoints import Checkpointer, read_train_state
 from configs.schema import load_config
 from model import LM
-from parallel.checkpoint import Checkpointer, read_train_state
 from parallel.engine import Engine
 from parallel.topology import Topology
 from training.faults import EXIT_PREEMPTED
@@ -74,7 +74,7 @@ KILLED_SAVER = textwrap.dedent("""
     import sys
     from configs.schema import load_config
     from model import LM
-    from parallel.checkpoint import Checkpointer
+    from checkpoints import Checkpointer
     from parallel.engine import Engine
     from parallel.topology import Topology
     cfg, _ = load_config(sys.argv[2:])

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoints import Checkpointer
 from configs.schema import load_config
 from model import LM
-from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine
 from parallel.topology import Topology
 from training_runs import ENV, REPO, SMALL, losses, run_train, start_train
