@@ -11,8 +11,8 @@ import torch
 
 from checkpoints import load_model
 from configs.errors import CheckpointError
-from test_safe_loading import Payload
-from training_runs import ENV, REPO, run_train, torchrun
+from tests.test_safe_loading import Payload
+from tests.training_runs import ENV, REPO, run_train, torchrun
 
 ZERO2 = ["parallel=deepspeed_zero2", "train.max_steps=2", "train.checkpoint_every=2", "eval.held_out_tokens=1500",
          "train.micro_batch_size=null"]

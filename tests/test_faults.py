@@ -15,7 +15,7 @@ from model import LM
 from parallel.engine import Engine
 from parallel.topology import Topology
 from training.faults import EXIT_DIVERGED, EXIT_TIMEOUT, StepGuard, TrainingDiverged
-from training_runs import SMALL, finish, records, run_train, start_train, torchrun, wait_for_step
+from tests.training_runs import SMALL, finish, records, run_train, start_train, torchrun, wait_for_step
 
 
 def test_a_non_finite_gradient_leaves_parameters_and_optimizer_state_untouched():

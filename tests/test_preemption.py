@@ -17,7 +17,7 @@ from model import LM
 from parallel.engine import Engine
 from parallel.topology import Topology
 from training.faults import EXIT_PREEMPTED
-from training_runs import ENV, REPO, SMALL, finish, losses, run_train, start_train, torchrun, wait_for_step
+from tests.training_runs import ENV, REPO, SMALL, finish, losses, run_train, start_train, torchrun, wait_for_step
 
 STEPS = ["train.max_steps=10", "train.checkpoint_every=4", "train.keep_checkpoints=2", "eval.held_out_tokens=300"]
 

@@ -17,7 +17,7 @@ from configs.schema import load_config
 from model import LM
 from parallel.engine import Engine
 from parallel.topology import Topology
-from training_runs import ENV, REPO, SMALL
+from tests.training_runs import ENV, REPO, SMALL
 
 
 class Payload:

@@ -19,7 +19,7 @@ from configs.schema import load_config
 from model import LM
 from parallel.engine import Engine
 from parallel.topology import Topology
-from training_runs import ENV, REPO, SMALL, losses, run_train, start_train
+from tests.training_runs import ENV, REPO, SMALL, losses, run_train, start_train
 
 
 def test_engine_steps_lower_the_loss_on_a_fixed_batch():
