@@ -23,8 +23,9 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=20 $(ARGS)
 
+# Leaves out the end-to-end and multi-process tests and the GPU-target compile check (minutes each).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu_compile" $(ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

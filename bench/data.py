@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import write_results
 from data import DataConfig, PackedLoader, stdlib_prepare_config
 from data.prepare import prepare_shards
 from data.shards import (MANIFEST, SPLITS, build_manifest, read_manifest, shard_name, token_dtype, write_json,
                          write_shard)
+from training.metrics import process_memory_bytes
 
 
 def bench_prepare(out_dir: Path, workers: int) -> Path:
@@ -71,16 +73,9 @@ def synthetic_set(root: Path, lengths: np.ndarray, docs_per_shard: int, seed: in
     return root
 
 
-def vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def measure_loader(train_dir: Path, seq_len: int, micro_batch: int, batches: int, dp_size: int = 8) -> dict:
     """Build the loader of rank 0 of dp_size, read `batches` batches: resident memory growth, start-up, tokens/s."""
-    before = vm_kib("VmRSS")
+    before = process_memory_bytes("VmRSS")
     started = time.perf_counter()
     loader = PackedLoader(train_dir, seq_len, micro_batch, micro_batch * dp_size, dp_rank=0, dp_size=dp_size, seed=0)
     built = time.perf_counter()
@@ -89,7 +84,7 @@ def measure_loader(train_dir: Path, seq_len: int, micro_batch: int, batches: int
     for _ in range(batches - 1):
         next(loader)
     done = time.perf_counter()
-    return {"rss_growth_mib": (vm_kib("VmRSS") - before) / 1024, "build_s": built - started,
+    return {"rss_growth_mib": (process_memory_bytes("VmRSS") - before) / 2**20, "build_s": built - started,
             "first_batch_s": first - built, "tokens_per_s": batches * micro_batch * seq_len / (done - started),
             "steady_tokens_per_s": (batches - 1) * micro_batch * seq_len / (done - first)}
 
@@ -115,10 +110,8 @@ def bench_synthetic(sizes: list[int], docs_per_shard: int, seq_len: int, micro_b
                 f"first batch {r['first_batch_s']:.3f}s, {r['tokens_per_s'] / 1e6:.2f}M tokens/s over {batches} "
                 f"batches ({r['steady_tokens_per_s'] / 1e6:.2f}M after the first)" for rank, r in enumerate(ranks)))
             shutil.rmtree(root)
-    out = Path(__file__).parent / "results" / f"data_synthetic_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.write_text(json.dumps({"seq_len": seq_len, "micro_batch": micro_batch, "dp_size": 8, "batches": batches,
-                               "docs_per_shard": docs_per_shard, "results": results}, indent=1))
-    print(f"saved {out}")
+    write_results("data_synthetic", {"seq_len": seq_len, "micro_batch": micro_batch, "dp_size": 8, "batches": batches,
+                                     "docs_per_shard": docs_per_shard, "results": results})
 
 
 def main() -> None:

@@ -6,29 +6,23 @@ and chunk_gated_delta_rule against flash-linear-attention's same ops (when `fla`
 torch SDPA causal attention (flash backend), bf16, at the shapes of issue 3.
 Prints a table and writes JSON (device, versions, date, results) to bench/results/.
 
-    python bench/kernels.py                 # CPU part (and the GPU part when there is a GPU)
-    python bench/kernels.py --cpu-lengths 512 2048 --naive-max-length 2048 --threads 1
+    python -m bench.kernels                 # CPU part (and the GPU part when there is a GPU)
+    python -m bench.kernels --cpu-lengths 512 2048 --naive-max-length 2048 --threads 1
 """
 import argparse
-import datetime
-import json
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.common import print_table, write_results
+from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule_torch
+from kernels.gated_delta_rule.naive import naive_gated_delta_rule
+from kernels.gla.chunk import chunk_gla_torch
+from kernels.gla.naive import naive_recurrent_gla
 
-from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule_torch  # noqa: E402
-from kernels.gated_delta_rule.naive import naive_gated_delta_rule  # noqa: E402
-from kernels.gla.chunk import chunk_gla_torch  # noqa: E402
-from kernels.gla.naive import naive_recurrent_gla  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GPU_SHAPES = [(8, 2048, 16, 128), (4, 8192, 16, 128), (1, 32768, 16, 128)]  # (B, T, H, K = V)
 
 
@@ -136,29 +130,6 @@ def bench_gpu(dtype: torch.dtype) -> list[dict]:
     return rows
 
 
-def print_table(title: str, rows: list[dict]) -> None:
-    if not rows:
-        return
-    columns = list(dict.fromkeys(c for row in rows for c in row))
-    cell = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)
-    widths = [max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns]
-    print(f"\n{title}")
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    for row in rows:
-        print("  ".join(cell(row.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
-
-
-def versions() -> dict:
-    import triton
-    found = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__)
-    try:
-        import fla
-        found["fla"] = fla.__version__
-    except ImportError:
-        pass
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-lengths", type=int, nargs="+", default=[512, 2048, 8192])
@@ -175,8 +146,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, " \
                                                         f"{torch.get_num_threads()} threads)"
-    results = dict(device=device, versions=versions(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                   cpu=[], gpu=[])
+    results = dict(device=device, cpu=[], gpu=[])
     if not args.skip_cpu:
         results["cpu"] = bench_cpu(args.cpu_lengths, args.naive_max_length, args.heads, args.dim, args.repeats)
         print_table("CPU, forward + backward: chunked PyTorch vs naive loop (seconds)", results["cpu"])
@@ -186,11 +156,7 @@ def main() -> None:
         print_table("GPU, forward + backward (ms): ours vs flash-linear-attention vs SDPA", results["gpu"])
     else:
         print("\nno CUDA device: GPU benchmark skipped")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    path = RESULTS_DIR / f"kernels_{'cuda' if cuda else 'cpu'}_{stamp}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nresults written to {path}")
+    write_results(f"kernels_{'cuda' if cuda else 'cpu'}", results)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ Zoology (Arora et al. 2023) and Gated DeltaNet (Yang et al. 2024) order recall a
 Writes, into --out: each model's run (checkpoints/step_N) and recall_<date>.json (per model: name,
 accuracy, checkpoint, vocab_size, num_kv_pairs, seq_len, power_a, ...), copied to bench/results/.
 
-    python bench/recall.py                                   # A, G, M, D and GA at the default settings
-    python bench/recall.py --out runs/recall --models A,GA --steps 1000 --num-kv-pairs 4
+    python -m bench.recall                                   # A, G, M, D and GA at the default settings
+    python -m bench.recall --out runs/recall --models A,GA --steps 1000 --num-kv-pairs 4
 
 The default (3000 steps of 64 rows, vocabulary 256, 8 pairs, seq_len 64) is what attention needs to solve
 MQAR here: its loss plateaus for about 1,500 steps, then drops to near zero within a few hundred (the
@@ -17,10 +17,8 @@ induction step the Zoology paper describes); 2,000 steps stop mid-drop (about 0.
 train two at a time, one thread each (--jobs), which on 2 cores is faster than one at a time on both.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,13 +28,15 @@ from pathlib import Path
 
 import torch
 
+from bench.common import RESULTS_DIR, write_results
+from checkpoints import load_model
+from model import LM
+from model.registry import MIXERS
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
-
-from model import LM  # noqa: E402
-
-RESULTS_DIR = REPO / "bench" / "results"
-MODELS = {"A": "attention", "G": "gla", "M": "mamba2", "D": "gated_deltanet", "GA": "gla+attention"}
+# Every registered mixer alone (by pattern letter), and the GLA + attention hybrid.
+MODELS = {mixer.letter: mixer.name for mixer in MIXERS.values()} | {"GA": "gla+attention"}
+DEFAULT_MODELS = ["A", "G", "M", "D", "GA"]  # a sliding window at seq_len 64 is full attention
 # Two layers of width 64, two heads each: the Zoology scale.
 WIDTH = ["model.d_model=64", "model.n_layers=2", "model.attention.num_heads=2", "model.gla.num_heads=2",
          "model.mamba2.head_dim=16", "model.mamba2.d_state=16", "model.gated_deltanet.num_heads=2",
@@ -67,7 +67,7 @@ def train_one(pattern: str, out: Path, args, threads: int) -> dict:
     train_s = time.perf_counter() - started
     results = json.loads((run_dir / "results.json").read_text())
     checkpoint = run_dir / "checkpoints" / f"step_{args.steps:06d}"
-    model = LM.from_checkpoint(checkpoint)
+    model = load_model(checkpoint)
     return {"name": MODELS[pattern], "pattern": pattern * (2 // len(pattern)), "accuracy": results["mqar_accuracy"],
             "checkpoint": str(checkpoint), "vocab_size": args.vocab_size, "num_kv_pairs": args.num_kv_pairs,
             "seq_len": args.seq_len, "power_a": args.power_a, "params": model.num_params(),
@@ -77,7 +77,7 @@ def train_one(pattern: str, out: Path, args, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/recall", help="runs (checkpoints) and recall_<date>.json go here")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--vocab-size", type=int, default=256)
     parser.add_argument("--num-kv-pairs", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -105,15 +105,11 @@ def main() -> None:
             print(f"{row['name']:<16} {row['pattern']:<7} {row['params']:>8} {row['state_floats']:>13} "
                   f"{row['accuracy']:>9.3f} {row['train_s']:>8.0f}", flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    report = {"date": stamp, "python": platform.python_version(), "torch": torch.__version__,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} models at a time", "device": "cpu",
+    report = {"machine": f"{os.uname().machine}, {os.cpu_count()} cores, {args.jobs} models at a time", "device": "cpu",
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "models")}, "models": rows}
-    path = out / f"recall_{stamp}.json"
-    path.write_text(json.dumps(report, indent=1))
-    RESULTS_DIR.mkdir(exist_ok=True)
+    path = write_results("recall", report, directory=out)
     shutil.copy(path, RESULTS_DIR / path.name)
-    print(f"wrote {path} and {RESULTS_DIR / path.name}")
+    print(f"copied to {RESULTS_DIR / path.name}")
 
 
 if __name__ == "__main__":

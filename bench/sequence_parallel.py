@@ -9,66 +9,28 @@ Several processes (torchrun): every rank holds its slice of the rows, T = R * se
 time, and its split into compute and communication (wall-clock time inside the sp collectives, waiting for
 slower ranks included; all ranks' mean, per layer).
 
-    python bench/sequence_parallel.py --threads 1              # overhead per mixer, CPU fp32
-    python bench/sequence_parallel.py --mixers G --seq-len 4096 --repeats 9 --threads 1
-    torchrun --nproc_per_node=4 bench/sequence_parallel.py     # compute / communication split per layer
+    python -m bench.sequence_parallel --threads 1              # overhead per recurrent mixer, CPU fp32
+    python -m bench.sequence_parallel --mixers G --seq-len 4096 --repeats 9 --threads 1
+    torchrun --nproc_per_node=4 -m bench.sequence_parallel     # compute / communication split per layer
 Prints a table and writes JSON (device, versions, date, settings, results) to bench/results/.
 """
 import argparse
-import contextlib
-import datetime
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.common import print_table, write_results
+from model import LM
+from model.registry import MIXERS
+from parallel.sequence import SequenceParallel, timing_collectives
 
-import parallel.sequence as sequence  # noqa: E402
-from bench.kernels import print_table, versions  # noqa: E402
-from model import LM  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-MIXERS = {"G": "gla", "M": "mamba2", "D": "gated_deltanet"}
-
-
-class CollectiveTimer:
-    """Wall-clock seconds spent inside the sp collectives (forward and backward), by wrapping them."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    @contextlib.contextmanager
-    def installed(self):
-        originals = {name: getattr(sequence, name) for name in ("_send_to_neighbour",)}
-        gather_forward, gather_backward = sequence._AllGather.forward, sequence._AllGather.backward
-
-        def timed(fn):
-            def wrapper(*args, **kwargs):
-                sync()
-                start = time.perf_counter()
-                out = fn(*args, **kwargs)
-                sync()
-                self.seconds += time.perf_counter() - start
-                return out
-            return wrapper
-
-        sequence._send_to_neighbour = timed(originals["_send_to_neighbour"])
-        sequence._AllGather.forward = staticmethod(timed(gather_forward))
-        sequence._AllGather.backward = staticmethod(timed(gather_backward))
-        try:
-            yield self
-        finally:
-            sequence._send_to_neighbour = originals["_send_to_neighbour"]
-            sequence._AllGather.forward = staticmethod(gather_forward)
-            sequence._AllGather.backward = staticmethod(gather_backward)
+# The recurrent mixers, by pattern letter: sp's summary pass is theirs (attention only gathers keys).
+RECURRENT = {mixer.letter: mixer.name for mixer in MIXERS.values() if mixer.recurrent}
 
 
 def sync() -> None:
@@ -105,14 +67,14 @@ def overhead(args, device: torch.device) -> list[dict]:
         cu = torch.arange(args.batch + 1, device=device, dtype=torch.int32) * args.seq_len
         starts = torch.ones(args.batch, dtype=torch.bool, device=device)
         plain_of = lambda: None
-        sp_of = lambda: sequence.SequenceParallel(group, cu, starts)
+        sp_of = lambda: SequenceParallel(group, cu, starts)
         for _ in range(args.warmup):
             step_seconds(lm, tokens, cu, plain_of), step_seconds(lm, tokens, cu, sp_of)
         plain, with_sp = [], []
         for _ in range(args.repeats):  # interleaved, so a change of load hits both alike
             plain.append(step_seconds(lm, tokens, cu, plain_of, clock))
             with_sp.append(step_seconds(lm, tokens, cu, sp_of, clock))
-        rows.append(dict(mixer=MIXERS[mixer], plain_s=statistics.median(plain), sp_s=statistics.median(with_sp),
+        rows.append(dict(mixer=RECURRENT[mixer], plain_s=statistics.median(plain), sp_s=statistics.median(with_sp),
                          overhead=statistics.median(with_sp) / statistics.median(plain)))
     return rows
 
@@ -128,19 +90,18 @@ def split(args, device: torch.device) -> list[dict]:
         local = tokens[:, rank * args.seq_len:(rank + 1) * args.seq_len]
         cu = torch.arange(args.batch + 1, device=device, dtype=torch.int32) * args.seq_len
         starts = torch.full((args.batch,), rank == 0, dtype=torch.bool, device=device)
-        sp_of = lambda: sequence.SequenceParallel(group, cu, starts)
+        sp_of = lambda: SequenceParallel(group, cu, starts)
         for _ in range(args.warmup):
             step_seconds(lm, local, cu, sp_of)
         totals, comms = [], []
         for _ in range(args.repeats):
-            timer = CollectiveTimer()
-            with timer.installed():
+            with timing_collectives() as timer:
                 totals.append(step_seconds(lm, local, cu, sp_of))
             comms.append(timer.seconds)
         measured = torch.tensor([statistics.median(totals), statistics.median(comms)], dtype=torch.float64)
         dist.all_reduce(measured)
         step, comm = (measured / size).tolist()
-        rows.append(dict(mixer=MIXERS[mixer], ranks=size, step_s=step,
+        rows.append(dict(mixer=RECURRENT[mixer], ranks=size, step_s=step,
                          compute_per_layer_s=(step - comm) / args.n_layers,
                          communication_per_layer_s=comm / args.n_layers, communication_share=comm / step))
     return rows
@@ -148,7 +109,7 @@ def split(args, device: torch.device) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=list(MIXERS))
+    parser.add_argument("--mixers", nargs="+", default=list(RECURRENT), choices=list(RECURRENT))
     parser.add_argument("--d-model", type=int, default=768, help="the 125M presets' width")
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -182,14 +143,8 @@ def main() -> None:
     title = ("compute / communication per layer under sp (seconds, mean over ranks)" if launched else
              "whole LM forward + backward with the sp context of a 1-process group vs without (median seconds)")
     print_table(f"{title}; {args.n_layers} layers, d_model {args.d_model}, B {args.batch}, T {args.seq_len}", rows)
-    results = dict(device=device_name, versions=versions(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                   settings=vars(args), results=rows)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     kind = "_".join(filter(None, ["split" if launched else "overhead", "cuda" if cuda else "cpu", args.tag]))
-    path = RESULTS_DIR / f"sequence_parallel_{kind}_{stamp}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nresults written to {path}")
+    write_results(f"sequence_parallel_{kind}", dict(device=device_name, settings=vars(args), results=rows))
 
 
 if __name__ == "__main__":

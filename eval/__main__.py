@@ -3,7 +3,7 @@
     python -m eval checkpoint=runs/default/checkpoints/step_000560 tasks=[ppl,passkey,mqar] out=DIR \
         [eval.ppl.max_len=2048] [eval.mqar.num_kv_pairs=16] [data.path=...] [any other override]
 
-The run's config (parallel.checkpoint.run_config: the run directory's config.yaml, or the one an export
+The run's config (checkpoints.run_config: the run directory's config.yaml, or the one an export
 carries) gives the model, data and eval settings; overrides apply on top and are validated like the
 training config. `tasks=` is eval.tasks. Writes out/eval.json (default out: the checkpoint directory) and
 each task's PNG, prints a summary table. Single process, CPU or GPU. A bad override, an unknown task or a

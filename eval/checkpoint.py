@@ -7,11 +7,11 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from checkpoints import is_export, load_model, read_train_state, run_config
 from configs.errors import CheckpointError
 from configs.schema import BatonConfig, typed
 from data import prepare_dataset
 from model import LM
-from parallel.checkpoint import read_train_state, run_config
 
 
 @dataclass
@@ -36,6 +36,6 @@ def load_checkpoint(checkpoint, overrides: list[str] = (), device: Optional[torc
     raw = OmegaConf.merge(run_config(checkpoint), OmegaConf.from_dotlist(list(overrides)))
     cfg = typed(raw)  # bad overrides fail here, before any weight is read
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = LM.from_checkpoint(checkpoint, device).eval()  # any engine's checkpoint, or an export
-    step = None if (checkpoint / "model.safetensors").is_file() else read_train_state(checkpoint)["step"]
+    model = load_model(checkpoint, device).eval()  # any engine's checkpoint, or an export
+    step = None if is_export(checkpoint) else read_train_state(checkpoint)["step"]
     return LoadedCheckpoint(checkpoint, cfg, raw, model, step, prepare_dataset(cfg.data), device)

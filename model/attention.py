@@ -19,7 +19,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from model.attention_mask import attention_mask, flex_block_mask, query_blocks
 from model.config import ModelConfig
+from model.flops import attention_flops
 from model.layers import apply_rotary
+from model.registry import Mixer, register
 
 
 def document_starts(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int,
@@ -223,3 +225,8 @@ def rotate_rows(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
     x32 = x.float()
     x1, x2 = x32.chunk(2, -1)
     return (x32 * angles.cos() + torch.cat((-x2, x1), -1) * angles.sin()).to(x.dtype)
+
+
+register(Mixer("attention", "A", config_key="attention", build=Attention, flops=attention_flops))
+register(Mixer("sliding_window", "W", config_key="attention", flops=attention_flops,
+               build=lambda cfg: Attention(cfg, window=cfg.attention.window)))

@@ -1,7 +1,8 @@
 """Schema of the `model` config group: the layer pattern and each mixer's settings.
 
 A model is a stack of pre-norm blocks; `pattern` names each block's token mixer with one letter
-(G=gla, M=mamba2, D=gated_deltanet, A=attention, W=sliding-window attention). A pattern shorter than
+(G=gla, M=mamba2, D=gated_deltanet, A=attention, W=sliding-window attention: model/registry.py, where
+each mixer registers its letter and its settings' key). A pattern shorter than
 `n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups. Impossible values raise a
 one-line ValueError naming the key, so a bad preset fails before any weight is built.
 
@@ -12,10 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from configs.errors import ConfigError
+from model.registry import MIXERS, by_letter
 
-MIXERS = {"G": "gla", "M": "mamba2", "D": "gated_deltanet", "A": "attention", "W": "sliding_window"}
-RECURRENT_MIXERS = ("gla", "mamba2", "gated_deltanet")
-_KNOWN = ", ".join(f"{letter}={name}" for letter, name in MIXERS.items())
 VOCAB_MULTIPLE = 128  # a vocabulary that follows the data is padded to this: whole matmul tiles, even shards
 
 
@@ -26,6 +25,21 @@ class AttentionConfig:
     head_dim: Optional[int] = None  # None: d_model // num_heads
     window: int = 256  # keys a query sees in W layers, itself included
     rope_theta: float = 10000.0
+
+    def check(self, d_model: int) -> None:
+        if self.num_heads < 1 or (self.num_kv_heads is not None and self.num_kv_heads < 1):
+            raise ConfigError("model.attention.num_heads and num_kv_heads must be >= 1")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.attention.num_heads={self.num_heads} must be a multiple of "
+                              f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and d_model % self.num_heads:
+            raise ConfigError(f"model.attention.num_heads={self.num_heads} must divide d_model={d_model} "
+                              "(or set model.attention.head_dim)")
+        if (self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2)) or (
+                self.head_dim is None and (d_model // self.num_heads) % 2):
+            raise ConfigError("model.attention.head_dim must be even (rotary embeddings rotate pairs)")
+        if self.window < 1:
+            raise ConfigError(f"model.attention.window must be >= 1, got {self.window}")
 
 
 @dataclass
@@ -39,6 +53,21 @@ class GLAConfig:
     conv_size: int = 4
     use_output_gate: bool = True
 
+    def check(self, d_model: int) -> None:
+        key_dim, value_dim = int(d_model * self.expand_k), int(d_model * self.expand_v)
+        if self.num_heads < 1 or key_dim % self.num_heads or value_dim % self.num_heads or key_dim == 0:
+            raise ConfigError(f"model.gla.num_heads={self.num_heads} must divide the key dim {key_dim} and the "
+                              f"value dim {value_dim} (d_model * expand_k / expand_v)")
+        if self.gate_low_rank_dim < 1 or self.gate_logit_normalizer <= 0:
+            raise ConfigError("model.gla.gate_low_rank_dim must be >= 1 and gate_logit_normalizer > 0")
+        if self.use_short_conv and self.conv_size < 2:
+            raise ConfigError(f"model.gla.conv_size must be >= 2, got {self.conv_size}")
+
+
+def check_dt_init(key: str, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    if not 0 < dt_min <= dt_max or dt_init_floor <= 0:
+        raise ConfigError(f"model.{key}: need 0 < dt_min <= dt_max and dt_init_floor > 0")
+
 
 @dataclass
 class Mamba2Config:
@@ -47,9 +76,21 @@ class Mamba2Config:
     d_state: int = 128
     n_groups: int = 1
     conv_size: int = 4
+    # The step sizes dt start log-uniform in [dt_min, dt_max] (model.recurrent.init_dt_bias_).
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
+
+    def check(self, d_model: int) -> None:
+        d_inner = self.expand * d_model
+        if self.expand < 1 or self.head_dim < 1 or d_inner % self.head_dim:
+            raise ConfigError(f"model.mamba2.head_dim={self.head_dim} must divide expand * d_model = {d_inner}")
+        if self.d_state < 1 or self.n_groups < 1 or (d_inner // self.head_dim) % self.n_groups:
+            raise ConfigError(f"model.mamba2.n_groups={self.n_groups} must divide the number of heads "
+                              f"{d_inner // self.head_dim} (and d_state must be >= 1)")
+        if self.conv_size < 2:
+            raise ConfigError(f"model.mamba2.conv_size must be >= 2, got {self.conv_size}")
+        check_dt_init("mamba2", self.dt_min, self.dt_max, self.dt_init_floor)
 
 
 @dataclass
@@ -60,6 +101,17 @@ class GatedDeltaNetConfig:
     conv_size: int = 4
     use_output_gate: bool = True
     allow_neg_eigval: bool = False  # beta in (0, 2): transitions with negative eigenvalues
+    # The decay's step sizes start as Mamba2's do (model.recurrent.init_dt_bias_).
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+
+    def check(self, d_model: int) -> None:
+        if self.num_heads < 1 or self.head_dim < 1 or int(self.head_dim * self.expand_v) < 1:
+            raise ConfigError("model.gated_deltanet.num_heads, head_dim and head_dim * expand_v must be >= 1")
+        if self.conv_size < 2:
+            raise ConfigError(f"model.gated_deltanet.conv_size must be >= 2, got {self.conv_size}")
+        check_dt_init("gated_deltanet", self.dt_min, self.dt_max, self.dt_init_floor)
 
 
 @dataclass
@@ -97,78 +149,25 @@ class ModelConfig:
         if self.n_layers is not None and (self.n_layers < 1 or self.n_layers % len(letters)):
             raise ConfigError(f"model.n_layers={self.n_layers} must be a positive multiple of the pattern's "
                              f"length {len(letters)}")
-        used = set(self.layer_mixers())
-        if "attention" in used or "sliding_window" in used:
-            self._check_attention()
-        if "gla" in used:
-            self._check_gla()
-        if "mamba2" in used:
-            self._check_mamba2()
-        if "gated_deltanet" in used:
-            self._check_gated_deltanet()
+        # Only the settings of the mixers the pattern uses: unused defaults never get in the way.
+        for key in sorted({MIXERS[name].config_key for name in self.layer_mixers()}):
+            getattr(self, key).check(self.d_model)
 
     def layer_mixers(self) -> list[str]:
         """The mixer name of every layer, the pattern repeated to n_layers."""
         letters = _pattern_letters(self.pattern)
         repeats = 1 if self.n_layers is None else self.n_layers // len(letters)
-        return [MIXERS[letter] for letter in letters] * repeats
+        mixers = by_letter()
+        return [mixers[letter].name for letter in letters] * repeats
 
     def has_recurrent_layers(self) -> bool:
-        return any(name in RECURRENT_MIXERS for name in self.layer_mixers())
+        return any(MIXERS[name].recurrent for name in self.layer_mixers())
 
     @property
     def mlp_hidden(self) -> int:
         if self.d_ff is not None:
             return self.d_ff
         return 256 * -(-(8 * self.d_model // 3) // 256)
-
-    # Per-mixer checks: only the mixers the pattern uses, so unused defaults never get in the way.
-    def _check_attention(self):
-        a = self.attention
-        if a.num_heads < 1 or (a.num_kv_heads is not None and a.num_kv_heads < 1):
-            raise ConfigError("model.attention.num_heads and num_kv_heads must be >= 1")
-        if a.num_kv_heads is not None and a.num_heads % a.num_kv_heads:
-            raise ConfigError(f"model.attention.num_heads={a.num_heads} must be a multiple of "
-                             f"num_kv_heads={a.num_kv_heads}")
-        if a.head_dim is None and self.d_model % a.num_heads:
-            raise ConfigError(f"model.attention.num_heads={a.num_heads} must divide d_model={self.d_model} "
-                             "(or set model.attention.head_dim)")
-        if (a.head_dim is not None and (a.head_dim < 2 or a.head_dim % 2)) or (
-                a.head_dim is None and (self.d_model // a.num_heads) % 2):
-            raise ConfigError("model.attention.head_dim must be even (rotary embeddings rotate pairs)")
-        if a.window < 1:
-            raise ConfigError(f"model.attention.window must be >= 1, got {a.window}")
-
-    def _check_gla(self):
-        g = self.gla
-        key_dim, value_dim = int(self.d_model * g.expand_k), int(self.d_model * g.expand_v)
-        if g.num_heads < 1 or key_dim % g.num_heads or value_dim % g.num_heads or key_dim == 0:
-            raise ConfigError(f"model.gla.num_heads={g.num_heads} must divide the key dim {key_dim} and the "
-                             f"value dim {value_dim} (d_model * expand_k / expand_v)")
-        if g.gate_low_rank_dim < 1 or g.gate_logit_normalizer <= 0:
-            raise ConfigError("model.gla.gate_low_rank_dim must be >= 1 and gate_logit_normalizer > 0")
-        if g.use_short_conv and g.conv_size < 2:
-            raise ConfigError(f"model.gla.conv_size must be >= 2, got {g.conv_size}")
-
-    def _check_mamba2(self):
-        m = self.mamba2
-        d_inner = m.expand * self.d_model
-        if m.expand < 1 or m.head_dim < 1 or d_inner % m.head_dim:
-            raise ConfigError(f"model.mamba2.head_dim={m.head_dim} must divide expand * d_model = {d_inner}")
-        if m.d_state < 1 or m.n_groups < 1 or (d_inner // m.head_dim) % m.n_groups:
-            raise ConfigError(f"model.mamba2.n_groups={m.n_groups} must divide the number of heads "
-                             f"{d_inner // m.head_dim} (and d_state must be >= 1)")
-        if m.conv_size < 2:
-            raise ConfigError(f"model.mamba2.conv_size must be >= 2, got {m.conv_size}")
-        if not 0 < m.dt_min <= m.dt_max or m.dt_init_floor <= 0:
-            raise ConfigError("model.mamba2: need 0 < dt_min <= dt_max and dt_init_floor > 0")
-
-    def _check_gated_deltanet(self):
-        d = self.gated_deltanet
-        if d.num_heads < 1 or d.head_dim < 1 or int(d.head_dim * d.expand_v) < 1:
-            raise ConfigError("model.gated_deltanet.num_heads, head_dim and head_dim * expand_v must be >= 1")
-        if d.conv_size < 2:
-            raise ConfigError(f"model.gated_deltanet.conv_size must be >= 2, got {d.conv_size}")
 
 
 def vocab_for_data(cfg: ModelConfig, data_vocab_size: int) -> dict:
@@ -184,7 +183,7 @@ def vocab_for_data(cfg: ModelConfig, data_vocab_size: int) -> dict:
 
 def _pattern_letters(pattern: Any) -> list[str]:
     """Normalise a pattern (a string of letters or a list of letters / mixer names) to letters."""
-    names = {name: letter for letter, name in MIXERS.items()}
+    names = {mixer.name: letter for letter, mixer in by_letter().items()}
     if isinstance(pattern, str):
         items = list(pattern)
     elif isinstance(pattern, (list, tuple)) or type(pattern).__name__ == "ListConfig":
@@ -196,7 +195,8 @@ def _pattern_letters(pattern: Any) -> list[str]:
     letters = []
     for item in items:
         letter = names.get(item, item)
-        if letter not in MIXERS:
-            raise ConfigError(f"model.pattern: letter '{item}' names no mixer (known: {_KNOWN})")
+        if letter not in names.values():
+            known = ", ".join(f"{letter}={name}" for name, letter in names.items())
+            raise ConfigError(f"model.pattern: letter '{item}' names no mixer (known: {known})")
         letters.append(letter)
     return letters

@@ -15,11 +15,8 @@ from typing import Optional
 import torch.nn as nn
 
 from kernels.common import CHUNK_SIZE
-from model.attention import Attention
-from model.gated_deltanet import GatedDeltaNet
-from model.gla import GLA
-from model.mamba2 import Mamba2
 from model.recurrent import ShortConvolution
+from model.registry import MIXERS
 
 
 def mean_context(seq_len: int, window: Optional[int]) -> float:
@@ -36,17 +33,9 @@ def chunked_recurrence_flops(num_heads: int, k_dim: int, v_dim: int, delta_rule:
     return num_heads * flops
 
 
-def mixing_flops_per_token(mixer: nn.Module, seq_len: int) -> float:
-    """Forward FLOPs per token of a mixer's sequence mixing (beyond its projections)."""
-    if isinstance(mixer, Attention):
-        return 4 * mixer.num_heads * mixer.head_dim * mean_context(seq_len, mixer.window)
-    if isinstance(mixer, GLA):
-        return chunked_recurrence_flops(mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim)
-    if isinstance(mixer, Mamba2):
-        return chunked_recurrence_flops(mixer.num_heads, mixer.d_state, mixer.head_dim)
-    if isinstance(mixer, GatedDeltaNet):
-        return chunked_recurrence_flops(mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim, delta_rule=True)
-    raise TypeError(f"no FLOPs formula for mixer {type(mixer).__name__}")
+def attention_flops(mixer: nn.Module, seq_len: int) -> float:
+    """q k^T and scores @ v over the keys a query sees (full or windowed)."""
+    return 4 * mixer.num_heads * mixer.head_dim * mean_context(seq_len, mixer.window)
 
 
 def projection_flops_per_token(model: nn.Module) -> float:
@@ -60,5 +49,11 @@ def projection_flops_per_token(model: nn.Module) -> float:
     return flops
 
 
+def mixing_flops_per_token(lm: nn.Module, seq_len: int) -> list[float]:
+    """Each layer's forward mixing FLOPs per token, by the formula its mixer registered (model/registry.py)."""
+    return [MIXERS[name].flops(block.mixer, seq_len)
+            for name, block in zip(lm.config.layer_mixers(), lm.blocks, strict=True)]
+
+
 def forward_flops_per_token(lm: nn.Module, seq_len: int) -> float:
-    return projection_flops_per_token(lm) + sum(mixing_flops_per_token(block.mixer, seq_len) for block in lm.blocks)
+    return projection_flops_per_token(lm) + sum(mixing_flops_per_token(lm, seq_len))

@@ -4,19 +4,23 @@ The delta rule overwrites the value stored under key k_t (b_t is its learning ra
 scalar decay a_t clears memory wholesale. q and k are L2-normalised so (I - b k k^T) stays a contraction
 (for b < 2); allow_neg_eigval lets b reach 2, i.e. reflections, which helps state tracking.
 """
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_delta_rule_state_summary
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm, RMSNorm
-from model.recurrent import ShortConvolution, fused_conv_cache, fused_conv_decode, recurrent_scan, recurrent_step
+from model.flops import chunked_recurrence_flops
+from model.recurrent import (ShortConvolution, fused_conv_cache, fused_conv_decode, init_dt_bias_, recurrent_scan,
+                             recurrent_step)
+from model.registry import Mixer, RecurrentCore, register
 
-DT_MIN, DT_MAX, DT_INIT_FLOOR = 0.001, 0.1, 1e-4  # as Mamba2 initialises its step sizes
+DELTA_RULE_CORE = RecurrentCore("gated_delta_rule", chunk=chunk_gated_delta_rule,
+                                decode=fused_recurrent_gated_delta_rule,
+                                state_summary=gated_delta_rule_state_summary)
 
 
 class GatedDeltaNet(nn.Module):
@@ -27,6 +31,7 @@ class GatedDeltaNet(nn.Module):
         self.num_heads, self.head_k_dim, self.head_v_dim = c.num_heads, c.head_dim, int(c.head_dim * c.expand_v)
         self.key_dim, self.value_dim = self.num_heads * self.head_k_dim, self.num_heads * self.head_v_dim
         self.allow_neg_eigval = c.allow_neg_eigval
+        self.dt_min, self.dt_max, self.dt_init_floor = c.dt_min, c.dt_max, c.dt_init_floor
 
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d, self.key_dim, bias=False)
@@ -45,13 +50,10 @@ class GatedDeltaNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """A uniform in [0, 16] and dt log-uniform in [1e-3, 0.1] (in place: works on DTensors too)."""
+        """A uniform in [0, 16] and dt as Mamba2's (in place: works on DTensors too)."""
         with torch.no_grad():
             self.A_log.uniform_(0, 16).clamp_(min=1e-4).log_()
-            dt = self.dt_bias
-            dt.uniform_().mul_(math.log(DT_MAX) - math.log(DT_MIN)).add_(math.log(DT_MIN)).exp_()
-            dt.clamp_(min=DT_INIT_FLOOR)
-            dt.add_(torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init_dt_bias_(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
                 cache: Optional[dict] = None) -> torch.Tensor:
@@ -63,7 +65,7 @@ class GatedDeltaNet(nn.Module):
         q = F.normalize(q.float(), dim=-1).to(v.dtype)
         k = F.normalize(k.float(), dim=-1).to(v.dtype)
         g, beta = self._gates(x)
-        o = recurrent_scan(chunk_gated_delta_rule, q, k, v, g=g, beta=beta,
+        o = recurrent_scan(DELTA_RULE_CORE, q, k, v, g=g, beta=beta,
                            scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
         return self._output(o, x)
 
@@ -92,7 +94,7 @@ class GatedDeltaNet(nn.Module):
         qk = F.normalize(qk.reshape(B, 1, 2 * H, self.head_k_dim).float(), dim=-1).to(v.dtype)
         q, k = qk.chunk(2, 2)
         g, beta = self._gates(x[:, None])
-        o = recurrent_step(fused_recurrent_gated_delta_rule, q, k, v.view(B, 1, H, self.head_v_dim), g=g, beta=beta,
+        o = recurrent_step(DELTA_RULE_CORE.decode, q, k, v.view(B, 1, H, self.head_v_dim), g=g, beta=beta,
                            scale=self.head_k_dim ** -0.5, state=cache["recurrent"])
         return self._output(o.view(B, H, self.head_v_dim), x)
 
@@ -102,3 +104,10 @@ class GatedDeltaNet(nn.Module):
                                           device=self.A_log.device, dtype=torch.float32)}
         cache.update(fused_conv_cache(self.convs, batch_size))
         return cache
+
+
+register(Mixer("gated_deltanet", "D", config_key="gated_deltanet", build=GatedDeltaNet, core=DELTA_RULE_CORE,
+               head_dims=lambda cfg: (cfg.gated_deltanet.head_dim,
+                                      int(cfg.gated_deltanet.head_dim * cfg.gated_deltanet.expand_v)),
+               flops=lambda m, seq_len: chunked_recurrence_flops(m.num_heads, m.head_k_dim, m.head_v_dim,
+                                                                 delta_rule=True)))

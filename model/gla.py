@@ -9,10 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import chunk_gla, fused_recurrent_gla
+from kernels import chunk_gla, fused_recurrent_gla, gla_state_summary
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm, RMSNorm
+from model.flops import chunked_recurrence_flops
 from model.recurrent import ShortConvolution, fused_conv_cache, fused_conv_decode, recurrent_scan, recurrent_step
+from model.registry import Mixer, RecurrentCore, register
+
+# A [K] log decay per head and step (the vector gate).
+GLA_CORE = RecurrentCore("gla", chunk=chunk_gla, decode=fused_recurrent_gla, state_summary=gla_state_summary)
 
 
 class GLA(nn.Module):
@@ -49,7 +54,7 @@ class GLA(nn.Module):
             k = self.convs["k"](k, cu_seqlens, sp, cache)
             v = self.convs["v"](v, cu_seqlens, sp, cache)
         H = self.num_heads
-        o = recurrent_scan(chunk_gla, q.view(B, T, H, self.head_k_dim), k.view(B, T, H, self.head_k_dim),
+        o = recurrent_scan(GLA_CORE, q.view(B, T, H, self.head_k_dim), k.view(B, T, H, self.head_k_dim),
                            v.view(B, T, H, self.head_v_dim), g=self._log_decay(x).view(B, T, H, self.head_k_dim),
                            scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
         return self._output(o, x)
@@ -72,7 +77,7 @@ class GLA(nn.Module):
         qkv = qkv[:, None] if self.convs is None else fused_conv_decode(self.convs, qkv, cache)  # [B, 1, ...]
         qk, v = qkv.split((2 * self.key_dim, self.value_dim), -1)
         q, k = qk.view(B, 1, 2 * H, self.head_k_dim).chunk(2, 2)
-        o = recurrent_step(fused_recurrent_gla, q, k, v.view(B, 1, H, self.head_v_dim),
+        o = recurrent_step(GLA_CORE.decode, q, k, v.view(B, 1, H, self.head_v_dim),
                            g=self._log_decay(x).view(B, 1, H, self.head_k_dim), scale=self.head_k_dim ** -0.5,
                            state=cache["recurrent"])
         return self._output(o.view(B, H, self.head_v_dim), x)
@@ -85,3 +90,12 @@ class GLA(nn.Module):
         if self.convs is not None:
             cache.update(fused_conv_cache(self.convs, batch_size))
         return cache
+
+
+def _head_dims(cfg: ModelConfig) -> tuple[int, int]:
+    g = cfg.gla
+    return int(cfg.d_model * g.expand_k) // g.num_heads, int(cfg.d_model * g.expand_v) // g.num_heads
+
+
+register(Mixer("gla", "G", config_key="gla", build=GLA, core=GLA_CORE, head_dims=_head_dims,
+               flops=lambda m, seq_len: chunked_recurrence_flops(m.num_heads, m.head_k_dim, m.head_v_dim)))

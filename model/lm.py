@@ -5,47 +5,35 @@ Each block's mixer is chosen by the config's layer pattern. The same forward ser
 dict turns every mixer stateful (recurrent state and conv window, or a KV cache), so a prefill is the
 training code with an initial state. A decode step (`lm.step(token_ids [B], state)`) runs each mixer's
 `decode`: one token per row, the fused recurrent kernels, a fixed number of operations whatever the context
-(model/generation.py: the preallocated state, sampling, CUDA graphs).
+(model/generation.py: the preallocated state, sampling, CUDA graphs). Checkpoints (saving, exports, loading
+any engine's) are checkpoints/'s: `checkpoints.load_model(dir)`.
 """
-import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_model, save_model
 
 from configs.errors import ConfigError
-from model.attention import Attention
+# The mixers register themselves (model/registry.py) when imported; the model builds them from the registry.
+from model import gla, mamba2, gated_deltanet, attention  # noqa: F401  (this order: the pattern letters' listing)
 from model.config import ModelConfig
 from model.flops import forward_flops_per_token
-from model.gated_deltanet import GatedDeltaNet
-from model.gla import GLA
 from model.layers import RMSNorm, SwiGLU
 from model.generation import DecodeState, decode_loop, prefill_groups
 from model.loss import linear_cross_entropy
-from model.mamba2 import Mamba2
+from model.registry import MIXERS
 
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")  # write into the residual stream: init scaled by depth
-
-
-def build_mixer(cfg: ModelConfig, name: str) -> nn.Module:
-    if name == "attention":
-        return Attention(cfg)
-    if name == "sliding_window":
-        return Attention(cfg, window=cfg.attention.window)
-    return {"gla": GLA, "mamba2": Mamba2, "gated_deltanet": GatedDeltaNet}[name](cfg)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mixer: str):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = build_mixer(cfg, mixer)
+        self.mixer = MIXERS[mixer].build(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
@@ -212,32 +200,6 @@ class LM(nn.Module):
         ignored on other devices. `timings` (a dict) receives the prefill's and the decoding's seconds."""
         return decode_loop(self, input_ids, max_new_tokens, temperature, top_p, top_k, generator, prompt_lengths,
                            stop_tokens, max_len, cuda_graph, timings)
-
-    # --- checkpoints ------------------------------------------------------------------------------
-    def save_pretrained(self, directory: Union[str, Path]):
-        """directory/model.safetensors + directory/config.json (an unsharded module; no pickle)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
-
-    @classmethod
-    def from_checkpoint(cls, directory: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "LM":
-        """Load an export (model.safetensors + config.json) or any training checkpoint (one process, FSDP at
-        any world size, DeepSpeed ZeRO 1/2/3), whole, in this process. Nothing is unpickled; a directory
-        that is neither, or holds anything but plain tensors, raises CheckpointError."""
-        directory = Path(directory)
-        if (directory / "model.safetensors").is_file():
-            with torch.device(device):
-                lm = cls.from_config(json.loads((directory / "config.json").read_text()))
-            load_model(lm, str(directory / "model.safetensors"), device=str(device))
-            return lm
-        from parallel.checkpoint import load_model_weights, read_train_state  # the training checkpoint format
-
-        with torch.device(device):
-            lm = cls.from_config(read_train_state(directory)["model_config"])
-        load_model_weights(directory, lm)
-        return lm
 
     # --- accounting -------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -3,17 +3,22 @@
 The SSD recurrence h_t = exp(dt_t A) h_{t-1} + B_t (dt_t x_t), y_t = C_t^T h_t + D x_t is chunk_gla with
 q = C, k = B, v = dt * x, g = dt * A (one log decay per head) and scale 1.
 """
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import chunk_gla, fused_recurrent_gla
+from kernels import chunk_gla, fused_recurrent_gla, gla_state_summary
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm
-from model.recurrent import ShortConvolution, recurrent_scan, recurrent_step
+from model.flops import chunked_recurrence_flops
+from model.recurrent import ShortConvolution, init_dt_bias_, recurrent_scan, recurrent_step
+from model.registry import Mixer, RecurrentCore, register
+
+# GLA's ops with one log decay per head and step (the scalar gate).
+MAMBA2_CORE = RecurrentCore("gla_scalar", chunk=chunk_gla, decode=fused_recurrent_gla,
+                            state_summary=gla_state_summary)
 
 
 class Mamba2(nn.Module):
@@ -38,11 +43,8 @@ class Mamba2(nn.Module):
     def reset_parameters(self):
         """dt log-uniform in [dt_min, dt_max] through an inverse softplus bias, A uniform in [1, 16], D = 1.
         In-place only, so it also works on sharded (DTensor) parameters after meta-device construction."""
+        init_dt_bias_(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)
         with torch.no_grad():
-            dt = self.dt_bias
-            dt.uniform_().mul_(math.log(self.dt_max) - math.log(self.dt_min)).add_(math.log(self.dt_min)).exp_()
-            dt.clamp_(min=self.dt_init_floor)
-            dt.add_(torch.log(-torch.expm1(-dt)))  # softplus^-1(dt) = dt + log(1 - exp(-dt))
             self.A_log.uniform_(1, 16).log_()
             self.D.fill_(1.0)
 
@@ -51,7 +53,7 @@ class Mamba2(nn.Module):
         B, T, _ = x.shape
         z, xbc, dt = self._split_projection(x)
         xs, c, b, v, log_decay = self._scan_inputs(self.conv(xbc, cu_seqlens, sp, cache), dt)
-        o = recurrent_scan(chunk_gla, c, b, v, g=log_decay, scale=1.0, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+        o = recurrent_scan(MAMBA2_CORE, c, b, v, g=log_decay, scale=1.0, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
         return self._output(o, xs, z)
 
     def _split_projection(self, x: torch.Tensor):
@@ -79,7 +81,7 @@ class Mamba2(nn.Module):
         """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
         z, xbc, dt = self._split_projection(x)  # on [B, d_model]: one matmul
         xs, c, b, v, log_decay = self._scan_inputs(self.conv.step(xbc[:, None], cache["conv"]), dt[:, None])
-        o = recurrent_step(fused_recurrent_gla, c, b, v, g=log_decay, scale=1.0, state=cache["recurrent"])
+        o = recurrent_step(MAMBA2_CORE.decode, c, b, v, g=log_decay, scale=1.0, state=cache["recurrent"])
         return self._output(o[:, 0], xs[:, 0], z)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
@@ -87,3 +89,8 @@ class Mamba2(nn.Module):
         return {"recurrent": torch.zeros(batch_size, self.num_heads, self.d_state, self.head_dim,
                                          device=self.A_log.device, dtype=torch.float32),
                 "conv": self.conv.init_cache(batch_size)}
+
+
+register(Mixer("mamba2", "M", config_key="mamba2", build=Mamba2, core=MAMBA2_CORE,
+               head_dims=lambda cfg: (cfg.mamba2.d_state, cfg.mamba2.head_dim),
+               flops=lambda m, seq_len: chunked_recurrence_flops(m.num_heads, m.d_state, m.head_dim)))

@@ -15,19 +15,29 @@ import torch
 import torch.nn as nn
 
 from kernels import causal_conv1d
+from model.registry import RecurrentCore
 
 
 def _flatten(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def recurrent_scan(chunk_op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   *, scale: float, cu_seqlens: Optional[torch.Tensor], sp, cache: Optional[dict],
-                   **gates: torch.Tensor) -> torch.Tensor:
-    """Run a recurrent core op (chunk_gla or chunk_gated_delta_rule) and return o [B, T, H, V].
-    With a cache (a prefill), cache["recurrent"] holds the state [B, H, K, V] and is overwritten by the final one."""
+def init_dt_bias_(dt_bias: torch.Tensor, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    """Mamba2's step-size init, in place (so also on sharded parameters after a meta-device build): dt
+    log-uniform in [dt_min, dt_max], floored, stored as the bias whose softplus is dt."""
+    with torch.no_grad():
+        dt_bias.uniform_().mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_()
+        dt_bias.clamp_(min=dt_init_floor)
+        dt_bias.add_(torch.log(-torch.expm1(-dt_bias)))  # softplus^-1(dt) = dt + log(1 - exp(-dt))
+
+
+def recurrent_scan(core: RecurrentCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                   cu_seqlens: Optional[torch.Tensor], sp, cache: Optional[dict], **gates: torch.Tensor) -> torch.Tensor:
+    """Run a recurrent core's chunked op and return o [B, T, H, V]. With a cache (a prefill), cache["recurrent"]
+    holds the state [B, H, K, V] and is overwritten by the final one."""
+    chunk_op = core.chunk
     if sp is not None:
-        return sp.scan(chunk_op, q, k, v, scale=scale, **gates)
+        return sp.scan(core, q, k, v, scale=scale, **gates)
     if cache is not None:
         return recurrent_step(chunk_op, q, k, v, scale=scale, state=cache["recurrent"], **gates)
     if cu_seqlens is None:

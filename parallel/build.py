@@ -1,5 +1,7 @@
-"""Build the engine `parallel.engine` names: one process or FSDP2 (parallel/engine.py), or DeepSpeed ZeRO
-(parallel/deepspeed.py). Kept apart from both so that neither engine module imports the other."""
+"""Build the engine `parallel.engine` names: one process or FSDP2 (parallel/engine.py, parallel/fsdp.py), or
+DeepSpeed ZeRO (parallel/deepspeed.py). Kept apart from them so that neither engine module imports the
+other's (what both use lives in materialize.py, activation_checkpointing.py and compile.py);
+tests/test_imports.py checks it."""
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.engine import Engine

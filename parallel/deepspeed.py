@@ -9,8 +9,8 @@ so a rank holds its share of the model plus at most one module's parameters (the
 
 Sequence-parallel ranks are data-parallel ranks to DeepSpeed: their gradients are averaged like any other
 rank's, which is what sequence parallelism needs. The optimizer is DeepSpeed's AdamW with our parameter
-groups; on CPU it is torch's AdamW (`torch_adam`), so nothing is compiled. Checkpoints are DeepSpeed's own,
-with the training state (step, loader position) as client state.
+groups; on CPU it is torch's AdamW (`torch_adam`), so nothing is compiled. Checkpoints are DeepSpeed's own
+(checkpoints/deepspeed.py), with the training state (step, loader position) as client state.
 """
 from functools import partial
 from pathlib import Path
@@ -18,24 +18,14 @@ from pathlib import Path
 import deepspeed
 import torch
 from torch import nn
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils.tensor_fragment import fragment_address
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
+from checkpoints import deepspeed as deepspeed_checkpoint
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.compile import apply_compile
-from parallel.checkpoint import CheckpointError
 from parallel.engine import Engine
-from parallel.topology import Topology
 from parallel.materialize import build_model, shard_rows
-from parallel.safe_load import safe_loading
+from parallel.topology import Topology
 from training.optim import build_optimizer, set_lr
-
-CHECKPOINT_TAG = "deepspeed"
-# The only non-tensor classes DeepSpeed's checkpoint files hold (read off ZeRO 1, 2 and 3 checkpoints);
-# loading admits these and plain tensors/containers, nothing else (parallel/safe_load.py).
-DEEPSPEED_CHECKPOINT_GLOBALS = (LossScaler, ZeroStageEnum, fragment_address)
 
 
 def deepspeed_config(cfg, topology: Topology, micro_steps: int) -> dict:
@@ -77,14 +67,10 @@ class DeepSpeedEngine(Engine):
 
     def save_state(self, directory: Path, train_state: dict, asynchronous: bool = False, group=None) -> None:
         """DeepSpeed writes its own files, synchronously (no future to wait for)."""
-        self.ds.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"train_state": train_state})
+        deepspeed_checkpoint.save(self.ds, directory, train_state)
 
     def load_state(self, directory: Path, train_state: dict) -> None:
-        with safe_loading(DEEPSPEED_CHECKPOINT_GLOBALS):
-            path, client_state = self.ds.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
-        if path is None or client_state.get("train_state", {}).get("step") != train_state["step"]:
-            raise CheckpointError(f"{directory}: no deepspeed checkpoint for step {train_state['step']} "
-                                  "(was it written by another engine?)")
+        deepspeed_checkpoint.load(self.ds, directory, train_state)
 
 
 class _Model:
@@ -145,14 +131,3 @@ def _children_first(module: nn.Module):
     for child in module.children():
         yield from _children_first(child)
     yield module
-
-
-def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The whole model's fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, in one process without
-    a process group (DeepSpeed's zero_to_fp32), read with weights-only loading."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with safe_loading(DEEPSPEED_CHECKPOINT_GLOBALS):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CHECKPOINT_TAG)
-    # Activation checkpointing wraps each block; the plain model has no wrapper in its parameter names.
-    return {name.replace(_CHECKPOINT_PREFIX, ""): tensor for name, tensor in state.items()}

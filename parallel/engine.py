@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from checkpoints import dcp
 from configs.schema import OptimConfig
-from parallel.safe_load import checked_reader, safe_loading
 from parallel.sequence import SequenceParallel
 from parallel.topology import Topology
 from training.optim import build_optimizer, set_lr
@@ -74,16 +72,7 @@ class Engine:
         """Model and optimizer into `directory` (torch.distributed.checkpoint, sharded as held). Asynchronous:
         the state is copied to memory now and written by a background thread (collectives on `group`);
         returns the future of that write."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        if asynchronous:
-            return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
-        dcp.save(state, checkpoint_id=str(directory))
-        return None
+        return dcp.save(directory, self.model, self.optimizer, asynchronous, group)
 
     def load_state(self, directory: Path, train_state: dict) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        with safe_loading():
-            dcp.load(state, storage_reader=checked_reader(directory))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        dcp.load(directory, self.model, self.optimizer)

@@ -16,19 +16,59 @@ throughout: a document start inside a slice cuts the state, exactly as cu_seqlen
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kernels import (causal_conv1d, chunk_gated_delta_rule, chunk_gla, gated_delta_rule_state_summary,
-                     gla_state_summary)
+from kernels import causal_conv1d
 from model.attention import document_starts
+from model.registry import RecurrentCore
 
-# Each recurrent op's state-only pass: (S_local [N, H, K, V], transition) per sequence of cu_seqlens.
-_STATE_SUMMARIES = {chunk_gla: gla_state_summary, chunk_gated_delta_rule: gated_delta_rule_state_summary}
+
+class CollectiveTimer:
+    """Wall-clock seconds spent inside the sp collectives (forward and backward, waits for slower ranks
+    included) while `timing_collectives()` is active: how bench/sequence_parallel.py splits a step into
+    compute and communication. It synchronises the device around each collective, so it is for measuring only."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+
+_timer: CollectiveTimer | None = None
+
+
+@contextlib.contextmanager
+def timing_collectives() -> Iterator[CollectiveTimer]:
+    global _timer
+    _timer = CollectiveTimer()
+    try:
+        yield _timer
+    finally:
+        _timer = None
+
+
+@contextlib.contextmanager
+def _collective() -> Iterator[None]:
+    """Wraps each sp collective: adds its time to the active CollectiveTimer, if any."""
+    if _timer is None:
+        yield
+        return
+    timer = _timer
+    _synchronize()
+    start = time.perf_counter()
+    yield
+    _synchronize()
+    timer.seconds += time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class _AllGather(torch.autograd.Function):
@@ -40,7 +80,8 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
         ctx.group = group
         gathered = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, x.contiguous(), group=group)
+        with _collective():
+            dist.all_gather(gathered, x.contiguous(), group=group)
         return torch.stack(gathered)
 
     @staticmethod
@@ -48,10 +89,12 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend(ctx.group) == "nccl":
             mine = grad.new_empty(grad.shape[1:])
-            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            with _collective():
+                dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
             return mine, None
         grad = grad.clone()  # gloo has no reduce-scatter: sum everything, keep our slice
-        dist.all_reduce(grad, group=ctx.group)
+        with _collective():
+            dist.all_reduce(grad, group=ctx.group)
         return grad[dist.get_rank(ctx.group)], None
 
 
@@ -79,8 +122,9 @@ def _send_to_neighbour(x: Tensor, group: dist.ProcessGroup, step: int) -> Tensor
     if 0 <= rank - step < size:
         ops.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(group, rank - step), group))
     if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        with _collective():
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
     return received
 
 
@@ -159,20 +203,18 @@ class SequenceParallel:
         """[B, T] global row position of the start of each token's document."""
         return self._doc_start
 
-    def scan(self, op: Callable, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, **gates: Tensor) -> Tensor:
-        """The op's output over this slice, given the state every earlier rank leaves (op = chunk_gla or
-        chunk_gated_delta_rule; gates = g, or g and beta)."""
-        if op not in _STATE_SUMMARIES:
-            raise ValueError(f"sequence-parallel scan: no state summary for {getattr(op, '__name__', op)}; "
-                             f"known ops: {', '.join(f.__name__ for f in _STATE_SUMMARIES)}")
+    def scan(self, core: RecurrentCore, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+             **gates: Tensor) -> Tensor:
+        """The output of the core's chunked op over this slice, given the state every earlier rank leaves
+        (the core a mixer registered, model/registry.py; gates = g, or g and beta)."""
         out_shape = v.shape
         q, k, v = self._flat(q), self._flat(k), self._flat(v)
         gates = {name: self._flat(gate) for name, gate in gates.items()}
 
         # 1. (S_local, M) of each row's last segment, from the op's state-only summary (no outputs). Only a
         #    first segment continuing a document carries S_in; elsewhere M = 0 (the state was cut).
-        summarize, tail = _STATE_SUMMARIES[op], lambda x: x.index_select(1, self.tail_tokens)
-        local_state, transition = summarize(tail(k), tail(v), **{name: tail(gate) for name, gate in gates.items()},
+        tail = lambda x: x.index_select(1, self.tail_tokens)
+        local_state, transition = core.state_summary(tail(k), tail(v), **{name: tail(gate) for name, gate in gates.items()},
                                             cu_seqlens=self.tail_cu_seqlens)
         local_state = local_state.float()  # [B, H, K, V]
         carries = self.segment_carries[self.last_segment]
@@ -200,7 +242,7 @@ class SequenceParallel:
 
         # 3. the outputs, run from the incoming state.
         initial_state = self._to_segments(state_in)
-        o, _ = op(q, k, v, scale=scale, **gates, initial_state=initial_state, cu_seqlens=self.cu_seqlens)
+        o, _ = core.chunk(q, k, v, scale=scale, **gates, initial_state=initial_state, cu_seqlens=self.cu_seqlens)
         return o.reshape(out_shape)
 
     def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""A DeepSpeed ZeRO-2 checkpoint loads whole in one process (LM.from_checkpoint), exports to safetensors
+"""A DeepSpeed ZeRO-2 checkpoint loads whole in one process (checkpoints.load_model), exports to safetensors
 (python -m scripts.export), and both score the same held-out loss as the live model at the end of
 training; a planted pickle in DeepSpeed's files is refused without running."""
 import json
@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
+from checkpoints import load_model
 from configs.errors import CheckpointError
-from model import LM
-from test_safe_loading import Payload
-from training_runs import ENV, REPO, run_train, torchrun
+from tests.test_safe_loading import Payload
+from tests.training_runs import ENV, REPO, run_train, torchrun
 
 ZERO2 = ["parallel=deepspeed_zero2", "train.max_steps=2", "train.checkpoint_every=2", "eval.held_out_tokens=1500",
          "train.micro_batch_size=null"]
@@ -41,7 +41,7 @@ def test_deepspeed_checkpoint_and_its_export_score_the_live_models_loss(zero2_ru
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name for p in export.iterdir()} == {"model.safetensors", "config.json", "config.yaml",
                                                   "tokenizer.model", "export.json"}
-    from_checkpoint, from_export = LM.from_checkpoint(checkpoint), LM.from_checkpoint(export)
+    from_checkpoint, from_export = load_model(checkpoint), load_model(export)
     for (name, a), b in zip(from_checkpoint.state_dict().items(), from_export.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -62,5 +62,5 @@ def test_a_planted_pickle_in_deepspeed_files_is_refused(zero2_run, tmp_path, nam
     marker = tmp_path / "payload_ran"
     torch.save({"module": Payload(marker)}, copy / "deepspeed" / name)
     with pytest.raises(CheckpointError, match="refused to load"):
-        LM.from_checkpoint(copy)
+        load_model(copy)
     assert not marker.exists(), "the planted payload ran"

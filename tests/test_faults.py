@@ -4,6 +4,7 @@ import math
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from model import LM
 from parallel.engine import Engine
 from parallel.topology import Topology
 from training.faults import EXIT_DIVERGED, EXIT_TIMEOUT, StepGuard, TrainingDiverged
-from training_runs import SMALL, finish, records, run_train, start_train, torchrun, wait_for_step
+from tests.training_runs import SMALL, finish, records, run_train, start_train, torchrun, wait_for_step
 
 
 def test_a_non_finite_gradient_leaves_parameters_and_optimizer_state_untouched():
@@ -94,6 +95,9 @@ def test_a_hung_rank_ends_the_job_with_the_collective_named(tmp_path):
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGSTOP)  # rank 1 hangs: rank 0 waits in its next collective
     try:
+        _wait_until_ended(workers[0], timeout=240)  # rank 0 gives up after parallel.timeout_s
+        # torchrun would wait 30 s for the stopped rank to act on its SIGTERM before killing it.
+        os.kill(workers[1], signal.SIGKILL)
         _, stderr = finish(proc, timeout=240)
     finally:
         for pid in workers:
@@ -106,6 +110,19 @@ def test_a_hung_rank_ends_the_job_with_the_collective_named(tmp_path):
     line = next(line for line in stderr.splitlines() if "error: rank " in line and ": collective " in line)
     assert "timed out after 10s (parallel.timeout_s)" in line and "called from train.py:" in line
     assert f"exitcode  : {EXIT_TIMEOUT}" in stderr  # torchrun's failure report: rank 0 exited with the timeout code
+
+
+def _wait_until_ended(pid: int, timeout: float) -> None:
+    """Until the process has exited (gone, or a zombie its parent has not reaped yet)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} still running after {timeout} s")
 
 
 def _worker_pids(launcher_pid: int) -> list[int]:

@@ -7,7 +7,7 @@ import torch
 
 from training.metrics import StepTimer, peak_flops
 from training.plots import smoothed
-from training_runs import records, run_train
+from tests.training_runs import records, run_train
 
 
 def test_mfu_uses_the_devices_peak_and_is_absent_on_cpu(monkeypatch):

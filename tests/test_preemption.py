@@ -11,13 +11,13 @@ import time
 
 import pytest
 
+from checkpoints import Checkpointer, read_train_state
 from configs.schema import load_config
 from model import LM
-from parallel.checkpoint import Checkpointer, read_train_state
 from parallel.engine import Engine
 from parallel.topology import Topology
 from training.faults import EXIT_PREEMPTED
-from training_runs import ENV, REPO, SMALL, finish, losses, run_train, start_train, torchrun, wait_for_step
+from tests.training_runs import ENV, REPO, SMALL, finish, losses, run_train, start_train, torchrun, wait_for_step
 
 STEPS = ["train.max_steps=10", "train.checkpoint_every=4", "train.keep_checkpoints=2", "eval.held_out_tokens=300"]
 
@@ -74,7 +74,7 @@ KILLED_SAVER = textwrap.dedent("""
     import sys
     from configs.schema import load_config
     from model import LM
-    from parallel.checkpoint import Checkpointer
+    from checkpoints import Checkpointer
     from parallel.engine import Engine
     from parallel.topology import Topology
     cfg, _ = load_config(sys.argv[2:])

@@ -1,5 +1,5 @@
 """A checkpoint directory someone hands you cannot run code: a malicious pickle planted in any of its files
-is refused (one line, exit 2) by resume=auto, python -m eval and LM.from_checkpoint, and never runs."""
+is refused (one line, exit 2) by resume=auto, python -m eval and checkpoints.load_model, and never runs."""
 import json
 import os
 import pickle
@@ -11,13 +11,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from checkpoints import Checkpointer, load_model
 from configs.errors import CheckpointError
 from configs.schema import load_config
 from model import LM
-from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine
 from parallel.topology import Topology
-from training_runs import ENV, REPO, SMALL
+from tests.training_runs import ENV, REPO, SMALL
 
 
 class Payload:
@@ -73,10 +73,10 @@ def test_no_loader_runs_a_planted_pickle(run_dir, tmp_path, name):
         Checkpointer(checkpoint.parent, keep=1).load(checkpoint, engine, OmegaConf.to_container(raw.model))
     assert str(checkpoint) in str(err.value) and "\n" not in str(err.value)
     if name == "rng_rank0.json":  # the model alone does not need the RNG state: loading it is fine
-        LM.from_checkpoint(checkpoint)
+        load_model(checkpoint)
     else:
         with pytest.raises(CheckpointError):
-            LM.from_checkpoint(checkpoint)
+            load_model(checkpoint)
     assert not marker.exists(), "the planted payload ran"
 
 

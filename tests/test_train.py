@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoints import Checkpointer
 from configs.schema import load_config
 from model import LM
-from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine
 from parallel.topology import Topology
-from training_runs import ENV, REPO, SMALL, losses, run_train, start_train
+from tests.training_runs import ENV, REPO, SMALL, losses, run_train, start_train
 
 
 def test_engine_steps_lower_the_loss_on_a_fixed_batch():

@@ -94,6 +94,19 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def process_memory_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (the peak since the last reset_peak_memory) of this process (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def reset_peak_memory() -> None:
+    """Reset this process's VmHWM to its current RSS, so that the next peak measures what follows."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 class StepTimer:
     """tokens/s, MFU, peak memory and ETA of each step, from the step's wall time."""
 

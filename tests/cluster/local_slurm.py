@@ -28,6 +28,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def unmet_requirement(path: str) -> str | None:
+    """Why a local cluster cannot start on this machine (None: it can): Slurm not installed, or not root."""
+    missing = [name for name in COMMANDS if shutil.which(name, path=path) is None]
+    if missing:
+        return (f"needs slurm-wlm and munge (no {', '.join(missing)} here): `bash .ci/run` installs them, "
+                "or apt-get install -y slurm-wlm munge")
+    if os.geteuid() != 0:
+        return "needs root: the local Slurm cluster's slurmd starts jobs as their submitter"
+    return None
+
+
 class LocalSlurm:
     def __init__(self, root: Path):
         self.root = root
@@ -37,12 +48,9 @@ class LocalSlurm:
                     "PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"}
 
     def start(self, timeout: float = 60) -> "LocalSlurm":
-        missing = [name for name in COMMANDS if shutil.which(name, path=self.env["PATH"]) is None]
-        if missing:
-            raise SlurmError(f"Slurm is not installed (no {', '.join(missing)}): "
-                             "apt-get install -y slurm-wlm munge (.ci/run does it)")
-        if os.geteuid() != 0:
-            raise SlurmError("the local Slurm cluster needs root (slurmd starts jobs as their submitter)")
+        unmet = unmet_requirement(self.env["PATH"])
+        if unmet is not None:
+            raise SlurmError(unmet)
         for sub in ("munge", "state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         munge = self.root / "munge"

@@ -60,7 +60,7 @@ def test_entrypoint_starts_torchrun_for_overrides_and_anything_else_as_given(tmp
         stub.chmod(0o755)
     env = {"PATH": f"{tmp_path}{os.pathsep}/usr/bin{os.pathsep}/bin"}
     proc = subprocess.run(["bash", str(REPO / "docker" / "entrypoint.sh"), *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=10)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     program, *argv = proc.stdout.splitlines()
     assert Path(program).name == expected[0] and argv == expected[1:]

@@ -47,7 +47,7 @@ def test_bad_task_or_setting_is_one_line(tiny_checkpoint, tmp_path, capsys, args
 
 def test_unloadable_checkpoint_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "eval", f"checkpoint={tmp_path / 'missing'}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr, proc.stderr
     incomplete = tmp_path / "run" / "checkpoints" / "step_000001"
     incomplete.mkdir(parents=True)

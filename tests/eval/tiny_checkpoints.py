@@ -7,10 +7,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from checkpoints import Checkpointer
 from configs.schema import load_config
 from data import prepare_dataset
 from model.config import vocab_for_data
-from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, Topology
 from parallel.materialize import build_model
 
@@ -27,11 +27,11 @@ STEP = 3
 FSDP_SAVE = """
 import sys
 from omegaconf import OmegaConf
+from checkpoints import Checkpointer
 from configs.schema import load_config
 from data import prepare_dataset
 from model.config import vocab_for_data
 from parallel.build import build_engine
-from parallel.checkpoint import Checkpointer
 from parallel.topology import init_topology
 from data import prepare_dataset
 from model.config import vocab_for_data

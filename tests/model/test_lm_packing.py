@@ -52,10 +52,10 @@ class OneRankSequenceParallel:
     def doc_start(self):
         return document_starts(self.cu_seqlens, self.batch, self.seq_len, torch.device("cpu"))
 
-    def scan(self, op, q, k, v, scale=None, **gates):
-        self.calls.append(op.__name__)
+    def scan(self, core, q, k, v, scale=None, **gates):
+        self.calls.append(core.kernel)
         gates = {name: self._flat(g) for name, g in gates.items()}
-        o, _ = op(self._flat(q), self._flat(k), self._flat(v), scale=scale, cu_seqlens=self.cu_seqlens, **gates)
+        o, _ = core.chunk(self._flat(q), self._flat(k), self._flat(v), scale=scale, cu_seqlens=self.cu_seqlens, **gates)
         return o.view(*q.shape[:3], -1)
 
     def conv(self, x, weight, bias=None, activation=None):
@@ -76,5 +76,5 @@ def test_sequence_parallel_seam(make_lm):
     sp = OneRankSequenceParallel(CU_SEQLENS, 2, ROW)
     with torch.no_grad():
         torch.testing.assert_close(lm(ids, sp=sp), lm(ids, cu_seqlens=CU_SEQLENS), atol=1e-5, rtol=1e-4)
-    assert sp.calls == ["conv"] * 3 + ["chunk_gla"] + ["conv", "chunk_gla"] + ["conv"] * 3 + [
-        "chunk_gated_delta_rule"] + ["gather_kv"] * 2
+    assert sp.calls == ["conv"] * 3 + ["gla"] + ["conv", "gla_scalar"] + ["conv"] * 3 + [
+        "gated_delta_rule"] + ["gather_kv"] * 2

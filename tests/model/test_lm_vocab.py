@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoints import load_model, save_export
 from configs.errors import ConfigError
 from model import LM, ModelConfig
 from model.config import vocab_for_data
@@ -76,8 +77,8 @@ def test_bf16_logits_keep_the_mask(make_lm):
 
 def test_an_export_keeps_the_mask(make_lm, tmp_path):
     lm = padded_lm(make_lm, "GA")
-    lm.save_pretrained(tmp_path / "export")
-    loaded = LM.from_checkpoint(tmp_path / "export")
+    save_export(lm, tmp_path / "export")
+    loaded = load_model(tmp_path / "export")
     assert (loaded.config.vocab_size, loaded.config.valid_vocab_size) == (PADDED, VOCAB)
     ids = torch.randint(0, VOCAB, (1, 16))
     torch.testing.assert_close(loaded(ids), lm(ids))

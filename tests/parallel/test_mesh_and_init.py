@@ -1,13 +1,8 @@
 """Mesh layout checks, and building the model: meta device -> FSDP2/HSDP shards -> the single-process
 initial weights, with no rank ever allocating more than its shards; one HSDP optimizer step equals one
 single-process step."""
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
@@ -75,39 +70,33 @@ def fixed_batch_step(engine: Engine) -> float:
     return loss.item()
 
 
-def run_sharded_build(rank: int, world_size: int, init_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        # HSDP: 2 replicas x 2 shards, with activation checkpointing.
-        mesh = build_mesh(ParallelDims.resolve(2, 2, 1, world_size), "cpu")
-        cfg = ParallelConfig(engine="fsdp", dp_replicate=2, dp_shard=2, activation_checkpointing="full")
+def run_sharded_build(rank: int, world_size: int) -> None:
+    # HSDP: 2 replicas x 2 shards, with activation checkpointing.
+    mesh = build_mesh(ParallelDims.resolve(2, 2, 1, world_size), "cpu")
+    cfg = ParallelConfig(engine="fsdp", dp_replicate=2, dp_shard=2, activation_checkpointing="full")
 
-        def shard(model) -> None:  # as parallel/build.py does
-            apply_activation_checkpointing(model, cfg)
-            apply_fsdp(model, fsdp_mesh(mesh), cfg, torch.device("cpu"))
+    def shard(model) -> None:  # as parallel/build.py does
+        apply_activation_checkpointing(model, cfg)
+        apply_fsdp(model, fsdp_mesh(mesh), cfg, torch.device("cpu"))
 
-        model = build_model(TINY, torch.device("cpu"), seed=3, shard=shard)
-        reference = build_model(TINY, torch.device("cpu"), seed=3)
-        local = sum(p.to_local().numel() for p in model.parameters())
-        total = sum(p.numel() for p in reference.parameters())
-        assert local <= total / 2 + 2 * 64, f"rank {rank} holds {local} of {total} parameter values"
-        for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
-            assert isinstance(param, DTensor), name
-            assert torch.equal(param.full_tensor(), expected), name
+    model = build_model(TINY, torch.device("cpu"), seed=3, shard=shard)
+    reference = build_model(TINY, torch.device("cpu"), seed=3)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in reference.parameters())
+    assert local <= total / 2 + 2 * 64, f"rank {rank} holds {local} of {total} parameter values"
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+        assert isinstance(param, DTensor), name
+        assert torch.equal(param.full_tensor(), expected), name
 
-        optim = OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=0.5)  # the clip is active at this lr
-        sharded, single = Engine(model, optim, Topology()), Engine(reference, optim, Topology())
-        assert fixed_batch_step(sharded) == pytest.approx(fixed_batch_step(single), rel=1e-6)
-        for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(param.full_tensor(), expected, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"{name} after one step: {m}")
-    finally:
-        dist.destroy_process_group()
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=0.5)  # the clip is active at this lr
+    sharded, single = Engine(model, optim, Topology()), Engine(reference, optim, Topology())
+    assert fixed_batch_step(sharded) == pytest.approx(fixed_batch_step(single), rel=1e-6)
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.full_tensor(), expected, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name} after one step: {m}")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_hsdp_build_is_sharded_and_steps_like_one_process():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(run_sharded_build, args=(4, os.path.join(tmp, "init")), nprocs=4, join=True)
+def test_hsdp_build_is_sharded_and_steps_like_one_process(spawn):
+    spawn(run_sharded_build, 4)

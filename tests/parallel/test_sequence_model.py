@@ -1,13 +1,9 @@
 """The whole model under sequence parallelism (sp = 2 and 4 of 4 gloo processes) equals the model on full rows: logits,
 and the gradient of every parameter, for each mixer alone and for a hybrid of all of them, with packed
 documents that cross rank boundaries."""
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from model import LM
 from parallel.sequence import SequenceParallel
@@ -36,43 +32,37 @@ def cu_seqlens_of(starts: list[list[int]], row_len: int, lo: int = 0) -> torch.T
     return torch.tensor(sorted(bounds), dtype=torch.int32)
 
 
-def run_checks(rank: int, world_size: int, sp_size: int, init_file: str) -> None:
-    torch.set_num_threads(1)  # several processes share few cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+def run_checks(rank: int, world_size: int, sp_size: int) -> None:
     # sp groups of consecutive ranks, as on the mesh; subgroups (not the world) when sp < world size.
     groups = [dist.new_group(list(range(first, first + sp_size))) for first in range(0, world_size, sp_size)]
     group, sp_rank = groups[rank // sp_size], rank % sp_size
-    try:
-        for pattern in PATTERNS:
-            torch.manual_seed(0)  # same weights and tokens on every rank
-            lm = LM.from_config(dict(TINY, pattern=pattern))
-            tokens, starts = batch_layout(sp_size)
-            T = tokens.shape[1]
-            logits = lm(tokens, cu_seqlens=cu_seqlens_of(starts, T))
-            weight = torch.randn_like(logits)
-            (logits * weight).sum().backward()
-            expected_grads = {name: p.grad.clone() for name, p in lm.named_parameters()}
-            lm.zero_grad()
+    for pattern in PATTERNS:
+        torch.manual_seed(0)  # same weights and tokens on every rank
+        lm = LM.from_config(dict(TINY, pattern=pattern))
+        tokens, starts = batch_layout(sp_size)
+        T = tokens.shape[1]
+        logits = lm(tokens, cu_seqlens=cu_seqlens_of(starts, T))
+        weight = torch.randn_like(logits)
+        (logits * weight).sum().backward()
+        expected_grads = {name: p.grad.clone() for name, p in lm.named_parameters()}
+        lm.zero_grad()
 
-            lo = sp_rank * LOCAL_LEN
-            sp = SequenceParallel(group, cu_seqlens_of(starts, LOCAL_LEN, lo),
-                                  torch.tensor([lo in row for row in starts]))
-            local_logits = lm(tokens[:, lo : lo + LOCAL_LEN], cu_seqlens=sp.cu_seqlens, sp=sp)
-            torch.testing.assert_close(local_logits, logits[:, lo : lo + LOCAL_LEN].detach(), rtol=1e-4, atol=1e-5,
-                                       msg=lambda m: f"{pattern}: logits differ: {m}")
-            (local_logits * weight[:, lo : lo + LOCAL_LEN]).sum().backward()
-            for name, param in lm.named_parameters():
-                dist.all_reduce(param.grad, group=group)  # what FSDP's reduce over the sp ranks does
-                torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-5,
-                                           msg=lambda m: f"{pattern}: d{name} differs: {m}")
-    finally:
-        dist.destroy_process_group()
+        lo = sp_rank * LOCAL_LEN
+        sp = SequenceParallel(group, cu_seqlens_of(starts, LOCAL_LEN, lo),
+                              torch.tensor([lo in row for row in starts]))
+        local_logits = lm(tokens[:, lo : lo + LOCAL_LEN], cu_seqlens=sp.cu_seqlens, sp=sp)
+        torch.testing.assert_close(local_logits, logits[:, lo : lo + LOCAL_LEN].detach(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{pattern}: logits differ: {m}")
+        (local_logits * weight[:, lo : lo + LOCAL_LEN]).sum().backward()
+        for name, param in lm.named_parameters():
+            dist.all_reduce(param.grad, group=group)  # what FSDP's reduce over the sp ranks does
+            torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{pattern}: d{name} differs: {m}")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sp_size", [2, 4])
-def test_model_under_sequence_parallel_matches_full_rows(sp_size):
+def test_model_under_sequence_parallel_matches_full_rows(spawn, sp_size):
     """4 processes: two sp groups of 2, or one of 4."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(run_checks, args=(4, sp_size, os.path.join(tmp, "init")), nprocs=4, join=True)
+    spawn(run_checks, 4, sp_size)

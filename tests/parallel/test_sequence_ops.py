@@ -4,17 +4,14 @@ Each rank holds a slice of the same full rows; the reference is the op on the fu
 cu_seqlens, run on every rank. Documents cross rank boundaries, one starts exactly at a boundary, one spans
 more than two ranks, and some slices are shorter than the conv halo or the attention window.
 """
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from kernels import causal_conv1d, chunk_gated_delta_rule, chunk_gla
+from kernels import causal_conv1d
 from model.attention import attention_mask, document_starts
+from model.registry import MIXERS
 from parallel.sequence import SequenceParallel
 
 BATCH, HEADS, KEY_DIM, VALUE_DIM = 3, 2, 8, 6
@@ -60,12 +57,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
-def check_scan(sp, op, inputs: dict, doc_starts, rank: int, local_len: int, flat_input: bool) -> None:
-    """sp.scan on the slices == op on the full rows with cu_seqlens: outputs and input gradients."""
+def check_scan(sp, mixer: str, inputs: dict, doc_starts, rank: int, local_len: int, flat_input: bool) -> None:
+    """sp.scan with the mixer's recurrent core on the slices == its chunked op on the full rows with cu_seqlens:
+    outputs and input gradients."""
+    core = MIXERS[mixer].core
     T = local_len * sp.size
     cu = full_cu_seqlens(doc_starts, T)
     full = {name: x.clone().requires_grad_() for name, x in inputs.items()}
-    o_full, _ = op(**{name: flat(x) for name, x in full.items()}, cu_seqlens=cu)
+    o_full, _ = core.chunk(**{name: flat(x) for name, x in full.items()}, cu_seqlens=cu)
     o_full = o_full.view(BATCH, T, HEADS, -1)
     weight = torch.randn_like(o_full)  # same on every rank: seeded identically
     (o_full * weight).sum().backward()
@@ -73,14 +72,14 @@ def check_scan(sp, op, inputs: dict, doc_starts, rank: int, local_len: int, flat
     local = {name: local_slice(x, rank, local_len) for name, x in inputs.items()}
     shaped = {name: flat(x) if flat_input else x for name, x in local.items()}
     q, k, v = shaped.pop("q"), shaped.pop("k"), shaped.pop("v")
-    o = sp.scan(op, q, k, v, **shaped)
+    o = sp.scan(core, q, k, v, **shaped)
     assert o.shape == v.shape
     o = o.view(BATCH, local_len, HEADS, -1)
     my_slice = slice(rank * local_len, (rank + 1) * local_len)
-    assert_close(o, o_full[:, my_slice].detach(), f"{op.__name__} output")
+    assert_close(o, o_full[:, my_slice].detach(), f"{mixer} output")
     (o * weight[:, my_slice]).sum().backward()
     for name in inputs:
-        assert_close(local[name].grad, full[name].grad[:, my_slice], f"{op.__name__} d{name}")
+        assert_close(local[name].grad, full[name].grad[:, my_slice], f"{mixer} d{name}")
 
 
 def check_conv(sp, doc_starts, rank: int, local_len: int, width: int) -> None:
@@ -130,37 +129,31 @@ def check_attention(sp, doc_starts, rank: int, local_len: int, window) -> None:
         assert_close(leaf.grad, reference.grad[:, my_slice], f"attention window={window} d{name}")
 
 
-def run_checks(rank: int, world_size: int, init_file: str) -> None:
-    torch.set_num_threads(1)  # several processes share few cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        for local_len in (7, 2):  # odd slices, and slices shorter than the conv halo / attention window
-            doc_starts = document_layout(world_size, local_len)
-            cu, starts_document = local_batch(doc_starts, rank, local_len)
-            sp = SequenceParallel(dist.group.WORLD, cu, starts_document)
-            torch.manual_seed(local_len)  # identical full inputs on every rank
-            T = world_size * local_len
-            qkv = lambda: dict(q=torch.randn(BATCH, T, HEADS, KEY_DIM), k=torch.randn(BATCH, T, HEADS, KEY_DIM) / KEY_DIM**0.5,
-                               v=torch.randn(BATCH, T, HEADS, VALUE_DIM))
-            gla_vector = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS, KEY_DIM)) / 4)
-            mamba2_scalar = dict(qkv(), g=-F.softplus(torch.randn(BATCH, T, HEADS)))
-            delta = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS)),
-                         beta=torch.rand(BATCH, T, HEADS))
-            delta["k"] = F.normalize(delta["k"], dim=-1)
-            check_scan(sp, chunk_gla, gla_vector, doc_starts, rank, local_len, flat_input=False)
-            check_scan(sp, chunk_gla, mamba2_scalar, doc_starts, rank, local_len, flat_input=True)
-            check_scan(sp, chunk_gated_delta_rule, delta, doc_starts, rank, local_len, flat_input=False)
-            for width in (2, 4):
-                check_conv(sp, doc_starts, rank, local_len, width)
-            for window in (None, 1, 3, 2 * local_len + 1):
-                check_attention(sp, doc_starts, rank, local_len, window)
-    finally:
-        dist.destroy_process_group()
+def run_checks(rank: int, world_size: int) -> None:
+    for local_len in (7, 2):  # odd slices, and slices shorter than the conv halo / attention window
+        doc_starts = document_layout(world_size, local_len)
+        cu, starts_document = local_batch(doc_starts, rank, local_len)
+        sp = SequenceParallel(dist.group.WORLD, cu, starts_document)
+        torch.manual_seed(local_len)  # identical full inputs on every rank
+        T = world_size * local_len
+        qkv = lambda: dict(q=torch.randn(BATCH, T, HEADS, KEY_DIM), k=torch.randn(BATCH, T, HEADS, KEY_DIM) / KEY_DIM**0.5,
+                           v=torch.randn(BATCH, T, HEADS, VALUE_DIM))
+        gla_vector = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS, KEY_DIM)) / 4)
+        mamba2_scalar = dict(qkv(), g=-F.softplus(torch.randn(BATCH, T, HEADS)))
+        delta = dict(qkv(), g=F.logsigmoid(torch.randn(BATCH, T, HEADS)),
+                     beta=torch.rand(BATCH, T, HEADS))
+        delta["k"] = F.normalize(delta["k"], dim=-1)
+        check_scan(sp, "gla", gla_vector, doc_starts, rank, local_len, flat_input=False)
+        check_scan(sp, "mamba2", mamba2_scalar, doc_starts, rank, local_len, flat_input=True)
+        check_scan(sp, "gated_deltanet", delta, doc_starts, rank, local_len, flat_input=False)
+        for width in (2, 4):
+            check_conv(sp, doc_starts, rank, local_len, width)
+        for window in (None, 1, 3, 2 * local_len + 1):
+            check_attention(sp, doc_starts, rank, local_len, window)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_sequence_parallel_ops_match_single_process(world_size):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(run_checks, args=(world_size, os.path.join(tmp, "init")), nprocs=world_size, join=True)
+def test_sequence_parallel_ops_match_single_process(spawn, world_size):
+    spawn(run_checks, world_size)

@@ -1,4 +1,5 @@
-"""Checkpoints: torch.distributed.checkpoint for model and optimizer, JSON for everything else.
+"""Training checkpoints: the engine's model and optimizer (checkpoints/dcp.py or checkpoints/deepspeed.py),
+JSON for everything else.
 
 Layout of run_dir/checkpoints/step_000100/: the engine's model + optimizer state (FSDP and one process:
 DCP shards and .metadata, sharded the way the engine holds them, so a resume at another world size
@@ -16,7 +17,7 @@ returns; the files are written in a background thread while training goes on. `p
 publishes a finished save, and the next save, a signal-triggered one, or `wait` (at exit) first finishes
 the one in flight. DeepSpeed writes its own files synchronously.
 
-Loading never unpickles: see parallel/safe_load.py.
+Loading never unpickles: see checkpoints/safe_load.py.
 """
 import contextlib
 import json
@@ -31,12 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import DictConfig, OmegaConf
 
+from checkpoints.safe_load import is_refused_pickle
 from configs.errors import CheckpointError
-from parallel.safe_load import checked_reader, is_refused_pickle, safe_loading
 
 TRAIN_STATE = "train_state.json"
 RUN_CONFIG = "config.yaml"  # the run's resolved config: run_dir/config.yaml, or inside an export
@@ -211,23 +211,6 @@ def read_train_state(path: Path) -> dict:
     if not isinstance(state.get("step"), int) or not isinstance(state.get("model_config"), dict):
         raise CheckpointError(f"{state_file}: no step or model config")
     return state
-
-
-def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Fill a whole, unsharded model with the weights of a training checkpoint of any engine."""
-    path = Path(path)
-    with refusing_bad_files(path):
-        if (path / ".metadata").is_file():  # one process or FSDP at any world size: DCP reshards on load
-            state = {"model": model.state_dict()}
-            with safe_loading():
-                dcp.load(state, storage_reader=checked_reader(path))
-            model.load_state_dict(state["model"])
-        elif (path / "latest").is_file():  # DeepSpeed: gather the fp32 partitions of every rank
-            from parallel.deepspeed import consolidated_state_dict
-
-            model.load_state_dict(consolidated_state_dict(path))
-        else:
-            raise CheckpointError(f"{path}: holds neither torch.distributed.checkpoint nor DeepSpeed files")
 
 
 def run_config(path: Path) -> DictConfig:

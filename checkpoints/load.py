@@ -1,0 +1,35 @@
+"""Any checkpoint into one whole model in this process: an export, or a training checkpoint of any engine
+(one process, FSDP at any world size, DeepSpeed ZeRO 1/2/3). Nothing is unpickled."""
+from pathlib import Path
+
+import torch
+
+from checkpoints import dcp, deepspeed
+from checkpoints.checkpointer import read_train_state, refusing_bad_files
+from checkpoints.export import is_export, load_export
+from configs.errors import CheckpointError
+from model import LM
+
+
+def load_model(directory: Path, device: str | torch.device = "cpu") -> LM:
+    """The model of an export or of a complete training checkpoint; a directory that is neither, or holds
+    anything but plain tensors, raises one CheckpointError."""
+    directory = Path(directory)
+    if is_export(directory):
+        return load_export(directory, device)
+    with torch.device(device):
+        model = LM.from_config(read_train_state(directory)["model_config"])
+    load_model_weights(directory, model)
+    return model
+
+
+def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Fill a whole, unsharded model with the weights of a training checkpoint of any engine."""
+    directory = Path(directory)
+    with refusing_bad_files(directory):
+        if dcp.is_dcp(directory):  # one process or FSDP at any world size: DCP reshards on load
+            dcp.load_model_weights(directory, model)
+        elif deepspeed.is_deepspeed(directory):  # gather the fp32 partitions of every rank
+            model.load_state_dict(deepspeed.consolidated_state_dict(directory))
+        else:
+            raise CheckpointError(f"{directory}: holds neither torch.distributed.checkpoint nor DeepSpeed files")
