@@ -18,19 +18,17 @@ its output and log-sum-exp). The interpreter is slow, so the default lengths are
 do not depend on the length (every op keeps O(T)): `--lengths 1024 2048` gives the same figures.
 Prints tables and writes JSON (versions, date, config, results) to bench/results/.
 
-    python bench/activation_memory.py                          # blocks and presets at T 128 -> 256, growth
-    python bench/activation_memory.py --lengths 1024 2048 --parts blocks
-    python bench/activation_memory.py --parts growth --growth-lengths 512 2048 --documents 3
+    python -m bench.activation_memory                          # blocks and presets at T 128 -> 256, growth
+    python -m bench.activation_memory --lengths 1024 2048 --parts blocks
+    python -m bench.activation_memory --parts growth --growth-lengths 512 2048 --documents 3
 """
 import argparse
-import datetime
-import json
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import torch
+
+from bench.common import REPO, write_results
 
 
 def use_kernels(kernels: str) -> None:
@@ -41,9 +39,7 @@ def use_kernels(kernels: str) -> None:
         warnings.filterwarnings("ignore", category=RuntimeWarning)  # the interpreter's bf16 overflows: values unused
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+CONFIGS = REPO / "configs" / "model"
 PRESETS = ["transformer_370m", "gla_370m", "gla_hybrid_370m", "mamba2_370m", "mamba2_hybrid_370m",
            "gated_deltanet_370m", "gated_deltanet_hybrid_370m"]
 BLOCK_TYPES = {"attention": "transformer_370m", "gla": "gla_370m", "mamba2": "mamba2_370m",
@@ -210,15 +206,7 @@ def main():
     if "growth" in args.parts:
         report["growth"] = run_growth(args.growth_lengths, args.patterns, args.layers, args.d_model, args.window,
                                       args.documents)
-    from bench.kernels import versions
-
-    report = dict(versions=versions(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  config=vars(args), **report)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    tag = f"_{args.tag}" if args.tag else ""
-    path = RESULTS_DIR / f"activation_memory{tag}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_results("activation_memory" + (f"_{args.tag}" if args.tag else ""), dict(config=vars(args), **report))
 
 
 if __name__ == "__main__":

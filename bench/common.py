@@ -1,37 +1,44 @@
-"""What the benchmarks share: the results folder, the versions a result is stamped with, writing it, and
-printing a table.
+"""What the benchmarks share: the repository root, the results folder, the versions a result is stamped with,
+writing it, and printing a table.
 
 Benchmarks are modules run from the repository root (`python -m bench.kernels`,
 `torchrun --nproc_per_node=4 -m bench.sequence_parallel`), so the project's packages import without any
 path setup.
 """
 import datetime
+import importlib.metadata
 import json
 import platform
 from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]  # for what a benchmark reads or runs there: configs/, train.py
+RESULTS_DIR = REPO / "bench" / "results"
+
+
+def package_version(*names: str) -> str | None:
+    """The installed version of the first of these distributions found, None when none is: looked up, not
+    imported, so a package that fails to import is reported by what imports it, not here."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def versions() -> dict:
-    import triton
-
-    found = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__)
-    try:
-        import fla
-        found["fla"] = fla.__version__
-    except ImportError:
-        pass
-    return found
+    return dict(python=platform.python_version(), torch=torch.__version__, triton=package_version("triton"),
+                fla=package_version("fla-core", "flash-linear-attention"))
 
 
-def write_results(name: str, report: dict, directory: Path = RESULTS_DIR) -> Path:
-    """`report`, stamped with the date and the versions, as directory/<name>_<YYYYmmdd_HHMMSS>.json."""
+def write_results(name: str, report: dict, directory: Path = RESULTS_DIR, path: Path | None = None) -> Path:
+    """`report`, stamped with the date and the versions, as directory/<name>_<YYYYmmdd_HHMMSS>.json, or at
+    `path` when the caller names the file (a command's --out)."""
     now = datetime.datetime.now()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}_{now:%Y%m%d_%H%M%S}.json"
+    path = path or directory / f"{name}_{now:%Y%m%d_%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(date=now.isoformat(timespec="seconds"), versions=versions(), **report), indent=2))
     print(f"\nresults written to {path}")
     return path

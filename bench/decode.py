@@ -2,9 +2,9 @@
 peak memory and the decode state's size, at context 2K, 8K and 32K, batch 1 and 8; and the aten operations of
 one decode step per block (the constant-work property: the same count at every context).
 
-    python bench/decode.py                          # CUDA: everything; CPU: the reduced measurement below
-    python bench/decode.py --presets gated_deltanet_hybrid_370m,transformer_370m --contexts 2048,8192 --batches 1
-    python bench/decode.py --mode eager             # CUDA without the captured graph (or --mode compile)
+    python -m bench.decode                          # CUDA: everything; CPU: the reduced measurement below
+    python -m bench.decode --presets gated_deltanet_hybrid_370m,transformer_370m --contexts 2048,8192 --batches 1
+    python -m bench.decode --mode eager             # CUDA without the captured graph (or --mode compile)
 
 CUDA: each full preset in bf16; per (batch, context) a prefill of `context` random tokens, then --steps decode
 steps through LM.generate (one step captured as a CUDA graph by default).
@@ -12,31 +12,26 @@ CPU (two shared cores cannot prefill 32K tokens through 24 layers): one period o
 width (1 layer; 4 for the 3:1 hybrids) in fp32, the state set to the context length without a prefill (a decode
 step reads the whole preallocated cache whatever it holds, so its work is the same), per-step time at the
 --cpu-contexts (2K and 8K), and prefill tokens/s of a --cpu-prompt-token prompt.
-Writes bench/results/decode_<cpu|cuda>_<date>.json and prints a table.
+Writes bench/results/decode_<cpu|cuda>_<date>.json (device, versions, date, settings, rows) and prints a table.
 """
 import argparse
-import datetime
-import json
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
+from bench.common import REPO, write_results
+from model import LM
+from model.config import _pattern_letters
+from model.decode_ops import count_decode_ops
 
-from model import LM  # noqa: E402
-from model.config import _pattern_letters  # noqa: E402
-from model.decode_ops import count_decode_ops  # noqa: E402
-
-RESULTS_DIR = REPO / "bench" / "results"
 PRESETS = ["transformer_370m", "gla_370m", "gla_hybrid_370m", "mamba2_370m", "mamba2_hybrid_370m",
            "gated_deltanet_370m", "gated_deltanet_hybrid_370m"]
 VOCAB = 32000  # what the presets' parameter counts assume
+
+
 def build(preset: str, device: torch.device, dtype: torch.dtype, one_period: bool) -> LM:
     cfg = OmegaConf.load(REPO / "configs" / "model" / f"{preset}.yaml")
     cfg.vocab_size = VOCAB
@@ -148,13 +143,9 @@ def main():
         print(f"{r['preset']:<28} {r['batch']:>2} {r['context']:>7} {r['step_ms']:>8.2f} "
               f"{r['decode_tokens_per_s']:>8.1f} {r['prefill_tokens_per_s']:>13,.0f} {r['state_mb']:>9.1f} "
               f"{r.get('ops_per_step', ''):>8}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
-    out = RESULTS_DIR / f"decode_{'cuda' if on_cuda else 'cpu'}{args.tag}_{stamp}.json"
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu",
-                               "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items()},
-                               "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(f"decode_{'cuda' if on_cuda else 'cpu'}{args.tag}",
+                  dict(device=torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu",
+                       settings=vars(args), rows=rows))
 
 
 if __name__ == "__main__":

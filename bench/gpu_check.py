@@ -30,7 +30,6 @@ kernels fails the numerical check at a benchmark shape (or raises there).
 import argparse
 import datetime
 import importlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -48,12 +47,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from bench.common import REPO, RESULTS_DIR, package_version, print_table, versions
+from bench.kernels import GPU_SHAPES, make_inputs, sdpa_causal, time_cpu, time_gpu
 
-from bench.kernels import GPU_SHAPES, make_inputs, print_table, sdpa_causal, time_cpu, time_gpu  # noqa: E402
-
-RESULTS_DIR = ROOT / "bench" / "results"
 STAGES = ("tests", "kernels", "training")
 STAGE_SHARES = {"tests": 0.25, "kernels": 0.35, "training": 0.40}  # of the budget left when a stage starts
 FINISH_MARGIN_S = 5.0  # kept back from the budget for the last JSON and the tables
@@ -105,7 +101,7 @@ def run_with_deadline(command: list[str], timeout_s: float, on_line=None, poll=N
     tail = deque(maxlen=40)
     if timeout_s <= 0:
         return dict(returncode=None, timed_out=True, seconds=0.0, tail=["no time left in the budget"])
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)
 
     def read() -> None:
@@ -175,24 +171,9 @@ def log(budget: Budget, message: str) -> None:
 
 # ---- setup: device, versions, imports, presets ------------------------------------------------------
 
-def package_version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def versions() -> dict:
-    return dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-                triton=package_version("triton"), fla=package_version("fla-core", "flash-linear-attention"),
-                pytest=package_version("pytest"), pytest_xdist=package_version("pytest-xdist"))
-
-
 def git_commit() -> dict:
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     try:
         return dict(commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
     except (OSError, subprocess.CalledProcessError):
@@ -212,7 +193,7 @@ def load_preset(name: str, seq_len: int) -> dict:
     from omegaconf import OmegaConf
 
     from model import LM
-    cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml")
+    cfg = OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml")
     cfg.vocab_size = TRAINING["train_vocab"]
     with torch.device("meta"):
         lm = LM.from_config(cfg)
@@ -454,7 +435,7 @@ def train_command(preset: str, run_dir: Path, args) -> list[str]:
                  f"train.max_steps={args.train_steps}", "train.checkpoint_every=0",
                  f"train.log_every={args.train_steps}", "eval.tasks=[]", "eval.sample_tokens=0",
                  "logging.wandb.mode=disabled", f"run.dir={run_dir}"]
-    return [sys.executable, str(ROOT / "train.py"), *overrides, *(DRY_RUN_WIDTH if args.dry_run else [])]
+    return [sys.executable, str(REPO / "train.py"), *overrides, *(DRY_RUN_WIDTH if args.dry_run else [])]
 
 
 def summarise_steps(records: list[dict], warmup: int, tokens_per_step: int) -> dict:
@@ -482,7 +463,7 @@ def stage_training(report: Report, budget: Budget, timeout_s: float, args) -> No
         for i, preset in enumerate(TRAIN_PRESETS):
             row = dict(preset=preset)
             stage["rows"].append(row)
-            if not (ROOT / "configs" / "model" / f"{preset}.yaml").exists():
+            if not (REPO / "configs" / "model" / f"{preset}.yaml").exists():
                 row["error"] = f"no preset configs/model/{preset}.yaml"
                 statuses.append("error")
                 continue
@@ -627,7 +608,9 @@ def main() -> int:
     kind = "dryrun" if args.dry_run else re.sub(r"\W+", "_", info["device"]).strip("_").lower()
     path = args.out / f"gpu_check_{kind}_{stamp}.json"
     data = dict(command=" ".join(["python -m bench.gpu_check", *sys.argv[1:]]), dry_run=args.dry_run,
-                device=info, versions=versions(), git=git_commit(),
+                device=info, git=git_commit(),
+                versions=dict(versions(), cuda=torch.version.cuda, pytest=package_version("pytest"),
+                              pytest_xdist=package_version("pytest-xdist")),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 environment={k: os.environ[k] for k in ENV_RECORDED if k in os.environ},
                 budget_s=args.budget_s, elapsed_s=0.0, finished=False, numerical_check_passed=None,

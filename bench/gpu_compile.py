@@ -24,10 +24,8 @@ Run with TRITON_INTERPRET unset (Triton decides at decoration time whether a ker
 """
 import argparse
 import contextlib
-import datetime
 import glob
 import itertools
-import json
 import multiprocessing
 import os
 import sys
@@ -39,12 +37,9 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from bench.common import REPO, write_results
+from kernels.compile_check import TARGETS, CompileLog, Compiled, compile_only, failures
 
-from kernels.compile_check import TARGETS, CompileLog, Compiled, compile_only, failures  # noqa: E402
-
-RESULTS_DIR = ROOT / "bench" / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Ops by the mixer that runs them; 'gla_scalar' is chunk_gla with a [B, T, H] gate (Mamba2). Every recurrent
 # mixer also runs the short convolution ('conv', whose shape is (channels, width)).
@@ -59,7 +54,7 @@ def preset_shapes() -> dict[str, list[tuple[int, int]]]:
 
     from model.config import ModelConfig
     shapes: dict[str, set] = {op: set() for op in OPS}
-    for path in sorted(glob.glob(str(ROOT / "configs" / "model" / "*.yaml"))):
+    for path in sorted(glob.glob(str(REPO / "configs" / "model" / "*.yaml"))):
         c = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
         mixers = set(c.layer_mixers())
         for mixer in mixers & set(MIXER_OPS):
@@ -229,36 +224,26 @@ def main(argv: list[str] | None = None) -> int:
         cases = [dict(target=t, op=op, dtype=d, K=K, V=V) for t in args.targets for op in args.ops
                  for d in args.dtypes or DTYPES for K, V in shapes[op]]
 
-    import triton
     if args.count:
         return _count(quick_cases({op: shapes[op] for op in args.ops}, args.targets, args.dtypes or ("bf16",)),
-                      args.out, triton.__version__)
+                      args.out)
     print(HEADER, flush=True)
     rows = check(cases, quick=args.quick, jobs=args.jobs)
-    result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  triton=triton.__version__, torch=torch.__version__, quick=args.quick,
-                  max_shared={t: TARGETS[t][1] for t in sorted({c["target"] for c in cases})}, rows=rows)
-    out = args.out or RESULTS_DIR / f"gpu_compile_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_results("gpu_compile", dict(quick=args.quick, rows=rows,
+                                      max_shared={t: TARGETS[t][1] for t in sorted({c["target"] for c in cases})}),
+                  path=args.out)
     bad = failures(rows)
     for line in bad:
         print(f"FAIL {line}")
     return 1 if bad else 0
 
 
-def _count(cases: list[dict], out: Path | None, triton_version: str) -> int:
+def _count(cases: list[dict], out: Path | None) -> int:
     rows = [count_variants(case) for case in cases]
     for r in rows:
         print(f"{r['target']:7}{r['op']:17}{r['dtype']:5}{r['K']:>4}x{r['V']:<4} {r['variants']:>4} variants  "
               + " ".join(f"{name}:{n}" for name, n in r["per_kernel"].items()), flush=True)
-    out = out or RESULTS_DIR / f"gpu_compile_count_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                   triton=triton_version, max_variants_per_op=MAX_VARIANTS_PER_OP, rows=rows),
-                              indent=1))
-    print(f"wrote {out}")
+    write_results("gpu_compile_count", dict(max_variants_per_op=MAX_VARIANTS_PER_OP, rows=rows), path=out)
     over = [r for r in rows if r["variants"] > MAX_VARIANTS_PER_OP]
     for r in over:
         print(f"FAIL {r['op']} {r['target']}: {r['variants']} variants > {MAX_VARIANTS_PER_OP}")

@@ -8,15 +8,11 @@ does (head matmul in bf16, softmax in fp32), hidden states of the 370M width. Th
 peak per token; the fused path also holds d weight [vocab, d_model] in fp32 between forward and backward.
 Prints a table and writes JSON (versions, date, config, results) to bench/results/.
 
-    python bench/loss_memory.py                                # 4096 tokens, vocab 32000 and 128256
-    python bench/loss_memory.py --tokens 2048 --vocab 32000 --d-model 2048
+    python -m bench.loss_memory                                # 4096 tokens, vocab 32000 and 128256
+    python -m bench.loss_memory --tokens 2048 --vocab 32000 --d-model 2048
 """
 import argparse
-import datetime
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +20,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.common import write_results
+from model.loss import linear_cross_entropy
 
-from model.loss import linear_cross_entropy  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB = 2 ** 20
 
 
@@ -105,14 +99,7 @@ def main():
                                 forward_peak_bytes=row["forward_peak_bytes"], peak_bytes=row["peak_bytes"],
                                 seconds=row["seconds"]))
 
-    from bench.kernels import versions
-
-    report = dict(versions=versions(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  config=vars(args), results=results)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"loss_memory_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_results("loss_memory", dict(config=vars(args), results=results))
 
 
 if __name__ == "__main__":
