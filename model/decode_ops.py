@@ -12,11 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.lm import LM
 
-# The kernel entry points the mixers' decode steps call (module, name): their internal operations are counted
-# apart, since on CUDA each is one Triton launch (the recurrences) or a few fused elementwise ops (the conv).
-KERNEL_ENTRY_POINTS = (("model.recurrent", "causal_conv1d"), ("model.gla", "fused_recurrent_gla"),
-                       ("model.mamba2", "fused_recurrent_gla"),
-                       ("model.gated_deltanet", "fused_recurrent_gated_delta_rule"))
+# The kernel entry points the mixers' decode steps call (module, name): the short conv, and each recurrent
+# mixer's step of its cached state (recurrent_step: the fused recurrent kernel). Their internal operations are
+# counted apart, since on CUDA each is one Triton launch.
+KERNEL_ENTRY_POINTS = (("model.recurrent", "causal_conv1d"), ("model.gla", "recurrent_step"),
+                       ("model.mamba2", "recurrent_step"), ("model.gated_deltanet", "recurrent_step"))
 
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
 

@@ -4,6 +4,8 @@ torch.compile then treats each op as one opaque call (it neither traces into the
 autotuners nor breaks the graph on the host-side chunk index), and eager mode runs the same ops. Every op
 has the state contract's arguments, its gates as a list (GLA: [g]; the delta rule: [g, beta]), and one flag
 for the forward schedule: chunkwise, or the fused recurrent kernel (decode), both with the chunkwise backward.
+An op family's triton_chunk.py registers the op with its chunk forward and backward; its fused_recurrent.py
+adds the decode forward (`op.decode_forward = ...`), so neither module imports the other.
 """
 import torch
 
@@ -21,17 +23,27 @@ def _no_state(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0, dtype=torch.float32)
 
 
-def recurrent_op(name: str, forward, backward):
-    """Register baton::<name> and baton::<name>_backward; return the op as
+class RecurrentOp:
+    """baton::<name> and baton::<name>_backward, called as
     op(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent) -> (o, final or None).
 
-    forward(q, k, v, gates, initial_state, chunks, scale, output_final_state, recurrent) -> (o, final or None)
-    backward(q, k, v, gates, initial_state, chunks, scale, do, d_final_state) -> (dq, dk, dv, dgates, d_initial
-    or None), where chunks is the call's ChunkIndex."""
+    chunk_forward and decode_forward: (q, k, v, gates, initial_state, chunks, scale, output_final_state) ->
+    (o, final or None); backward: (q, k, v, gates, initial_state, chunks, scale, do, d_final_state) ->
+    (dq, dk, dv, dgates, d_initial or None); chunks is the call's ChunkIndex."""
 
+    def __init__(self, name: str, chunk_forward, backward):
+        self.decode_forward = None  # set by the family's fused_recurrent module
+        self._call = _register(name, self, chunk_forward, backward)
+
+    def __call__(self, q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent):
+        return self._call(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent)
+
+
+def _register(name: str, family: RecurrentOp, chunk_forward, backward):
     def forward_op(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent):
         chunks = chunk_index(cu_seqlens, q.shape[0], q.shape[1], q.device)
-        o, final = forward(q, k, v, gates, initial_state, chunks, scale, output_final_state, recurrent)
+        forward = family.decode_forward if recurrent else chunk_forward
+        o, final = forward(q, k, v, gates, initial_state, chunks, scale, output_final_state)
         return o.contiguous(), _no_state(q) if final is None else final.contiguous()
 
     def forward_fake(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent):
@@ -47,8 +59,8 @@ def recurrent_op(name: str, forward, backward):
 
     def backward_fake(q, k, v, gates, initial_state, cu_seqlens, scale, do, d_final_state):
         d_initial = _no_state(q) if initial_state is None else initial_state.new_empty(initial_state.shape)
-        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), [g.new_empty(g.shape) for g in gates],
-                d_initial)
+        dgates = [g.new_empty(g.shape) for g in gates]
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgates, d_initial
 
     op = torch.library.custom_op(f"baton::{name}", forward_op, mutates_args=(), schema=FORWARD_SCHEMA)
     op.register_fake(forward_fake)

@@ -71,6 +71,14 @@ def fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state,
     return o, final_state
 
 
+def _decode_forward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, output_final_state):
+    initial_state = initial_state.contiguous() if initial_state is not None else None
+    return fused_recurrent_gated_delta_rule_fwd(q, k, v, *gates, scale, initial_state, output_final_state, chunks)
+
+
+gated_delta_rule_op.decode_forward = _decode_forward
+
+
 def fused_recurrent_gated_delta_rule_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     scale: float | None = None, initial_state: torch.Tensor | None = None, output_final_state: bool = False,

@@ -14,7 +14,7 @@ spills and shared memory.
 import torch
 
 from kernels.common.chunks import CHUNK_SIZE, ChunkIndex
-from kernels.common.custom_ops import recurrent_op
+from kernels.common.custom_ops import RecurrentOp
 from kernels.common.output_pass import chunk_outputs
 from kernels.common.state_passes import block_size, check_key_dim, chunk_state_grads, chunk_states, dot_precision
 from kernels.gated_delta_rule.triton_wy import (_intra_bwd_dk_kernel, _intra_bwd_k_kernel, _intra_bwd_v_kernel,
@@ -85,13 +85,9 @@ def _flatten(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous() for x in xs]
 
 
-def _forward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, output_final_state, recurrent):
+def _forward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, output_final_state):
     g, beta = gates
     initial_state = initial_state.contiguous() if initial_state is not None else None
-    if recurrent:  # the decode schedule; the backward is the chunkwise one either way
-        from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd
-        return fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                                    chunks)
     return chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, chunks)
 
 
@@ -106,7 +102,7 @@ def _backward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, do, d_fi
     return dq, dk, dv, [dg, dbeta], d_h0
 
 
-gated_delta_rule_op = recurrent_op("gated_delta_rule", _forward, _backward)
+gated_delta_rule_op = RecurrentOp("gated_delta_rule", _forward, _backward)  # decode: fused_recurrent.py
 
 
 def chunk_gated_delta_rule_triton(

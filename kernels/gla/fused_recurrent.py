@@ -61,6 +61,13 @@ def fused_recurrent_gla_fwd(q, k, v, g, scale, initial_state, output_final_state
     return o, final
 
 
+def _decode_forward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, output_final_state):
+    return fused_recurrent_gla_fwd(q, k, v, gates[0], scale, initial_state, output_final_state, chunks)
+
+
+gla_op.decode_forward = _decode_forward
+
+
 def fused_recurrent_gla_triton(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
                                cu_seqlens=None):
     q, k, v, g, scale, initial_state = prepare_inputs(q, k, v, g, scale, initial_state)

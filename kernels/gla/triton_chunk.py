@@ -21,7 +21,7 @@ import torch
 import triton
 
 from kernels.common.chunks import CHUNK_SIZE, ChunkIndex
-from kernels.common.custom_ops import recurrent_op
+from kernels.common.custom_ops import RecurrentOp
 from kernels.common.output_pass import chunk_outputs
 from kernels.common.state_passes import chunk_state_grads, chunk_states
 from kernels.gla.chunk import SUB_CHUNK_SIZE
@@ -114,10 +114,7 @@ def chunk_gla_bwd(q, k, v, g, scale, initial_state, do, d_final, chunks: ChunkIn
     return dq, dk, dv, dg, d_initial
 
 
-def _forward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, output_final_state, recurrent):
-    if recurrent:  # the decode schedule; the backward is the chunkwise one either way
-        from kernels.gla.fused_recurrent import fused_recurrent_gla_fwd
-        return fused_recurrent_gla_fwd(q, k, v, gates[0], scale, initial_state, output_final_state, chunks)
+def _forward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, output_final_state):
     return chunk_gla_fwd(q, k, v, gates[0], scale, initial_state, output_final_state, chunks)
 
 
@@ -128,7 +125,7 @@ def _backward(q, k, v, gates, initial_state, chunks: ChunkIndex, scale, do, d_fi
     return dq, dk, dv, [dg], d_initial
 
 
-gla_op = recurrent_op("gla", _forward, _backward)
+gla_op = RecurrentOp("gla", _forward, _backward)  # decode: fused_recurrent.py
 
 
 def prepare_inputs(q, k, v, g, scale, initial_state):

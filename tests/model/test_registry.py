@@ -49,5 +49,5 @@ def test_recurrent_mixers_carry_their_ops_and_state_dims(make_lm, name):
     mixer = MIXERS[name]
     assert mixer.recurrent and mixer.core.kernel in ("gla", "gla_scalar", "gated_delta_rule")
     lm = make_lm(mixer.letter)
-    state = lm.init_state(1)[0]["recurrent"]
+    state = lm.init_state(1, 8).caches[0]["recurrent"]
     assert tuple(state.shape[2:]) == mixer.head_dims(lm.config)  # [N, H, K, V]
