@@ -39,12 +39,12 @@ import torch.nn.functional as F
 
 from bench.common import REPO, write_results
 from kernels.compile_check import TARGETS, CompileLog, Compiled, compile_only, failures
+from model.registry import MIXERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# Ops by the mixer that runs them; 'gla_scalar' is chunk_gla with a [B, T, H] gate (Mamba2). Every recurrent
-# mixer also runs the short convolution ('conv', whose shape is (channels, width)).
-MIXER_OPS = {"gla": "gla", "mamba2": "gla_scalar", "gated_deltanet": "gated_delta_rule"}
-OPS = sorted({*MIXER_OPS.values(), "conv"})
+# The recurrent mixers' kernel ops (model/registry.py: 'gla_scalar' is chunk_gla with a [B, T, H] gate, Mamba2's),
+# and the short convolution every recurrent mixer runs ('conv', whose shape is (channels, width)).
+OPS = sorted({*(mixer.core.kernel for mixer in MIXERS.values() if mixer.recurrent), "conv"})
 CONV_CHANNELS = 1024  # the kernels block channels by 32-128 and are keyed on (channels, width): any size will do
 
 
@@ -56,17 +56,10 @@ def preset_shapes() -> dict[str, list[tuple[int, int]]]:
     shapes: dict[str, set] = {op: set() for op in OPS}
     for path in sorted(glob.glob(str(REPO / "configs" / "model" / "*.yaml"))):
         c = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
-        mixers = set(c.layer_mixers())
-        for mixer in mixers & set(MIXER_OPS):
-            shapes["conv"].add((CONV_CHANNELS, getattr(c, mixer).conv_size))
-        if "gla" in mixers:
-            g = c.gla
-            shapes["gla"].add((int(c.d_model * g.expand_k) // g.num_heads, int(c.d_model * g.expand_v) // g.num_heads))
-        if "mamba2" in mixers:
-            shapes["gla_scalar"].add((c.mamba2.d_state, c.mamba2.head_dim))
-        if "gated_deltanet" in mixers:
-            d = c.gated_deltanet
-            shapes["gated_delta_rule"].add((d.head_dim, int(d.head_dim * d.expand_v)))
+        for mixer in (MIXERS[name] for name in set(c.layer_mixers())):
+            if mixer.recurrent:
+                shapes[mixer.core.kernel].add(mixer.head_dims(c))
+                shapes["conv"].add((CONV_CHANNELS, getattr(c, mixer.config_key).conv_size))
     return {op: sorted(s) for op, s in shapes.items()}
 
 
