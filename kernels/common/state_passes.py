@@ -87,6 +87,37 @@ def _advance(b_h, k, g_cumsum, b_v, rows, valid, last, cols_k, H: tl.constexpr, 
     return b_h * b_decay + dot(tl.trans(b_k), b_v, DT, DOT_PRECISION)
 
 
+@triton.jit
+def _load_key_blocks(ptr, i_state, i_h, cols_1, cols_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, KEY_BLOCKS: tl.constexpr, LOAD: tl.constexpr):
+    """The up to four [BK, BV] key blocks of state i_state from cols_1 on (fp32), zeros unless LOAD."""
+    b_1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_3 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_4 = tl.zeros([BK, BV], dtype=tl.float32)
+    if LOAD:
+        b_1 += load_state(ptr, i_state, i_h, cols_1, cols_v, H, K, V)
+        if KEY_BLOCKS > 1:
+            b_2 += load_state(ptr, i_state, i_h, cols_1 + BK, cols_v, H, K, V)
+        if KEY_BLOCKS > 2:
+            b_3 += load_state(ptr, i_state, i_h, cols_1 + 2 * BK, cols_v, H, K, V)
+        if KEY_BLOCKS > 3:
+            b_4 += load_state(ptr, i_state, i_h, cols_1 + 3 * BK, cols_v, H, K, V)
+    return b_1, b_2, b_3, b_4
+
+
+@triton.jit
+def _store_key_blocks(ptr, b_1, b_2, b_3, b_4, i_state, i_h, cols_1, cols_v, H: tl.constexpr, K: tl.constexpr,
+                      V: tl.constexpr, BK: tl.constexpr, KEY_BLOCKS: tl.constexpr):
+    store_state(ptr, b_1, i_state, i_h, cols_1, cols_v, H, K, V)
+    if KEY_BLOCKS > 1:
+        store_state(ptr, b_2, i_state, i_h, cols_1 + BK, cols_v, H, K, V)
+    if KEY_BLOCKS > 2:
+        store_state(ptr, b_3, i_state, i_h, cols_1 + 2 * BK, cols_v, H, K, V)
+    if KEY_BLOCKS > 3:
+        store_state(ptr, b_4, i_state, i_h, cols_1 + 3 * BK, cols_v, H, K, V)
+
+
 @autotune(CONFIGS, key=["H", "K", "V", "VECTOR_GATE", "DELTA", "USE_INITIAL_STATE", "STORE_FINAL_STATE"])
 @triton.jit
 def state_fwd_kernel(
@@ -104,27 +135,10 @@ def state_fwd_kernel(
     cols_v = i_v * BV + tl.arange(0, BV)
     cols_1 = i_kp * KEY_BLOCKS * BK + tl.arange(0, BK)
     cols_2, cols_3, cols_4 = cols_1 + BK, cols_1 + 2 * BK, cols_1 + 3 * BK
-    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h3 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h4 = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_h1 += load_state(initial_state, i_n, i_h, cols_1, cols_v, H, K, V)
-        if KEY_BLOCKS > 1:
-            b_h2 += load_state(initial_state, i_n, i_h, cols_2, cols_v, H, K, V)
-        if KEY_BLOCKS > 2:
-            b_h3 += load_state(initial_state, i_n, i_h, cols_3, cols_v, H, K, V)
-        if KEY_BLOCKS > 3:
-            b_h4 += load_state(initial_state, i_n, i_h, cols_4, cols_v, H, K, V)
+    b_h1, b_h2, b_h3, b_h4 = _load_key_blocks(initial_state, i_n, i_h, cols_1, cols_v, H, K, V, BK, BV, KEY_BLOCKS,
+                                              USE_INITIAL_STATE)
     for i_t in range(0, tl.cdiv(eos - bos, BT)):
-        i_state = first_chunk + i_t
-        store_state(h, b_h1, i_state, i_h, cols_1, cols_v, H, K, V)
-        if KEY_BLOCKS > 1:
-            store_state(h, b_h2, i_state, i_h, cols_2, cols_v, H, K, V)
-        if KEY_BLOCKS > 2:
-            store_state(h, b_h3, i_state, i_h, cols_3, cols_v, H, K, V)
-        if KEY_BLOCKS > 3:
-            store_state(h, b_h4, i_state, i_h, cols_4, cols_v, H, K, V)
+        _store_key_blocks(h, b_h1, b_h2, b_h3, b_h4, first_chunk + i_t, i_h, cols_1, cols_v, H, K, V, BK, KEY_BLOCKS)
         rows = bos + i_t * BT + tl.arange(0, BT)
         valid = rows < eos
         last = tl.minimum(bos + (i_t + 1) * BT, eos) - 1
@@ -149,13 +163,7 @@ def state_fwd_kernel(
             b_h4 = _advance(b_h4, k, g_cumsum, b_v, rows, valid, last, cols_4, H, K, i_h, VECTOR_GATE, DT,
                             DOT_PRECISION)
     if STORE_FINAL_STATE:
-        store_state(final_state, b_h1, i_n, i_h, cols_1, cols_v, H, K, V)
-        if KEY_BLOCKS > 1:
-            store_state(final_state, b_h2, i_n, i_h, cols_2, cols_v, H, K, V)
-        if KEY_BLOCKS > 2:
-            store_state(final_state, b_h3, i_n, i_h, cols_3, cols_v, H, K, V)
-        if KEY_BLOCKS > 3:
-            store_state(final_state, b_h4, i_n, i_h, cols_4, cols_v, H, K, V)
+        _store_key_blocks(final_state, b_h1, b_h2, b_h3, b_h4, i_n, i_h, cols_1, cols_v, H, K, V, BK, KEY_BLOCKS)
 
 
 @triton.jit
@@ -192,29 +200,13 @@ def state_bwd_kernel(
     cols_v = i_v * BV + tl.arange(0, BV)
     cols_1 = i_kp * KEY_BLOCKS * BK + tl.arange(0, BK)
     cols_2, cols_3, cols_4 = cols_1 + BK, cols_1 + 2 * BK, cols_1 + 3 * BK
-    b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRAD:
-        b_dh1 += load_state(d_final_state, i_n, i_h, cols_1, cols_v, H, K, V)
-        if KEY_BLOCKS > 1:
-            b_dh2 += load_state(d_final_state, i_n, i_h, cols_2, cols_v, H, K, V)
-        if KEY_BLOCKS > 2:
-            b_dh3 += load_state(d_final_state, i_n, i_h, cols_3, cols_v, H, K, V)
-        if KEY_BLOCKS > 3:
-            b_dh4 += load_state(d_final_state, i_n, i_h, cols_4, cols_v, H, K, V)
+    b_dh1, b_dh2, b_dh3, b_dh4 = _load_key_blocks(d_final_state, i_n, i_h, cols_1, cols_v, H, K, V, BK, BV,
+                                                  KEY_BLOCKS, USE_FINAL_STATE_GRAD)
     num_chunks = tl.cdiv(eos - bos, BT)
     for i in range(0, num_chunks):
         i_t = num_chunks - 1 - i
-        i_state = first_chunk + i_t
-        store_state(dh, b_dh1, i_state, i_h, cols_1, cols_v, H, K, V)
-        if KEY_BLOCKS > 1:
-            store_state(dh, b_dh2, i_state, i_h, cols_2, cols_v, H, K, V)
-        if KEY_BLOCKS > 2:
-            store_state(dh, b_dh3, i_state, i_h, cols_3, cols_v, H, K, V)
-        if KEY_BLOCKS > 3:
-            store_state(dh, b_dh4, i_state, i_h, cols_4, cols_v, H, K, V)
+        _store_key_blocks(dh, b_dh1, b_dh2, b_dh3, b_dh4, first_chunk + i_t, i_h, cols_1, cols_v, H, K, V, BK,
+                          KEY_BLOCKS)
         rows = bos + i_t * BT + o_i
         valid = rows < eos
         last = tl.minimum(bos + (i_t + 1) * BT, eos) - 1
@@ -253,13 +245,8 @@ def state_bwd_kernel(
             b_dh4 = _retreat(b_dh4, q, w, g_cumsum, b_do, b_dvn, scale, rows, valid, last, cols_4, H, K, i_h,
                              VECTOR_GATE, DELTA, DT, DOT_PRECISION)
     if USE_INITIAL_STATE:
-        store_state(d_initial_state, b_dh1, i_n, i_h, cols_1, cols_v, H, K, V)
-        if KEY_BLOCKS > 1:
-            store_state(d_initial_state, b_dh2, i_n, i_h, cols_2, cols_v, H, K, V)
-        if KEY_BLOCKS > 2:
-            store_state(d_initial_state, b_dh3, i_n, i_h, cols_3, cols_v, H, K, V)
-        if KEY_BLOCKS > 3:
-            store_state(d_initial_state, b_dh4, i_n, i_h, cols_4, cols_v, H, K, V)
+        _store_key_blocks(d_initial_state, b_dh1, b_dh2, b_dh3, b_dh4, i_n, i_h, cols_1, cols_v, H, K, V, BK,
+                          KEY_BLOCKS)
 
 
 def _key_layout(K: int, delta: bool) -> tuple[int, int, int]:
