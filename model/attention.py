@@ -212,7 +212,9 @@ class Attention(nn.Module):
         # and spares a cast of the whole cache every step.
         dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
         shape = (batch_size, slots, self.num_kv_heads, self.head_dim)
-        return {"k": w.new_zeros(shape, dtype=dtype), "v": w.new_zeros(shape, dtype=dtype),
+        # torch.zeros, not w.new_zeros: under FSDP2 the weight is a DTensor, the cache a plain local tensor.
+        return {"k": torch.zeros(shape, dtype=dtype, device=w.device),
+                "v": torch.zeros(shape, dtype=dtype, device=w.device),
                 "constants": {"slot_ids": torch.arange(slots, device=w.device),
                               "rows": torch.arange(batch_size, device=w.device),
                               "inv_freq": torch.cat((inv_freq, inv_freq))}}
