@@ -12,11 +12,11 @@ def slurm(tmp_path_factory):
     installs Slurm) they fail instead, so CI never passes by skipping them. A cluster that is installed
     but cannot start fails the tests."""
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    unmet = unmet_requirement(cluster.env["PATH"])
-    if unmet is not None:
+    slurm_missing = unmet_requirement(cluster.env["PATH"])
+    if slurm_missing is not None:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and the Slurm tests cannot run: {unmet}", pytrace=False)
-        pytest.skip(unmet)
+            pytest.fail(f"CI=true and the Slurm tests cannot run: {slurm_missing}", pytrace=False)
+        pytest.skip(slurm_missing)
     try:
         cluster.start()
     except (SlurmError, OSError) as err:
