@@ -26,8 +26,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from bench.common import RESULTS_DIR, write_results
 from checkpoints import load_model
 from model import LM

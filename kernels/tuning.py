@@ -85,8 +85,3 @@ def pinned_config(index: int):
     finally:
         for tuner, configs, cache in saved:
             tuner.configs, tuner.cache = configs, cache
-
-
-def most_candidates() -> int:
-    """The largest number of candidates of any autotuned kernel imported so far."""
-    return max((len(tuner.candidates) for tuner in AUTOTUNERS), default=0)
