@@ -27,6 +27,7 @@ from data.loader import batch_to_device
 from eval import run_tasks
 from model.config import vocab_for_data
 from parallel.build import build_engine
+from parallel.mesh import leave_process_group
 from parallel.topology import Topology, init_topology
 from training.faults import (EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_TIMEOUT, StepGuard, StopSignals, TrainingDiverged,
                              describe_timeout)
@@ -189,6 +190,7 @@ def stop_early(run: Run, stop: StopSignals) -> int:
     if run.topo.is_main:
         print(f"stopped by {stop.received or 'a signal to another rank'} at step {run.step}; checkpoint saved, "
               f"resume=auto continues (exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+    leave_process_group()
     return EXIT_PREEMPTED
 
 
@@ -210,6 +212,7 @@ def finish(run: Run) -> int:
         (run.run_dir / "sample.txt").write_text(sample)
         print(f"sample:\n{sample}")
     run.logger.close()
+    leave_process_group()
     return 0
 
 

@@ -40,6 +40,15 @@ def init_distributed(timeout_s: float = 600) -> torch.device:
     return device
 
 
+def leave_process_group() -> None:
+    """The end of a run that every rank reached: wait for the others, then tear the group down. A rank that
+    exits with its group alive, or tears it down while a peer is still inside a collective, can abort at exit
+    in gloo's threads ("terminate called without an active exception") and fail a finished job."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _restart_safe_store(timeout_s: float) -> dict:
     """Under torchrun the ranks rendezvous through the agent's store, which outlives a restart of the group
     (--max-restarts): the new ranks could read the dead ones' addresses from it and fail to connect

@@ -15,15 +15,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parallel.mesh import leave_process_group
+
 
 def _in_gloo_group(rank: int, worker, world_size: int, init_file: str, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        worker(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    worker(rank, world_size, *args)
+    leave_process_group()  # a worker that raised skips this; mp.spawn then ends the others
 
 
 def spawn_gloo(worker, world_size: int, *args) -> None:
