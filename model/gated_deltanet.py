@@ -10,15 +10,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_delta_rule_state_summary
+from kernels import (chunk_gated_delta_rule, chunk_gated_delta_rule_vjp, fused_recurrent_gated_delta_rule,
+                     gated_delta_rule_state_summary)
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm, RMSNorm
 from model.flops import chunked_recurrence_flops
-from model.recurrent import (ShortConvolution, fused_conv_cache, fused_conv_decode, init_dt_bias_, recurrent_scan,
+from model.recurrent import (ShortConvolution, fused_conv_cache, fused_conv_decode, init_dt_bias_, mix, output_gate,
                              recurrent_step)
 from model.registry import Mixer, RecurrentCore, register
 
-DELTA_RULE_CORE = RecurrentCore("gated_delta_rule", chunk=chunk_gated_delta_rule,
+DELTA_RULE_CORE = RecurrentCore("gated_delta_rule", chunk=chunk_gated_delta_rule, chunk_vjp=chunk_gated_delta_rule_vjp,
                                 decode=fused_recurrent_gated_delta_rule,
                                 state_summary=gated_delta_rule_state_summary)
 
@@ -57,33 +58,37 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
                 cache: Optional[dict] = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        H = self.num_heads
-        q = self.convs["q"](self.q_proj(x), cu_seqlens, sp, cache).view(B, T, H, self.head_k_dim)
-        k = self.convs["k"](self.k_proj(x), cu_seqlens, sp, cache).view(B, T, H, self.head_k_dim)
-        v = self.convs["v"](self.v_proj(x), cu_seqlens, sp, cache).view(B, T, H, self.head_v_dim)
-        q = F.normalize(q.float(), dim=-1).to(v.dtype)
-        k = F.normalize(k.float(), dim=-1).to(v.dtype)
-        g, beta = self._gates(x)
-        o = recurrent_scan(DELTA_RULE_CORE, q, k, v, g=g, beta=beta,
-                           scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
-        return self._output(o, x)
+        tensors = dict(q=self.q_proj(x), k=self.k_proj(x), v=self.v_proj(x), a=self.a_proj(x), b=self.b_proj(x),
+                       A_log=self.A_log, dt_bias=self.dt_bias, norm=self.o_norm.weight,
+                       **{f"{name}_conv": conv.weight for name, conv in self.convs.items()})
+        if self.g_proj is not None:
+            tensors.update(x=x, gate_weight=self.g_proj.weight)
+        return mix(DELTA_RULE_CORE, self._scan_inputs, self._output, tensors, self.o_proj,
+                   scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
 
-    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log decay g, write strength beta) [..., H] fp32 of the tokens x [..., d_model]."""
-        beta = torch.sigmoid(self.b_proj(x).float())
+    def _scan_inputs(self, t: dict, cu_seqlens, sp, cache):
+        """The projections (and the parameters in t) -> L2-normed q, k, v [B, T, H, *], the log decay g and beta."""
+        B, T, H, K = *t["q"].shape[:2], self.num_heads, self.head_k_dim
+        q, k, v = (self.convs[name](t[name], cu_seqlens, sp, cache, weight=t[f"{name}_conv"]) for name in "qkv")
+        q = F.normalize(q.view(B, T, H, K).float(), dim=-1).to(v.dtype)
+        k = F.normalize(k.view(B, T, H, K).float(), dim=-1).to(v.dtype)
+        g, beta = self._gates(t["a"], t["b"], t["A_log"], t["dt_bias"])
+        return q, k, v.view(B, T, H, self.head_v_dim), {"g": g, "beta": beta}, {}
+
+    def _gates(self, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor,
+               dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log decay g, write strength beta) [..., H] fp32 from the projections a, b [..., H]."""
+        beta = torch.sigmoid(b.float())
         if self.allow_neg_eigval:
             beta = beta * 2
-        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        g = -torch.exp(A_log.float()) * F.softplus(a.float() + dt_bias.float())
         return g, beta
 
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """o [..., H, V] of the tokens x [..., d_model] -> the mixer's output [..., d_model]."""
+    def _output(self, o: torch.Tensor, extras: dict, t: dict) -> torch.Tensor:
+        """o [..., H, V] -> the normed (and gated) output [..., value_dim], before o_proj."""
         if self.g_proj is not None:
-            o = self.o_norm(o, self.g_proj(x).view(o.shape))
-        else:
-            o = self.o_norm(o)
-        return self.o_proj(o.flatten(-2))
+            return self.o_norm(o, output_gate(t).view(o.shape), weight=t["norm"]).flatten(-2)
+        return self.o_norm(o, weight=t["norm"]).flatten(-2)
 
     def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
@@ -93,10 +98,11 @@ class GatedDeltaNet(nn.Module):
         # q and k L2-normalised together: 2H vectors of head_k_dim.
         qk = F.normalize(qk.reshape(B, 1, 2 * H, self.head_k_dim).float(), dim=-1).to(v.dtype)
         q, k = qk.chunk(2, 2)
-        g, beta = self._gates(x[:, None])
+        g, beta = self._gates(self.a_proj(x[:, None]), self.b_proj(x[:, None]), self.A_log, self.dt_bias)
         o = recurrent_step(DELTA_RULE_CORE.decode, q, k, v.view(B, 1, H, self.head_v_dim), g=g, beta=beta,
                            scale=self.head_k_dim ** -0.5, state=cache["recurrent"])
-        return self._output(o.view(B, H, self.head_v_dim), x)
+        t = {"norm": self.o_norm.weight, "gate": self.g_proj(x) if self.g_proj is not None else None}
+        return self.o_proj(self._output(o.view(B, H, self.head_v_dim), {}, t))
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """The recurrent state [B, H, K, V] fp32 and the convs' windows (independent of max_len)."""

@@ -9,15 +9,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import chunk_gla, fused_recurrent_gla, gla_state_summary
+from kernels import chunk_gla, chunk_gla_vjp, fused_recurrent_gla, gla_state_summary
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm, RMSNorm
 from model.flops import chunked_recurrence_flops
-from model.recurrent import ShortConvolution, fused_conv_cache, fused_conv_decode, recurrent_scan, recurrent_step
+from model.recurrent import (ShortConvolution, fused_conv_cache, fused_conv_decode, mix, output_gate,
+                             recurrent_step)
 from model.registry import Mixer, RecurrentCore, register
 
 # A [K] log decay per head and step (the vector gate).
-GLA_CORE = RecurrentCore("gla", chunk=chunk_gla, decode=fused_recurrent_gla, state_summary=gla_state_summary)
+GLA_CORE = RecurrentCore("gla", chunk=chunk_gla, chunk_vjp=chunk_gla_vjp, decode=fused_recurrent_gla,
+                          state_summary=gla_state_summary)
 
 
 class GLA(nn.Module):
@@ -47,28 +49,34 @@ class GLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
                 cache: Optional[dict] = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.convs is not None:
-            q = self.convs["q"](q, cu_seqlens, sp, cache)
-            k = self.convs["k"](k, cu_seqlens, sp, cache)
-            v = self.convs["v"](v, cu_seqlens, sp, cache)
-        H = self.num_heads
-        o = recurrent_scan(GLA_CORE, q.view(B, T, H, self.head_k_dim), k.view(B, T, H, self.head_k_dim),
-                           v.view(B, T, H, self.head_v_dim), g=self._log_decay(x).view(B, T, H, self.head_k_dim),
-                           scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
-        return self._output(o, x)
-
-    def _log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        return F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer  # fp32 log decay <= 0
-
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """o [..., H, V] of the tokens x [..., d_model] -> the mixer's output [..., d_model]."""
+        low_rank, gate_out = self.gk_proj
+        tensors = dict(q=self.q_proj(x), k=self.k_proj(x), v=self.v_proj(x), gk=low_rank(x),
+                       gk_weight=gate_out.weight, gk_bias=gate_out.bias, norm=self.g_norm.weight)
         if self.g_proj is not None:
-            o = self.g_norm(o, self.g_proj(x).view(o.shape))
-        else:
-            o = self.g_norm(o)
-        return self.o_proj(o.flatten(-2))
+            tensors.update(x=x, gate_weight=self.g_proj.weight)
+        if self.convs is not None:
+            tensors.update({f"{name}_conv": conv.weight for name, conv in self.convs.items()})
+        return mix(GLA_CORE, self._scan_inputs, self._output, tensors, self.o_proj, scale=self.head_k_dim ** -0.5,
+                   cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+
+    def _scan_inputs(self, t: dict, cu_seqlens, sp, cache):
+        """The projections (and the parameters in t) -> q, k, v [B, T, H, *] and the log decay g."""
+        q, k, v = t["q"], t["k"], t["v"]
+        if self.convs is not None:
+            q, k, v = (self.convs[name](t[name], cu_seqlens, sp, cache, weight=t[f"{name}_conv"]) for name in "qkv")
+        B, T, H, K = *q.shape[:2], self.num_heads, self.head_k_dim
+        g = self._log_decay(F.linear(t["gk"], t["gk_weight"], t["gk_bias"]))
+        return (q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, self.head_v_dim),
+                {"g": g.view(B, T, H, K)}, {})
+
+    def _log_decay(self, gate_logits: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(gate_logits.float()) / self.gate_logit_normalizer  # fp32 log decay <= 0
+
+    def _output(self, o: torch.Tensor, extras: dict, t: dict) -> torch.Tensor:
+        """o [..., H, V] -> the normed (and gated) output [..., value_dim], before o_proj."""
+        if self.g_proj is not None:
+            return self.g_norm(o, output_gate(t).view(o.shape), weight=t["norm"]).flatten(-2)
+        return self.g_norm(o, weight=t["norm"]).flatten(-2)
 
     def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
@@ -78,9 +86,10 @@ class GLA(nn.Module):
         qk, v = qkv.split((2 * self.key_dim, self.value_dim), -1)
         q, k = qk.view(B, 1, 2 * H, self.head_k_dim).chunk(2, 2)
         o = recurrent_step(GLA_CORE.decode, q, k, v.view(B, 1, H, self.head_v_dim),
-                           g=self._log_decay(x).view(B, 1, H, self.head_k_dim), scale=self.head_k_dim ** -0.5,
-                           state=cache["recurrent"])
-        return self._output(o.view(B, H, self.head_v_dim), x)
+                           g=self._log_decay(self.gk_proj(x)).view(B, 1, H, self.head_k_dim),
+                           scale=self.head_k_dim ** -0.5, state=cache["recurrent"])
+        t = {"norm": self.g_norm.weight, "gate": self.g_proj(x) if self.g_proj is not None else None}
+        return self.o_proj(self._output(o.view(B, H, self.head_v_dim), {}, t))
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """The recurrent state [B, H, K, V] fp32 and the convs' windows (independent of max_len)."""

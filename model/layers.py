@@ -47,18 +47,47 @@ class _RecomputedRMSNorm(torch.autograd.Function):
         return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None, None, None)
 
 
+class _RMSNormFromOutput(torch.autograd.Function):
+    """x * rsqrt(mean(x^2) + eps) * weight in fp32, returned in out_dtype, keeping for the backward its output
+    (which the projections that read it keep anyway: no bytes of its own) and rstd (4 bytes per token), not its
+    fp32 input: the normalised x is recovered as output / weight (as Apex's and Megatron's memory-efficient
+    norms do), exact in fp32 and to bf16 rounding under autocast, the precision the matmuls after it use.
+    Norm weights start at 1 and are not decayed; a weight of exactly 0 would lose its channel's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        y = (x32 * rstd * weight.float()).to(out_dtype)
+        ctx.save_for_backward(y, weight, rstd)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, weight, rstd = ctx.saved_tensors
+        w32 = weight.float()
+        normed = y.float() / w32
+        grad_normed = grad_out.float() * w32
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        grad_weight = (grad_out.float() * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x.to(ctx.x_dtype), None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 (bf16 mean-of-squares loses too much), returned in the compute dtype: the
     autocast dtype under autocast (cast once here, so the projections reading it share one bf16 copy), else
-    the input's. Keeps only its input for the backward (_RecomputedRMSNorm)."""
+    the input's. Keeps only its output for the backward (_RMSNormFromOutput)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RecomputedRMSNorm.apply(x, None, self.weight, self.eps, True, compute_dtype(x))
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """weight: the scale as a caller that recomputes this norm holds it (model/recurrent.py mix), else its own."""
+        weight = self.weight if weight is None else weight
+        return _RMSNormFromOutput.apply(x, weight, self.eps, compute_dtype(x))
 
 
 class GatedRMSNorm(RMSNorm):
@@ -69,8 +98,9 @@ class GatedRMSNorm(RMSNorm):
         super().__init__(dim, eps)
         self.norm_before_gate = norm_before_gate
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return _RecomputedRMSNorm.apply(x, gate, self.weight, self.eps, self.norm_before_gate, compute_dtype(x))
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        return _RecomputedRMSNorm.apply(x, gate, weight, self.eps, self.norm_before_gate, compute_dtype(x))
 
 
 class _SiluGatedLinear(torch.autograd.Function):

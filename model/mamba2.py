@@ -9,15 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import chunk_gla, fused_recurrent_gla, gla_state_summary
+from kernels import chunk_gla, chunk_gla_vjp, fused_recurrent_gla, gla_state_summary
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm
 from model.flops import chunked_recurrence_flops
-from model.recurrent import ShortConvolution, init_dt_bias_, recurrent_scan, recurrent_step
+from model.recurrent import ShortConvolution, init_dt_bias_, mix, output_gate, recurrent_step
 from model.registry import Mixer, RecurrentCore, register
 
 # GLA's ops with one log decay per head and step (the scalar gate).
-MAMBA2_CORE = RecurrentCore("gla_scalar", chunk=chunk_gla, decode=fused_recurrent_gla,
+MAMBA2_CORE = RecurrentCore("gla_scalar", chunk=chunk_gla, chunk_vjp=chunk_gla_vjp, decode=fused_recurrent_gla,
                             state_summary=gla_state_summary)
 
 
@@ -50,39 +50,48 @@ class Mamba2(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
                 cache: Optional[dict] = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        z, xbc, dt = self._split_projection(x)
-        xs, c, b, v, log_decay = self._scan_inputs(self.conv(xbc, cu_seqlens, sp, cache), dt)
-        o = recurrent_scan(MAMBA2_CORE, c, b, v, g=log_decay, scale=1.0, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
-        return self._output(o, xs, z)
+        # z (the output gate) and x|B|C|dt as two matmuls: z is recomputed in the backward, not kept
+        z_weight, xbcdt_weight = self.in_proj.weight.split([self.d_inner, self.in_proj.out_features - self.d_inner])
+        tensors = dict(xbcdt=F.linear(x, xbcdt_weight), x=x, gate_weight=z_weight, conv=self.conv.weight,
+                       conv_bias=self.conv.bias, dt_bias=self.dt_bias, A_log=self.A_log, D=self.D,
+                       norm=self.norm.weight)
+        return mix(MAMBA2_CORE, self._scan_inputs, self._output, tensors, self.o_proj, scale=1.0,
+                   cu_seqlens=cu_seqlens, sp=sp, cache=cache)
 
-    def _split_projection(self, x: torch.Tensor):
-        return self.in_proj(x).split([self.d_inner, self.d_inner + 2 * self.n_groups * self.d_state,
-                                      self.num_heads], dim=-1)
+    def _scan_inputs(self, t: dict, cu_seqlens, sp, cache):
+        """The projection x|B|C|dt (and the parameters in t) -> the scan's q = C, k = B, v = dt * x, g = dt * A,
+        and x for the output."""
+        xbc, dt = t["xbcdt"].split([self.conv.dim, self.num_heads], dim=-1)
+        xbc = self.conv(xbc, cu_seqlens, sp, cache, weight=t["conv"], bias=t["conv_bias"])
+        xs, c, b, v, log_decay = self._ssm_inputs(xbc, dt, t["dt_bias"], t["A_log"])
+        return c, b, v, {"g": log_decay}, {"xs": xs}
 
-    def _scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
+    def _ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor):
         """The convolved x|B|C [B, T, conv_dim] and dt [B, T, H] -> (x [B, T, H, P], then the scan's q = C, k = B,
         v = dt * x, g = dt * A)."""
         B, T, _ = xbc.shape
         H, P, N, G = self.num_heads, self.head_dim, self.d_state, self.n_groups
         xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H], fp32
-        log_decay = -torch.exp(self.A_log.float()) * dt
+        dt = F.softplus(dt.float() + dt_bias.float())  # [B, T, H], fp32
+        log_decay = -torch.exp(A_log.float()) * dt
         xs = xs.view(B, T, H, P)
         b = b.view(B, T, G, N).repeat_interleave(H // G, dim=2)
         c = c.view(B, T, G, N).repeat_interleave(H // G, dim=2)
         return xs, c, b, (xs * dt[..., None]).to(xs.dtype), log_decay
 
-    def _output(self, o: torch.Tensor, xs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = o + xs * self.D.to(xs.dtype)[:, None]
-        return self.o_proj(self.norm(y.flatten(-2), z))
+    def _output(self, o: torch.Tensor, extras: dict, t: dict) -> torch.Tensor:
+        """o [..., H, P] -> the skip-connected, gated and normed output [..., d_inner], before o_proj."""
+        xs = extras["xs"]
+        y = o + xs * t["D"].to(xs.dtype)[:, None]
+        return self.norm(y.flatten(-2), output_gate(t), weight=t["norm"])
 
     def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
-        z, xbc, dt = self._split_projection(x)  # on [B, d_model]: one matmul
-        xs, c, b, v, log_decay = self._scan_inputs(self.conv.step(xbc[:, None], cache["conv"]), dt[:, None])
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv.dim, self.num_heads], dim=-1)  # one matmul
+        xs, c, b, v, log_decay = self._ssm_inputs(self.conv.step(xbc[:, None], cache["conv"]), dt[:, None],
+                                                  self.dt_bias, self.A_log)
         o = recurrent_step(MAMBA2_CORE.decode, c, b, v, g=log_decay, scale=1.0, state=cache["recurrent"])
-        return self._output(o[:, 0], xs[:, 0], z)
+        return self.o_proj(self._output(o[:, 0], {"xs": xs[:, 0]}, {"gate": z, "D": self.D, "norm": self.norm.weight}))
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """The recurrent state [B, H, N, P] fp32 and the conv's window (independent of max_len)."""

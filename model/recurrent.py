@@ -9,10 +9,12 @@ A recurrent op (and the short conv) runs in exactly one of these modes per call:
   row, the mixers' `decode`) the fused recurrent one.
 """
 import math
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kernels import causal_conv1d
 from model.registry import RecurrentCore
@@ -35,17 +37,102 @@ def recurrent_scan(core: RecurrentCore, q: torch.Tensor, k: torch.Tensor, v: tor
                    cu_seqlens: Optional[torch.Tensor], sp, cache: Optional[dict], **gates: torch.Tensor) -> torch.Tensor:
     """Run a recurrent core's chunked op and return o [B, T, H, V]. With a cache (a prefill), cache["recurrent"]
     holds the state [B, H, K, V] and is overwritten by the final one."""
-    chunk_op = core.chunk
     if sp is not None:
         return sp.scan(core, q, k, v, scale=scale, **gates)
     if cache is not None:
-        return recurrent_step(chunk_op, q, k, v, scale=scale, state=cache["recurrent"], **gates)
-    if cu_seqlens is None:
-        return chunk_op(q, k, v, **gates, scale=scale)[0]
-    B, T = q.shape[:2]
-    flat_gates = {name: _flatten(gate) for name, gate in gates.items()}
-    o, _ = chunk_op(_flatten(q), _flatten(k), _flatten(v), **flat_gates, scale=scale, cu_seqlens=cu_seqlens)
-    return o.view(B, T, *o.shape[2:])
+        return recurrent_step(core.chunk, q, k, v, scale=scale, state=cache["recurrent"], **gates)
+    return chunk_scan(core, q, k, v, gates, scale, cu_seqlens)
+
+
+def _rows_flattened(cu_seqlens: Optional[torch.Tensor], tensors) -> list[torch.Tensor]:
+    """With cu_seqlens the ops see the batch's rows as one sequence [1, B*T, ...] (every row start is in it)."""
+    return list(tensors) if cu_seqlens is None else [_flatten(t) for t in tensors]
+
+
+def chunk_scan(core: RecurrentCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict,
+               scale: float, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """o [B, T, H, V] of the chunked op from a zero state (training)."""
+    q_, k_, v_, *gates_ = _rows_flattened(cu_seqlens, (q, k, v, *gates.values()))
+    o, _ = core.chunk(q_, k_, v_, **dict(zip(gates, gates_)), scale=scale, cu_seqlens=cu_seqlens)
+    return o.view(*v.shape[:2], *o.shape[2:])
+
+
+def chunk_scan_vjp(core: RecurrentCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict,
+                   do: torch.Tensor, scale: float, cu_seqlens: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """chunk_scan's input gradients [dq, dk, dv, *dgates] for the output gradient do (core.chunk_vjp)."""
+    inputs = (q, k, v, *gates.values())
+    dq, dk, dv, dgates = core.chunk_vjp(*_rows_flattened(cu_seqlens, (*inputs, do)), scale=scale,
+                                        cu_seqlens=cu_seqlens)
+    return [grad.view(x.shape) for grad, x in zip((dq, dk, dv, *dgates), inputs)]
+
+
+def mix(core: RecurrentCore, prepare: Callable, finish: Callable, tensors: dict, out_proj: nn.Linear, *,
+        scale: float, cu_seqlens: Optional[torch.Tensor], sp, cache: Optional[dict]) -> torch.Tensor:
+    """A recurrent mixer from its input projections on: (q, k, v, gates, extras) = prepare(tensors, cu_seqlens,
+    sp, cache) (short convs, norms, gates), o = the scan, out_proj(finish(o, extras, tensors)) (the output norm
+    and gate). `tensors` holds the projections and the parameters prepare and finish use (explicitly, so their
+    gradients can be returned).
+
+    In training (gradients on, one process along the sequence, no cache) the backward recomputes prepare and
+    finish instead of keeping their intermediates (_ScanWithRecomputation); otherwise plain autograd."""
+    if torch.is_grad_enabled() and sp is None and cache is None and core.chunk_vjp is not None:
+        return _ScanWithRecomputation.apply(core, partial(prepare, cu_seqlens=cu_seqlens, sp=None, cache=None),
+                                            finish, tuple(tensors), scale, cu_seqlens, out_proj.weight,
+                                            *tensors.values())
+    q, k, v, gates, extras = prepare(tensors, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+    o = recurrent_scan(core, q, k, v, scale=scale, cu_seqlens=cu_seqlens, sp=sp, cache=cache, **gates)
+    return out_proj(finish(o, extras, tensors))
+
+
+def output_gate(t: dict) -> torch.Tensor:
+    """A mixer's output gate: in training recomputed from the mixer's input t["x"] (which its projections keep
+    for their backward anyway) by t["gate_weight"], so nothing of the gate's own is kept; in decoding as given."""
+    return t["gate"] if "gate" in t else F.linear(t["x"], t["gate_weight"])
+
+
+class _ScanWithRecomputation(torch.autograd.Function):
+    """out = finish(scan(prepare(tensors)), tensors) @ out_weight.T keeping for the backward only the tensors
+    (projections: bf16 under autocast), the scan's output o and out_weight. What prepare and finish would keep
+    (the short convs' inputs and outputs, fp32 norms and gates, the output gate, the gated norm's output) is
+    several times that; their recomputation is token-local work, a few conv taps and the output gate's matmul
+    (output_gate). The scan itself is never run again: its
+    backward alone (core.chunk_vjp) turns d o into the gradients of its inputs. The output projection's
+    gradients are two matmuls here, so its forward is not recomputed either."""
+
+    @staticmethod
+    def forward(ctx, core, prepare, finish, names, scale, cu_seqlens, out_weight, *values):
+        tensors = dict(zip(names, values))
+        q, k, v, gates, extras = prepare(tensors)
+        o = chunk_scan(core, q, k, v, gates, scale, cu_seqlens)
+        y = finish(o, extras, tensors)
+        ctx.save_for_backward(o, out_weight, *values)
+        ctx.core, ctx.prepare, ctx.finish, ctx.names, ctx.scale, ctx.cu_seqlens = (core, prepare, finish, names,
+                                                                                   scale, cu_seqlens)
+        device = o.device.type  # the backward recomputes under the forward's autocast
+        ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
+                            enabled=torch.is_autocast_enabled(device))
+        return F.linear(y, out_weight.to(y.dtype))
+
+    @staticmethod
+    def backward(ctx, d_out):
+        o, out_weight, *values = ctx.saved_tensors
+        leaves = [x.detach().requires_grad_(needed) for x, needed in zip(values, ctx.needs_input_grad[7:])]
+        o = o.detach().requires_grad_()
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            q, k, v, gates, extras = ctx.prepare(dict(zip(ctx.names, leaves)))
+            y = ctx.finish(o, extras, dict(zip(ctx.names, leaves)))
+        d_y = d_out @ out_weight.to(d_out.dtype)
+        d_out_weight = (d_out.flatten(0, -2).T @ y.detach().flatten(0, -2)).to(out_weight.dtype)
+        (d_o,) = torch.autograd.grad(y, o, d_y, retain_graph=True)
+        scan_inputs = (q, k, v, *gates.values())
+        d_scan = chunk_scan_vjp(ctx.core, q.detach(), k.detach(), v.detach(),
+                                {name: gate.detach() for name, gate in gates.items()}, d_o, ctx.scale, ctx.cu_seqlens)
+        roots = [(y, d_y)] + [(x, dx) for x, dx in zip(scan_inputs, d_scan) if x.requires_grad]
+        wanted = [x for x in leaves if x.requires_grad]
+        grads = iter(torch.autograd.grad([r for r, _ in roots], wanted, [g for _, g in roots], allow_unused=True)
+                     if wanted else ())
+        return (None, None, None, None, None, None, d_out_weight if ctx.needs_input_grad[6] else None,
+                *(next(grads) if x.requires_grad else None for x in leaves))
 
 
 def recurrent_step(op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
@@ -79,14 +166,18 @@ class ShortConvolution(nn.Module):
                 self.bias.zero_()
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
-                cache: Optional[dict] = None) -> torch.Tensor:
+                cache: Optional[dict] = None, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """weight and bias: the parameters as a caller that recomputes this conv holds them (mix), else its own."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
         if sp is not None:
-            return sp.conv(x, self.weight, self.bias, self.activation)
+            return sp.conv(x, weight, bias, self.activation)
         if cache is not None:
             return self.step(x, cache[self.cache_key])
         if cu_seqlens is None:
-            return causal_conv1d(x, self.weight, self.bias, self.activation)[0]
-        y, _ = causal_conv1d(_flatten(x), self.weight, self.bias, self.activation, cu_seqlens=cu_seqlens)
+            return causal_conv1d(x, weight, bias, self.activation)[0]
+        y, _ = causal_conv1d(_flatten(x), weight, bias, self.activation, cu_seqlens=cu_seqlens)
         return y.view(x.shape)
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

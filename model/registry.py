@@ -27,6 +27,9 @@ class RecurrentCore:
     chunk: Callable  # the chunked op: training, prefill, a sequence-parallel slice
     decode: Callable  # the fused recurrent op: one decode step from a cached state
     state_summary: Callable  # (S_local, transition) of a slice, without outputs: sequence parallelism
+    # chunk's input gradients from its output gradient without its forward: training recomputes around the scan
+    # (model/recurrent.py mix); None keeps plain autograd
+    chunk_vjp: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import deepspeed
+from deepspeed.utils import set_z3_leaf_modules
 import torch
 from torch import nn
 
@@ -103,6 +104,9 @@ def build_zero_model(cfg, topology: Topology, config: dict) -> tuple[nn.Module, 
     split = [([names[id(p)] for p in g["params"]], g["weight_decay"])
              for g in build_optimizer(model, cfg.optim).param_groups]
     if zero3:
+        # A recurrent mixer uses its submodules' parameters inside its own autograd Function (model/recurrent.py
+        # mix), outside those submodules' forwards: ZeRO-3 gathers a leaf module's parameters whole as it runs.
+        set_z3_leaf_modules(model, list({type(block.mixer) for block in model.blocks}))
         partition_for_zero3(model, config)
     params = dict(model.named_parameters())
     return model, [{"params": [params[name] for name in group], "weight_decay": decay} for group, decay in split]

@@ -12,7 +12,7 @@ gate, the delta rule's WY factors). The Triton modules are imported on first use
 """
 from kernels.common.chunks import (CHUNK_SIZE, ChunkIndex, ChunkLayout, attach_host_bounds, chunk_index, chunk_layout,
                                    sequence_bounds)
-from kernels.common.contract import check_recurrent_inputs, compute_dtype, decay_or_zero
+from kernels.common.contract import autograd_vjp, check_recurrent_inputs, compute_dtype, decay_or_zero
 
-__all__ = ["CHUNK_SIZE", "ChunkIndex", "ChunkLayout", "attach_host_bounds", "check_recurrent_inputs", "chunk_index",
+__all__ = ["CHUNK_SIZE", "ChunkIndex", "ChunkLayout", "attach_host_bounds", "autograd_vjp", "check_recurrent_inputs", "chunk_index",
            "chunk_layout", "compute_dtype", "decay_or_zero", "sequence_bounds"]

@@ -40,3 +40,12 @@ def decay_or_zero(log_decay: torch.Tensor) -> torch.Tensor:
     denormals some 100x slower, and long sequences decay into them (e^-87 and below in fp32)."""
     kept = log_decay > NEGLIGIBLE_LOG_DECAY
     return torch.where(kept, torch.exp(log_decay.clamp(min=NEGLIGIBLE_LOG_DECAY)), 0.0)
+
+
+def autograd_vjp(op, inputs: tuple[torch.Tensor, ...], do: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The input gradients of o = op(*inputs) for the output gradient do, by autograd through op (the PyTorch
+    paths' vector-Jacobian product: their forward runs again)."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        o = op(*leaves)
+    return torch.autograd.grad(o, leaves, do)

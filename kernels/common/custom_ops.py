@@ -33,10 +33,16 @@ class RecurrentOp:
 
     def __init__(self, name: str, chunk_forward, backward):
         self.decode_forward = None  # set by the family's fused_recurrent module
-        self._call = _register(name, self, chunk_forward, backward)
+        self._call, self._backward = _register(name, self, chunk_forward, backward)
 
     def __call__(self, q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent):
         return self._call(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent)
+
+    def vjp(self, q, k, v, gates, cu_seqlens, scale, do):
+        """(dq, dk, dv, dgates) of a call from a zero state without a final state, for the output gradient do:
+        the backward op alone, the forward not run again (what recomputation around a scan needs)."""
+        dq, dk, dv, dgates, _ = self._backward(q, k, v, gates, None, cu_seqlens, scale, do.contiguous(), None)
+        return dq, dk, dv, list(dgates)
 
 
 def _register(name: str, family: RecurrentOp, chunk_forward, backward):
@@ -86,4 +92,4 @@ def _register(name: str, family: RecurrentOp, chunk_forward, backward):
     def call(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent):
         o, final = op(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent)
         return o, final if output_final_state else None
-    return call
+    return call, backward_of

@@ -10,7 +10,7 @@ need Triton and TRITON_INTERPRET=1 can be set any time before the first Triton c
 import torch
 
 from kernels.backend import use_triton
-from kernels.common import check_recurrent_inputs
+from kernels.common import autograd_vjp, check_recurrent_inputs
 from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule_torch
 from kernels.gated_delta_rule.naive import naive_gated_delta_rule
 from kernels.gated_delta_rule.summary import gated_delta_rule_state_summary_torch
@@ -36,6 +36,22 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         from kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton
         return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_gated_delta_rule_vjp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                               beta: torch.Tensor, do: torch.Tensor, scale: float | None = None,
+                               cu_seqlens: torch.Tensor | None = None) -> tuple:
+    """chunk_gated_delta_rule's input gradients (dq, dk, dv, [dg, dbeta]) for the output gradient do, from a
+    zero initial state and without a final state: the Triton op runs only its backward; the chunked PyTorch
+    path recomputes under autograd. For recomputation around the scan (model/recurrent.py)."""
+    check_recurrent_inputs(q, k, v, None, cu_seqlens)
+    _check_gates(q, g, beta)
+    if use_triton(q):
+        from kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton_vjp
+        return chunk_gated_delta_rule_triton_vjp(q, k, v, g, beta, do, scale, cu_seqlens)
+    dq, dk, dv, dg, dbeta = autograd_vjp(
+        lambda *x: chunk_gated_delta_rule_torch(*x, scale, None, False, cu_seqlens)[0], (q, k, v, g, beta), do)
+    return dq, dk, dv, [dg, dbeta]
 
 
 def fused_recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -64,5 +80,5 @@ def gated_delta_rule_state_summary(k: torch.Tensor, v: torch.Tensor, g: torch.Te
     return gated_delta_rule_state_summary_torch(k, v, g, beta, cu_seqlens)
 
 
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gated_delta_rule_state_summary",
+__all__ = ["chunk_gated_delta_rule", "chunk_gated_delta_rule_vjp", "fused_recurrent_gated_delta_rule", "gated_delta_rule_state_summary",
            "naive_gated_delta_rule", "chunk_gated_delta_rule_torch"]

@@ -9,7 +9,7 @@ interpreter switch (TRITON_INTERPRET=1) can be set any time before the first Tri
 import torch
 
 from kernels.backend import use_triton
-from kernels.common import check_recurrent_inputs
+from kernels.common import autograd_vjp, check_recurrent_inputs
 from kernels.gla.chunk import chunk_gla_torch
 from kernels.gla.naive import naive_recurrent_gla
 from kernels.gla.summary import gla_state_summary_torch
@@ -33,6 +33,20 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         from kernels.gla.triton_chunk import chunk_gla_triton
         return chunk_gla_triton(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_gla_vjp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, do: torch.Tensor,
+                  scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> tuple:
+    """chunk_gla's input gradients (dq, dk, dv, [dg]) for the output gradient do, from a zero initial state and
+    without a final state: the Triton op runs only its backward (not its forward again); the chunked PyTorch
+    path recomputes under autograd. For recomputation around the scan (model/recurrent.py)."""
+    check_recurrent_inputs(q, k, v, None, cu_seqlens)
+    _check_gate(q, g)
+    if use_triton(q):
+        from kernels.gla.triton_chunk import chunk_gla_triton_vjp
+        return chunk_gla_triton_vjp(q, k, v, g, do, scale, cu_seqlens)
+    dq, dk, dv, dg = autograd_vjp(lambda *x: chunk_gla_torch(*x, scale, None, False, cu_seqlens)[0], (q, k, v, g), do)
+    return dq, dk, dv, [dg]
 
 
 def fused_recurrent_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -59,4 +73,4 @@ def gla_state_summary(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, cu_seql
     return gla_state_summary_torch(k, v, g, cu_seqlens)
 
 
-__all__ = ["chunk_gla", "fused_recurrent_gla", "gla_state_summary", "naive_recurrent_gla", "chunk_gla_torch"]
+__all__ = ["chunk_gla", "chunk_gla_vjp", "fused_recurrent_gla", "gla_state_summary", "naive_recurrent_gla", "chunk_gla_torch"]

@@ -74,13 +74,27 @@ def test_under_bf16_autocast_outputs_are_bf16_and_close_to_plain():
     torch.testing.assert_close(out, plain, rtol=0, atol=0)  # the same bf16 ops in the same order
 
 
+def test_rms_norm_gradients_under_autocast_are_plain_ones_to_bf16_rounding():
+    """The backward recovers the normalised x from the bf16 output: gradients to bf16 precision."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(4, 32, 64, generator=gen), torch.rand(64, generator=gen) + 0.5
+    expected = grads_of(lambda x, w: plain_rms_norm(x, w, 1e-5), x, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = grads_of(lambda x, w: torch.func.functional_call(RMSNorm(64), {"weight": w}, (x,)), x, weight)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.float(), e, rtol=2e-2, atol=2e-2 * e.abs().max().item())
+
+
 def test_saved_bytes_are_the_inputs_only():
-    """RMSNorm keeps its fp32 input (4 bytes per channel per token), GatedRMSNorm its two bf16 inputs (2 + 2),
-    SwiGLU its bf16 input and the two bf16 projections (2 x d_model + 2 x 2 x hidden)."""
+    """RMSNorm keeps its bf16 output (2 bytes per channel per token) and rstd (4 per token), and with the
+    projection that reads it nothing more; GatedRMSNorm its two bf16 inputs (2 + 2), SwiGLU its bf16 input and
+    the two bf16 projections (2 x d_model + 2 x 2 x hidden)."""
     tokens, d, hidden = 256, 64, 160
     x = torch.randn(1, tokens, d, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert saved_bytes(RMSNorm(d), x) == 4 * d * tokens + 0  # nothing but x (rstd recomputed)
+        assert saved_bytes(RMSNorm(d), x) == 2 * d * tokens + 4 * tokens  # not the fp32 x
+        projected = torch.nn.Sequential(RMSNorm(d), torch.nn.Linear(d, 3 * d, bias=False).to(torch.bfloat16))
+        assert saved_bytes(projected, x) == 2 * d * tokens + 4 * tokens
         o, gate = (torch.randn(1, tokens, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         assert saved_bytes(GatedRMSNorm(d), o, gate) == 2 * 2 * d * tokens
         mlp = SwiGLU(d, hidden).to(torch.bfloat16)  # bf16 weights: no autocast copies of them are saved
