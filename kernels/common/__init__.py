@@ -14,5 +14,5 @@ from kernels.common.chunks import (CHUNK_SIZE, ChunkIndex, ChunkLayout, attach_h
                                    sequence_bounds)
 from kernels.common.contract import autograd_vjp, check_recurrent_inputs, compute_dtype, decay_or_zero
 
-__all__ = ["CHUNK_SIZE", "ChunkIndex", "ChunkLayout", "attach_host_bounds", "autograd_vjp", "check_recurrent_inputs", "chunk_index",
-           "chunk_layout", "compute_dtype", "decay_or_zero", "sequence_bounds"]
+__all__ = ["CHUNK_SIZE", "ChunkIndex", "ChunkLayout", "attach_host_bounds", "autograd_vjp", "check_recurrent_inputs",
+           "chunk_index", "chunk_layout", "compute_dtype", "decay_or_zero", "sequence_bounds"]

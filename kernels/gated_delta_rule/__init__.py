@@ -80,5 +80,6 @@ def gated_delta_rule_state_summary(k: torch.Tensor, v: torch.Tensor, g: torch.Te
     return gated_delta_rule_state_summary_torch(k, v, g, beta, cu_seqlens)
 
 
-__all__ = ["chunk_gated_delta_rule", "chunk_gated_delta_rule_vjp", "fused_recurrent_gated_delta_rule", "gated_delta_rule_state_summary",
+__all__ = ["chunk_gated_delta_rule", "chunk_gated_delta_rule_vjp", "fused_recurrent_gated_delta_rule",
+           "gated_delta_rule_state_summary",
            "naive_gated_delta_rule", "chunk_gated_delta_rule_torch"]

@@ -73,4 +73,5 @@ def gla_state_summary(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, cu_seql
     return gla_state_summary_torch(k, v, g, cu_seqlens)
 
 
-__all__ = ["chunk_gla", "chunk_gla_vjp", "fused_recurrent_gla", "gla_state_summary", "naive_recurrent_gla", "chunk_gla_torch"]
+__all__ = ["chunk_gla", "chunk_gla_vjp", "fused_recurrent_gla", "gla_state_summary", "naive_recurrent_gla",
+           "chunk_gla_torch"]
