@@ -7,16 +7,21 @@ CUDA tensors take the Triton kernels, CPU tensors the chunked PyTorch path (see 
 from kernels.conv import causal_conv1d
 from kernels.gated_delta_rule import (chunk_gated_delta_rule, chunk_gated_delta_rule_vjp,
                                       fused_recurrent_gated_delta_rule, gated_delta_rule_state_summary)
-from kernels.gla import chunk_gla, chunk_gla_vjp, fused_recurrent_gla, gla_state_summary
+from kernels.gla import (chunk_gla, chunk_gla_signed, chunk_gla_signed_vjp, chunk_gla_vjp, fused_recurrent_gla,
+                         fused_recurrent_gla_signed, gla_signed_state_summary, gla_state_summary)
 
 __all__ = [
     "causal_conv1d",
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_vjp",
     "chunk_gla",
+    "chunk_gla_signed",
+    "chunk_gla_signed_vjp",
     "chunk_gla_vjp",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gla",
+    "fused_recurrent_gla_signed",
     "gated_delta_rule_state_summary",
+    "gla_signed_state_summary",
     "gla_state_summary",
 ]

@@ -80,6 +80,9 @@ class Mamba2Config:
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
+    # Negative eigenvalues (Grazzi et al. 2025): the transition 2 exp(dt A) - 1 in (-1, 1) instead of
+    # exp(dt A) in (0, 1), so a state can flip sign each step (parity and other state tracking).
+    allow_neg_eigval: bool = False
 
     def check(self, d_model: int) -> None:
         d_inner = self.expand * d_model

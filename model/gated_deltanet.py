@@ -19,8 +19,8 @@ from model.recurrent import (ShortConvolution, fused_conv_cache, fused_conv_deco
                              recurrent_step)
 from model.registry import Mixer, RecurrentCore, register
 
-DELTA_RULE_CORE = RecurrentCore("gated_delta_rule", chunk=chunk_gated_delta_rule, chunk_vjp=chunk_gated_delta_rule_vjp,
-                                decode=fused_recurrent_gated_delta_rule,
+DELTA_RULE_CORE = RecurrentCore("gated_delta_rule", chunk=chunk_gated_delta_rule,
+                                chunk_vjp=chunk_gated_delta_rule_vjp, decode=fused_recurrent_gated_delta_rule,
                                 state_summary=gated_delta_rule_state_summary)
 
 
@@ -32,6 +32,7 @@ class GatedDeltaNet(nn.Module):
         self.num_heads, self.head_k_dim, self.head_v_dim = c.num_heads, c.head_dim, int(c.head_dim * c.expand_v)
         self.key_dim, self.value_dim = self.num_heads * self.head_k_dim, self.num_heads * self.head_v_dim
         self.allow_neg_eigval = c.allow_neg_eigval
+        self.core = DELTA_RULE_CORE
         self.dt_min, self.dt_max, self.dt_init_floor = c.dt_min, c.dt_max, c.dt_init_floor
 
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
@@ -63,7 +64,7 @@ class GatedDeltaNet(nn.Module):
                        **{f"{name}_conv": conv.weight for name, conv in self.convs.items()})
         if self.g_proj is not None:
             tensors.update(x=x, gate_weight=self.g_proj.weight)
-        return mix(DELTA_RULE_CORE, self._scan_inputs, self._output, tensors, self.o_proj,
+        return mix(self.core, self._scan_inputs, self._output, tensors, self.o_proj,
                    scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
 
     def _scan_inputs(self, t: dict, cu_seqlens, sp, cache):
@@ -99,7 +100,7 @@ class GatedDeltaNet(nn.Module):
         qk = F.normalize(qk.reshape(B, 1, 2 * H, self.head_k_dim).float(), dim=-1).to(v.dtype)
         q, k = qk.chunk(2, 2)
         g, beta = self._gates(self.a_proj(x[:, None]), self.b_proj(x[:, None]), self.A_log, self.dt_bias)
-        o = recurrent_step(DELTA_RULE_CORE.decode, q, k, v.view(B, 1, H, self.head_v_dim), g=g, beta=beta,
+        o = recurrent_step(self.core.decode, q, k, v.view(B, 1, H, self.head_v_dim), g=g, beta=beta,
                            scale=self.head_k_dim ** -0.5, state=cache["recurrent"])
         t = {"norm": self.o_norm.weight, "gate": self.g_proj(x) if self.g_proj is not None else None}
         return self.o_proj(self._output(o.view(B, H, self.head_v_dim), {}, t))

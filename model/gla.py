@@ -31,6 +31,7 @@ class GLA(nn.Module):
         self.key_dim, self.value_dim = int(d * g.expand_k), int(d * g.expand_v)
         self.head_k_dim, self.head_v_dim = self.key_dim // g.num_heads, self.value_dim // g.num_heads
         self.gate_logit_normalizer = g.gate_logit_normalizer
+        self.core = GLA_CORE
 
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d, self.key_dim, bias=False)
@@ -56,8 +57,8 @@ class GLA(nn.Module):
             tensors.update(x=x, gate_weight=self.g_proj.weight)
         if self.convs is not None:
             tensors.update({f"{name}_conv": conv.weight for name, conv in self.convs.items()})
-        return mix(GLA_CORE, self._scan_inputs, self._output, tensors, self.o_proj, scale=self.head_k_dim ** -0.5,
-                   cu_seqlens=cu_seqlens, sp=sp, cache=cache)
+        return mix(self.core, self._scan_inputs, self._output, tensors, self.o_proj,
+                   scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
 
     def _scan_inputs(self, t: dict, cu_seqlens, sp, cache):
         """The projections (and the parameters in t) -> q, k, v [B, T, H, *] and the log decay g."""
@@ -85,7 +86,7 @@ class GLA(nn.Module):
         qkv = qkv[:, None] if self.convs is None else fused_conv_decode(self.convs, qkv, cache)  # [B, 1, ...]
         qk, v = qkv.split((2 * self.key_dim, self.value_dim), -1)
         q, k = qk.view(B, 1, 2 * H, self.head_k_dim).chunk(2, 2)
-        o = recurrent_step(GLA_CORE.decode, q, k, v.view(B, 1, H, self.head_v_dim),
+        o = recurrent_step(self.core.decode, q, k, v.view(B, 1, H, self.head_v_dim),
                            g=self._log_decay(self.gk_proj(x)).view(B, 1, H, self.head_k_dim),
                            scale=self.head_k_dim ** -0.5, state=cache["recurrent"])
         t = {"norm": self.g_norm.weight, "gate": self.g_proj(x) if self.g_proj is not None else None}

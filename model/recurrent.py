@@ -34,7 +34,8 @@ def init_dt_bias_(dt_bias: torch.Tensor, dt_min: float, dt_max: float, dt_init_f
 
 
 def recurrent_scan(core: RecurrentCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                   cu_seqlens: Optional[torch.Tensor], sp, cache: Optional[dict], **gates: torch.Tensor) -> torch.Tensor:
+                   cu_seqlens: Optional[torch.Tensor], sp, cache: Optional[dict],
+                   **gates: torch.Tensor) -> torch.Tensor:
     """Run a recurrent core's chunked op and return o [B, T, H, V]. With a cache (a prefill), cache["recurrent"]
     holds the state [B, H, K, V] and is overwritten by the final one."""
     if sp is not None:

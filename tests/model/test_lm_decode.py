@@ -3,6 +3,8 @@ also for a batch of prompts of different lengths; the state is allocated once an
 import pytest
 import torch
 
+from model.config import Mamba2Config
+
 VOCAB = 97  # tests/model/conftest.py's small models
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -17,6 +19,22 @@ def test_step_by_step_matches_teacher_forcing(make_lm, pattern):
         logits = [lm.step(ids[:, t], state) for t in range(ids.shape[1])]
     torch.testing.assert_close(torch.stack(logits, 1), expected, atol=ATOL, rtol=RTOL)
     assert state.lengths.tolist() == [23, 23]
+
+
+def test_mamba2_with_negative_eigenvalues_decodes_like_teacher_forcing(make_lm):
+    """Mamba2's transition in (-1, 1) (kernels/gla/signed.py): the state's sign flips carry through decode
+    steps and a prefill as through the chunked forward."""
+    lm = make_lm("M", mamba2=Mamba2Config(expand=2, head_dim=16, d_state=16, n_groups=2, allow_neg_eigval=True))
+    with torch.no_grad():
+        lm.blocks[0].mixer.A_log.fill_(4.0)  # dt A around -1: transitions 2 exp(dt A) - 1 of both signs
+    ids = torch.randint(0, VOCAB, (2, 70))
+    with torch.no_grad():
+        expected = lm(ids)
+        state = lm.init_state(2, max_len=70)
+        prefill = lm.step(ids[:, :66], state, torch.tensor([66, 66]))
+        decoded = [lm.step(ids[:, t], state) for t in range(66, 70)]
+    torch.testing.assert_close(prefill, expected[:, :66], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(torch.stack(decoded, 1), expected[:, 66:], atol=ATOL, rtol=RTOL)
 
 
 def test_prefill_across_chunks_then_decode(make_lm):

@@ -8,14 +8,10 @@ import os
 import pytest
 import torch
 
-import model.gated_deltanet
-import model.gla
-import model.mamba2
+from model.config import Mamba2Config
 
 if not torch.cuda.is_available():  # before the first Triton kernel is decorated (see tests/kernels/conftest.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
-CORES = {"G": (model.gla, "GLA_CORE"), "M": (model.mamba2, "MAMBA2_CORE"),
-         "D": (model.gated_deltanet, "DELTA_RULE_CORE")}
 CU_SEQLENS = [0, 7, 20, 21, 40]  # two rows of 20: a row start inside the packing, a one-token document
 
 
@@ -26,17 +22,20 @@ def outputs_and_grads(mixer, x, cu_seqlens):
     return [out.detach(), *torch.autograd.grad(out, [x, *params], grad_out)]
 
 
+SIGNED_MAMBA2 = Mamba2Config(expand=2, head_dim=16, d_state=16, n_groups=2, allow_neg_eigval=True)
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-@pytest.mark.parametrize("letter", ["G", "M", "D"])
-def test_recomputed_mixer_matches_plain_autograd(make_lm, letter, kernels, monkeypatch):
+@pytest.mark.parametrize("letter, overrides", [("G", {}), ("M", {}), ("M", {"mamba2": SIGNED_MAMBA2}), ("D", {})],
+                         ids=["G", "M", "M-negative-eigenvalues", "D"])
+def test_recomputed_mixer_matches_plain_autograd(make_lm, letter, overrides, kernels, monkeypatch):
     monkeypatch.setenv("BATON_KERNELS", kernels)
-    mixer = make_lm(letter).blocks[0].mixer.train()
+    mixer = make_lm(letter, **overrides).blocks[0].mixer.train()
     x = torch.randn(2, 20, mixer.o_proj.out_features, generator=torch.Generator().manual_seed(0),
                     requires_grad=True)
     cu_seqlens = torch.tensor(CU_SEQLENS, dtype=torch.int32)
     recomputed = outputs_and_grads(mixer, x, cu_seqlens)
-    module, name = CORES[letter]
-    monkeypatch.setattr(module, name, dataclasses.replace(getattr(module, name), chunk_vjp=None))
+    monkeypatch.setattr(mixer, "core", dataclasses.replace(mixer.core, chunk_vjp=None))
     plain = outputs_and_grads(mixer, x, cu_seqlens)
     names = ["output", "x"] + [n for n, p in mixer.named_parameters() if p.requires_grad]
     for name, a, b in zip(names, recomputed, plain, strict=True):

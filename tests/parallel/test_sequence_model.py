@@ -13,6 +13,7 @@ TINY = dict(vocab_size=VOCAB, d_model=32, gla=dict(num_heads=2, use_short_conv=T
             mamba2=dict(head_dim=16, d_state=8), gated_deltanet=dict(num_heads=2, head_dim=8),
             attention=dict(num_heads=2, window=5))
 PATTERNS = ["G", "M", "D", "A", "W", "GMDAW"]
+SIGNED_MAMBA2 = dict(TINY["mamba2"], allow_neg_eigval=True)  # Mamba2 with negative eigenvalues
 
 
 def batch_layout(sp_size: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -36,9 +37,9 @@ def run_checks(rank: int, world_size: int, sp_size: int) -> None:
     # sp groups of consecutive ranks, as on the mesh; subgroups (not the world) when sp < world size.
     groups = [dist.new_group(list(range(first, first + sp_size))) for first in range(0, world_size, sp_size)]
     group, sp_rank = groups[rank // sp_size], rank % sp_size
-    for pattern in PATTERNS:
+    for pattern, overrides in [(pattern, {}) for pattern in PATTERNS] + [("M", {"mamba2": SIGNED_MAMBA2})]:
         torch.manual_seed(0)  # same weights and tokens on every rank
-        lm = LM.from_config(dict(TINY, pattern=pattern))
+        lm = LM.from_config(dict(TINY, pattern=pattern, **overrides))
         tokens, starts = batch_layout(sp_size)
         T = tokens.shape[1]
         logits = lm(tokens, cu_seqlens=cu_seqlens_of(starts, T))
