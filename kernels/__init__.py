@@ -8,6 +8,8 @@ from kernels.conv import causal_conv1d
 from kernels.gated_delta_rule import (chunk_gated_delta_rule, chunk_gated_delta_rule_vjp,
                                       fused_recurrent_gated_delta_rule, gated_delta_rule_state_summary)
 from kernels.gla import chunk_gla, chunk_gla_vjp, fused_recurrent_gla, gla_state_summary
+from kernels.norm import rms_norm
+from kernels.rotary import rotate_rows
 
 __all__ = [
     "causal_conv1d",
@@ -19,4 +21,6 @@ __all__ = [
     "fused_recurrent_gla",
     "gated_delta_rule_state_summary",
     "gla_state_summary",
+    "rms_norm",
+    "rotate_rows",
 ]
