@@ -41,9 +41,9 @@ class _RecomputedRMSNorm(torch.autograd.Function):
 class _RMSNormFromOutput(torch.autograd.Function):
     """x * rsqrt(mean(x^2) + eps) * weight in fp32 (kernels.rms_norm: one kernel on CUDA), returned in
     out_dtype, keeping for the backward its output (which the projections that read it keep anyway: no bytes of
-    its own) and rstd (4 bytes per token), not its fp32 input: the normalised x is recovered as output / weight (as Apex's and Megatron's memory-efficient
-    norms do), exact in fp32 and to bf16 rounding under autocast, the precision the matmuls after it use.
-    Norm weights start at 1 and are not decayed; a weight of exactly 0 would lose its channel's gradient."""
+    its own) and rstd (4 bytes per token), not its fp32 input: the normalised x is recovered as output / weight
+    (as Apex's and Megatron's memory-efficient norms do), exact in fp32 and to bf16 rounding under autocast, the
+    precision the matmuls after it use. Norm weights start at 1 and are not decayed; a weight of exactly 0 would lose its channel's gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
