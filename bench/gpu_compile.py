@@ -38,28 +38,39 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import REPO, write_results
+from kernels import rms_norm, rotate_rows
 from kernels.compile_check import TARGETS, CompileLog, Compiled, compile_only, failures
 from model.registry import MIXERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The recurrent mixers' kernel ops (model/registry.py: 'gla_scalar' is chunk_gla with a [B, T, H] gate, Mamba2's),
-# and the short convolution every recurrent mixer runs ('conv', whose shape is (channels, width)).
-OPS = sorted({*(mixer.core.kernel for mixer in MIXERS.values() if mixer.recurrent), "conv"})
+# the short convolution every recurrent mixer runs ('conv', whose shape is (channels, width)), the RMSNorm of
+# every block ('norm', shape (width, 1)) and a decode step's rotary embedding ('rotary', shape (heads, head dim)).
+OPS = sorted({*(mixer.core.kernel for mixer in MIXERS.values() if mixer.recurrent), "conv", "norm", "rotary"})
 CONV_CHANNELS = 1024  # the kernels block channels by 32-128 and are keyed on (channels, width): any size will do
 
 
 def preset_shapes() -> dict[str, list[tuple[int, int]]]:
-    """(K, V) head dims of every recurrent mixer of the model presets (configs/model), by op."""
+    """(K, V) head dims of every recurrent mixer of the model presets (configs/model), by op; the norm's widths
+    (the residual stream's, the recurrent mixers' output norms') and the rotary's heads (queries and keys)."""
     from omegaconf import OmegaConf
 
     from model.config import ModelConfig
     shapes: dict[str, set] = {op: set() for op in OPS}
     for path in sorted(glob.glob(str(REPO / "configs" / "model" / "*.yaml"))):
         c = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+        shapes["norm"].add((c.d_model, 1))
         for mixer in (MIXERS[name] for name in set(c.layer_mixers())):
             if mixer.recurrent:
                 shapes[mixer.core.kernel].add(mixer.head_dims(c))
                 shapes["conv"].add((CONV_CHANNELS, getattr(c, mixer.config_key).conv_size))
+                # the output norm: Mamba2's over its whole inner width, the others' over each value head
+                width = c.mamba2.expand * c.d_model if mixer.name == "mamba2" else mixer.head_dims(c)[1]
+                shapes["norm"].add((width, 1))
+            else:
+                a = c.attention
+                heads = a.num_heads + (a.num_kv_heads or a.num_heads)
+                shapes["rotary"].add((heads, a.head_dim or c.d_model // a.num_heads))
     return {op: sorted(s) for op, s in shapes.items()}
 
 
@@ -96,6 +107,16 @@ def _entry_points(op: str):
 def run_op(op: str, K: int, V: int, dtype: torch.dtype, chunk_only: bool = False) -> None:
     """Forward (chunk and, unless chunk_only, fused recurrent, with initial and final state) and backward of
     one op."""
+    if op == "norm":  # 64 rows of K, plain and gated before and after the norm (the backward is PyTorch's)
+        x, gate, weight = torch.randn(64, K, dtype=dtype), torch.randn(64, K, dtype=dtype), torch.randn(K)
+        with mock.patch("kernels.norm.use_triton", lambda x: True):
+            for gate_, before in ((None, True), (gate, True), (gate, False)):
+                rms_norm(x, weight, 1e-5, dtype, gate_, before)
+        return
+    if op == "rotary":  # a decode step's K heads of dim V, two rows (forward only: decoding)
+        with mock.patch("kernels.rotary.use_triton", lambda x: True):
+            rotate_rows(torch.randn(2, K, V, dtype=dtype), torch.tensor([3, 700]), torch.rand(V))
+        return
     if op == "conv":  # K channels, width V, two packed documents with initial states
         x = torch.randn(1, 64, K, dtype=dtype, requires_grad=True)
         weight, bias, state = torch.randn(K, V), torch.randn(K), torch.randn(2, K, V - 1)

@@ -9,6 +9,8 @@ from kernels.gated_delta_rule import (chunk_gated_delta_rule, chunk_gated_delta_
                                       fused_recurrent_gated_delta_rule, gated_delta_rule_state_summary)
 from kernels.gla import (chunk_gla, chunk_gla_signed, chunk_gla_signed_vjp, chunk_gla_vjp, fused_recurrent_gla,
                          fused_recurrent_gla_signed, gla_signed_state_summary, gla_state_summary)
+from kernels.norm import rms_norm
+from kernels.rotary import rotate_rows
 
 __all__ = [
     "causal_conv1d",
@@ -24,4 +26,6 @@ __all__ = [
     "gated_delta_rule_state_summary",
     "gla_signed_state_summary",
     "gla_state_summary",
+    "rms_norm",
+    "rotate_rows",
 ]

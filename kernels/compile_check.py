@@ -76,6 +76,8 @@ def _autotuners() -> list:
     import kernels.conv.triton_conv  # noqa: F401
     import kernels.gated_delta_rule.fused_recurrent  # noqa: F401
     import kernels.gla.fused_recurrent  # noqa: F401
+    import kernels.norm.triton_norm  # noqa: F401
+    import kernels.rotary.triton_rotary  # noqa: F401
     from kernels.tuning import AUTOTUNERS
     return AUTOTUNERS
 

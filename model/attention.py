@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from kernels import rotate_rows
 from model.attention_mask import attention_mask, flex_block_mask, query_blocks
 from model.config import ModelConfig
 from model.flops import attention_flops
@@ -218,15 +219,6 @@ class Attention(nn.Module):
                 "constants": {"slot_ids": torch.arange(slots, device=w.device),
                               "rows": torch.arange(batch_size, device=w.device),
                               "inv_freq": torch.cat((inv_freq, inv_freq))}}
-
-
-def rotate_rows(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """apply_rotary for one token per row: x [B, H, D] at positions [B]; inv_freq [D] is the rotary
-    frequencies repeated for both halves (x rotates as x cos + rotate_half(x) sin)."""
-    angles = (positions[:, None] * inv_freq)[:, None]  # [B, 1, D] fp32
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, -1)
-    return (x32 * angles.cos() + torch.cat((-x2, x1), -1) * angles.sin()).to(x.dtype)
 
 
 register(Mixer("attention", "A", config_key="attention", build=Attention, flops=attention_flops))

@@ -12,10 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.lm import LM
 
-# The kernel entry points the mixers' decode steps call (module, name): the short conv, and each recurrent
-# mixer's step of its cached state (recurrent_step: the fused recurrent kernel). Their internal operations are
-# counted apart, since on CUDA each is one Triton launch.
-KERNEL_ENTRY_POINTS = (("model.recurrent", "causal_conv1d"), ("model.gla", "recurrent_step"),
+# The kernel entry points the blocks' decode steps call (module, name): the norms (plain and gated), the short
+# conv, attention's rotary embedding, and each recurrent mixer's step of its cached state (recurrent_step: the
+# fused recurrent kernel). Their internal operations are counted apart, since on CUDA each is one Triton launch.
+KERNEL_ENTRY_POINTS = (("model.layers", "rms_norm"), ("model.recurrent", "causal_conv1d"),
+                       ("model.attention", "rotate_rows"), ("model.gla", "recurrent_step"),
                        ("model.mamba2", "recurrent_step"), ("model.gated_deltanet", "recurrent_step"))
 
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
@@ -23,7 +24,8 @@ HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.de
 
 class OpCounter(TorchDispatchMode):
     """Counts every aten operation under a label: ("block", i), ("kernel", i) inside block i's kernel calls,
-    or None (embedding, head, the step's own)."""
+    None (embedding, head, the step's own) or ("kernel", None) inside the kernel calls outside the blocks (the
+    final norm)."""
 
     def __init__(self):
         super().__init__()
@@ -55,15 +57,16 @@ def count_decode_ops(lm: LM, token_ids: torch.Tensor, state) -> dict:
     """The aten operations of one decode step (the step is taken: the state advances): in all, and per block
     {mixer, ops, kernel_ops (inside the kernel entry points), kernel_calls, own_ops (ops - kernel_ops +
     kernel_calls: each kernel call counted once), host_syncs and kernel_host_syncs (.item() and the like),
-    output_elements (elements the block's ops wrote, views excluded)}."""
+    output_elements (elements the block's ops wrote, views excluded)}, and outside_blocks (embedding, final
+    norm, head: each kernel call counted once)."""
     counter = OpCounter()
     with ExitStack() as stack, torch.no_grad():
         for module_name, name in KERNEL_ENTRY_POINTS:
             module = importlib.import_module(module_name)
-            kernel = counter.labelled(lambda outer: ("kernel", outer[1]), getattr(module, name))
+            kernel = counter.labelled(lambda outer: ("kernel", outer and outer[1]), getattr(module, name))
 
             def counted(*args, _kernel=kernel, **kwargs):
-                counter.kernel_calls[counter.label[1]] += 1
+                counter.kernel_calls[counter.label and counter.label[1]] += 1
                 return _kernel(*args, **kwargs)
             stack.enter_context(mock.patch.object(module, name, counted))
         for i, block in enumerate(lm.blocks):
@@ -81,4 +84,5 @@ def count_decode_ops(lm: LM, token_ids: torch.Tensor, state) -> dict:
                        "kernel_host_syncs": counter.host_syncs[("kernel", i)],
                        "output_elements": counter.output_elements[("block", i)]
                        + counter.output_elements[("kernel", i)]})
-    return {"total": sum(counter.counts.values()), "outside_blocks": counter.counts[None], "blocks": blocks}
+    return {"total": sum(counter.counts.values()), "blocks": blocks,
+            "outside_blocks": counter.counts[None] + counter.kernel_calls[None]}

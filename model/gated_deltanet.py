@@ -99,9 +99,9 @@ class GatedDeltaNet(nn.Module):
         # q and k L2-normalised together: 2H vectors of head_k_dim.
         qk = F.normalize(qk.reshape(B, 1, 2 * H, self.head_k_dim).float(), dim=-1).to(v.dtype)
         q, k = qk.chunk(2, 2)
-        g, beta = self._gates(self.a_proj(x[:, None]), self.b_proj(x[:, None]), self.A_log, self.dt_bias)
-        o = recurrent_step(self.core.decode, q, k, v.view(B, 1, H, self.head_v_dim), g=g, beta=beta,
-                           scale=self.head_k_dim ** -0.5, state=cache["recurrent"])
+        g, beta = self._gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)  # [B, H]: 2-D matmuls
+        o = recurrent_step(self.core.decode, q, k, v.view(B, 1, H, self.head_v_dim), g=g[:, None],
+                           beta=beta[:, None], scale=self.head_k_dim ** -0.5, state=cache["recurrent"])
         t = {"norm": self.o_norm.weight, "gate": self.g_proj(x) if self.g_proj is not None else None}
         return self.o_proj(self._output(o.view(B, H, self.head_v_dim), {}, t))
 

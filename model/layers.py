@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.norm import naive_rms_norm, rms_norm
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on x run in: autocast's when it is on for x's device, else x's own."""
@@ -12,28 +14,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def _rms_norm(x: torch.Tensor, gate: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
-              norm_before_gate: bool) -> torch.Tensor:
-    """The norm in fp32: x * rsqrt(mean(x^2) + eps) * weight, times silu(gate) after (norm_before_gate) or on
-    x * silu(gate) before."""
-    x32 = x.float()
-    if gate is not None and not norm_before_gate:
-        x32 = x32 * F.silu(gate.float())
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    if gate is not None and norm_before_gate:
-        y = y * F.silu(gate.float())
-    return y
-
-
 class _RecomputedRMSNorm(torch.autograd.Function):
-    """_rms_norm keeping only its inputs for the backward, which recomputes the fp32 intermediates (cheap
-    elementwise work) instead of holding four or five fp32 copies of the activations per token."""
+    """The gated norm (kernels.rms_norm: one kernel on CUDA) keeping only its inputs for the backward, which
+    recomputes the fp32 intermediates with the PyTorch formula (cheap elementwise work) instead of holding four
+    or five fp32 copies of the activations per token."""
 
     @staticmethod
     def forward(ctx, x, gate, weight, eps: float, norm_before_gate: bool, out_dtype: torch.dtype):
         ctx.eps, ctx.norm_before_gate = eps, norm_before_gate
         ctx.save_for_backward(x, gate, weight)
-        return _rms_norm(x, gate, weight, eps, norm_before_gate).to(out_dtype)
+        return rms_norm(x, weight, eps, out_dtype, gate, norm_before_gate)[0]
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -41,24 +31,23 @@ class _RecomputedRMSNorm(torch.autograd.Function):
         inputs = [t.detach().requires_grad_(needs) if t is not None else None
                   for t, needs in zip((x, gate, weight), ctx.needs_input_grad)]
         with torch.enable_grad():
-            y = _rms_norm(*inputs, ctx.eps, ctx.norm_before_gate)
+            x, gate, weight = inputs
+            y, _ = naive_rms_norm(x, weight, ctx.eps, gate, ctx.norm_before_gate)
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(y, wanted, grad_out))
         return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None, None, None)
 
 
 class _RMSNormFromOutput(torch.autograd.Function):
-    """x * rsqrt(mean(x^2) + eps) * weight in fp32, returned in out_dtype, keeping for the backward its output
-    (which the projections that read it keep anyway: no bytes of its own) and rstd (4 bytes per token), not its
-    fp32 input: the normalised x is recovered as output / weight (as Apex's and Megatron's memory-efficient
-    norms do), exact in fp32 and to bf16 rounding under autocast, the precision the matmuls after it use.
-    Norm weights start at 1 and are not decayed; a weight of exactly 0 would lose its channel's gradient."""
+    """x * rsqrt(mean(x^2) + eps) * weight in fp32 (kernels.rms_norm: one kernel on CUDA), returned in
+    out_dtype, keeping for the backward its output (which the projections that read it keep anyway: no bytes of
+    its own) and rstd (4 bytes per token), not its fp32 input: the normalised x is recovered as output / weight
+    (as Apex's and Megatron's memory-efficient norms do), exact in fp32 and to bf16 rounding under autocast, the
+    precision the matmuls after it use. Norm weights start at 1 and are not decayed; a weight of exactly 0 would lose its channel's gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        y = (x32 * rstd * weight.float()).to(out_dtype)
+        y, rstd = rms_norm(x, weight, eps, out_dtype)
         ctx.save_for_backward(y, weight, rstd)
         ctx.x_dtype = x.dtype
         return y

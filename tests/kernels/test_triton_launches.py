@@ -16,8 +16,10 @@ from compare import assert_matches, run
 from inputs import (conv_inputs, gated_delta_rule_inputs, gated_delta_rule_triton_chunk,
                     gated_delta_rule_triton_fused_recurrent, gla_inputs, gla_triton_chunk, gla_triton_fused_recurrent,
                     run_conv)
-from kernels import causal_conv1d
+from kernels import causal_conv1d, rms_norm, rotate_rows
 from kernels.conv.naive import naive_causal_conv1d
+from kernels.norm import naive_rms_norm
+from kernels.rotary import naive_rotate_rows
 from kernels.backend import interpret_mode
 from kernels.gated_delta_rule.naive import naive_gated_delta_rule
 from kernels.gla.naive import naive_recurrent_gla
@@ -48,6 +50,8 @@ def _import_kernels():
     import kernels.conv.triton_conv  # noqa: F401
     import kernels.gated_delta_rule.fused_recurrent  # noqa: F401
     import kernels.gla.fused_recurrent  # noqa: F401
+    import kernels.norm.triton_norm  # noqa: F401
+    import kernels.rotary.triton_rotary  # noqa: F401
 
 
 _import_kernels()
@@ -61,10 +65,40 @@ def test_every_kernel_has_few_candidates_heuristic_first():
     assert not [name for name, key in keys.items() if {"T", "B"} & set(key)], keys  # never tuned per length
 
 
+def norm_results(norm, device: str) -> dict:
+    """y and rstd of an RMSNorm with rms_norm's signature, plain and gated before and after, on 7 rows of 37
+    channels (ragged row blocks and a row width that is no power of two)."""
+    generator = torch.Generator().manual_seed(0)
+    x, gate = (torch.randn(7, 37, generator=generator).to(device) for _ in range(2))
+    weight = torch.rand(37, generator=generator).to(device) + 0.5
+    results = {}
+    for label, gate_, before in (("plain", None, True), ("gated", gate, True), ("gate_first", gate, False)):
+        y, rstd = norm(x, weight, 1e-5, torch.float32, gate_, before)
+        results.update({f"{label}:y": y.cpu(), f"{label}:rstd": rstd.cpu()})
+    return results
+
+
+def rotary_results(rotate, device: str) -> dict:
+    """3 rows of 5 heads of 24 (ragged head blocks, a width that is no power of two) at far apart positions."""
+    generator = torch.Generator().manual_seed(0)
+    freq = 10000.0 ** (-torch.arange(12, dtype=torch.float32) / 12)
+    x = torch.randn(3, 5, 24, generator=generator)
+    inputs = (x, torch.tensor([0, 77, 4099]), torch.cat((freq, freq)))
+    return {"rotated": rotate(*(t.to(device) for t in inputs)).cpu()}
+
+
 def run_op(op: str, index: int | None = None) -> tuple[dict, dict]:
     """(results of the Triton path in fp32, the fp64 reference's) for one op; candidate `index` of every
-    kernel when given. The short convolution runs with 80 channels: ragged token and channel blocks."""
+    kernel when given. The short convolution runs with 80 channels: ragged token and channel blocks. The norm
+    and the rotary compare with their fp32 PyTorch formulas."""
     pinned = pinned_config(index) if index is not None else contextlib.nullcontext()
+    if op in ("norm", "rotary"):
+        results, entry_point, reference = (
+            (norm_results, rms_norm, lambda x, w, eps, _, gate, before: naive_rms_norm(x, w, eps, gate, before))
+            if op == "norm" else (rotary_results, rotate_rows, naive_rotate_rows))
+        with pinned:
+            actual = results(entry_point, DEVICE)
+        return actual, results(reference, "cpu")
     if op == "conv":
         inputs, upstream = conv_inputs(1, T, 80, 4, NUM_DOCS)
         expected = run_conv(naive_causal_conv1d, inputs, upstream, CU_SEQLENS)
@@ -89,7 +123,7 @@ def triton_paths(monkeypatch):
 
 @pytest.mark.usefixtures("nan_buffers", "triton_paths")
 @pytest.mark.parametrize("index", range(MOST_CANDIDATES))
-@pytest.mark.parametrize("op", [*OPS, "conv"])
+@pytest.mark.parametrize("op", [*OPS, "conv", "norm", "rotary"])
 def test_every_candidate_matches_the_reference(op, index):
     assert_matches(*run_op(op, index), TOL)
 
@@ -125,7 +159,8 @@ def every_launch_twice():
 
 
 @pytest.mark.usefixtures("triton_paths")
-@pytest.mark.parametrize("op,kernels", [("gla", 10), ("gla_scalar", 10), ("gated_delta_rule", 9), ("conv", 2)])
+@pytest.mark.parametrize("op,kernels", [("gla", 10), ("gla_scalar", 10), ("gated_delta_rule", 9), ("conv", 2),
+                                        ("norm", 1), ("rotary", 1)])
 def test_every_kernel_gives_the_same_result_when_launched_twice(op, kernels):
     with every_launch_twice() as differences:
         assert_matches(*run_op(op), TOL)
