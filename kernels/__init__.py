@@ -7,14 +7,15 @@ CUDA tensors take the Triton kernels, CPU tensors the chunked PyTorch path (see 
 from kernels.conv import causal_conv1d
 from kernels.gated_delta_rule import (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule,
                                       gated_delta_rule_state_summary)
-from kernels.diagonal_scan import diagonal_scan, diagonal_scan_state_summary, fused_recurrent_diagonal_scan
+from kernels.diagonal_scan import (chunk_diagonal_scan, diagonal_scan_state_summary,
+                                   fused_recurrent_diagonal_scan)
 from kernels.gla import chunk_gla, fused_recurrent_gla, gla_state_summary
 
 __all__ = [
     "causal_conv1d",
     "chunk_gated_delta_rule",
     "chunk_gla",
-    "diagonal_scan",
+    "chunk_diagonal_scan",
     "diagonal_scan_state_summary",
     "fused_recurrent_diagonal_scan",
     "fused_recurrent_gated_delta_rule",

@@ -33,7 +33,7 @@ def check_scan_inputs(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Ten
                          f"got {tuple(initial_state.shape)}")
 
 
-def diagonal_scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None,
+def chunk_diagonal_scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None,
                   output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise scan for training and prefill. a, b [B,T,H,D]; states [N,H,D] fp32. Returns (h [B,T,H,D] in
@@ -48,7 +48,7 @@ def diagonal_scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor 
 def fused_recurrent_diagonal_scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None,
                                   output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
                                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Step-by-step scan for decoding and short inputs; same contract as diagonal_scan."""
+    """Step-by-step scan for decoding and short inputs; same contract as chunk_diagonal_scan."""
     check_scan_inputs(a, b, initial_state, cu_seqlens)
     if use_triton(b):
         from kernels.diagonal_scan.fused_recurrent import fused_recurrent_diagonal_scan_triton
@@ -58,13 +58,14 @@ def fused_recurrent_diagonal_scan(a: torch.Tensor, b: torch.Tensor, initial_stat
 
 def diagonal_scan_state_summary(a: torch.Tensor, b: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """diagonal_scan's state summary, for sequence parallelism: per sequence the final state from a zero start,
-    h_local [N,H,D] fp32, and the transition A [N,H,D] fp32, the product of a over the sequence: diagonal_scan's final state from h_0 is A * h_0 + h_local. h_local comes from the scan
-    itself (whose outputs are its states: no cheaper state-only pass exists), A from PyTorch on every device."""
+    """chunk_diagonal_scan's state summary, for sequence parallelism: per sequence the final state from a zero
+    start, h_local [N,H,D] fp32, and the transition A [N,H,D] fp32, the product of a over the sequence: the scan's
+    final state from h_0 is A * h_0 + h_local. h_local comes from the scan itself (its outputs are its states: no
+    cheaper state-only pass exists), A from PyTorch on every device."""
     check_scan_inputs(a, b, None, cu_seqlens)
-    _, local_state = diagonal_scan(a, b, output_final_state=True, cu_seqlens=cu_seqlens)
+    _, local_state = chunk_diagonal_scan(a, b, output_final_state=True, cu_seqlens=cu_seqlens)
     return local_state, sequence_products(a, cu_seqlens)
 
 
-__all__ = ["chunk_diagonal_scan_torch", "check_scan_inputs", "diagonal_scan", "diagonal_scan_state_summary",
+__all__ = ["check_scan_inputs", "chunk_diagonal_scan", "chunk_diagonal_scan_torch", "diagonal_scan_state_summary",
            "fused_recurrent_diagonal_scan", "naive_diagonal_scan"]

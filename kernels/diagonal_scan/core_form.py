@@ -12,7 +12,7 @@ There is no query, the output being the state itself: q and scale are accepted a
 import torch
 
 from kernels.common import compute_dtype
-from kernels.diagonal_scan import diagonal_scan, diagonal_scan_state_summary, fused_recurrent_diagonal_scan
+from kernels.diagonal_scan import chunk_diagonal_scan, diagonal_scan_state_summary, fused_recurrent_diagonal_scan
 
 
 def _write(k: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -30,8 +30,8 @@ def chunk_diagonal_scan_kv(q: torch.Tensor | None, k: torch.Tensor, v: torch.Ten
                            scale: float | None = None, initial_state: torch.Tensor | None = None,
                            output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """diagonal_scan(a, k * v) in the cores' form: (o [B, T, H, D] in v's dtype, final state [N, H, D, 1])."""
-    return _run(diagonal_scan, k, v, a, initial_state, output_final_state, cu_seqlens)
+    """chunk_diagonal_scan(a, k * v) in the cores' form: (o [B, T, H, D] in v's dtype, final state [N, H, D, 1])."""
+    return _run(chunk_diagonal_scan, k, v, a, initial_state, output_final_state, cu_seqlens)
 
 
 def fused_recurrent_diagonal_scan_kv(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,

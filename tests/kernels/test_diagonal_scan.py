@@ -7,15 +7,21 @@ cut state), tiny values and |a| up to 1.05 (a growing state). Tolerances: fp64 1
 products differs); fp32 2e-4 (chunked PyTorch, and Triton under TRITON_INTERPRET=1; the Triton kernels have no
 dots, so the same on a GPU); bf16 b on a GPU 2e-2.
 """
+import os
+
 import pytest
 import torch
 
 from compare import assert_matches
-from inputs import CU_SEQLENS, NUM_DOCS, diagonal_scan_inputs as make_inputs, run_scan
-from kernels import diagonal_scan, diagonal_scan_state_summary, fused_recurrent_diagonal_scan
+from inputs import (CU_SEQLENS, NUM_DOCS, diagonal_scan_inputs as make_inputs,
+                    diagonal_scan_triton_chunk as triton_chunk,
+                    diagonal_scan_triton_fused_recurrent as triton_fused_recurrent, run_scan)
+from kernels import chunk_diagonal_scan, diagonal_scan_state_summary, fused_recurrent_diagonal_scan
 from kernels.diagonal_scan.chunk import chunk_diagonal_scan_torch
 from kernels.diagonal_scan.naive import naive_diagonal_scan
 
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
 GATES = ["signed", "long", "mixed"]
 
 
@@ -66,8 +72,8 @@ def test_state_passing_equals_one_long_call():
     and sequence parallelism rely on)."""
     inputs, _ = make_inputs(1, 150, 2, 8, num_states=1, gates="long")
     a, b, h0 = inputs["a"], inputs["b"], inputs["initial_state"]
-    h, final = diagonal_scan(a, b, h0, output_final_state=True)
-    h1, mid = diagonal_scan(a[:, :90], b[:, :90], h0, output_final_state=True)
+    h, final = chunk_diagonal_scan(a, b, h0, output_final_state=True)
+    h1, mid = chunk_diagonal_scan(a[:, :90], b[:, :90], h0, output_final_state=True)
     h2, final2 = fused_recurrent_diagonal_scan(a[:, 90:], b[:, 90:], mid, output_final_state=True)
     torch.testing.assert_close(torch.cat([h1, h2], 1), h, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final2, final, rtol=1e-10, atol=1e-10)
@@ -75,7 +81,7 @@ def test_state_passing_equals_one_long_call():
 
 def test_no_final_state_unless_asked():
     inputs, _ = make_inputs(1, 20, 1, 4, num_states=1)
-    h, final = diagonal_scan(inputs["a"], inputs["b"])
+    h, final = chunk_diagonal_scan(inputs["a"], inputs["b"])
     assert final is None and h.shape == inputs["b"].shape
 
 
@@ -89,7 +95,7 @@ def test_bad_input_is_a_clear_error(bad, message):
     args = dict(a=torch.zeros(1, 8, 2, 16), b=torch.zeros(1, 8, 2, 16), initial_state=None, cu_seqlens=None)
     args.update(bad)
     with pytest.raises(ValueError, match=message):
-        diagonal_scan(**args)
+        chunk_diagonal_scan(**args)
 
 
 # ---- the state summary (sequence parallelism) --------------------------------------------------------
@@ -128,6 +134,69 @@ def test_summary_transition_is_the_product_with_its_sign():
     assert transition.dtype == torch.float32
     torch.testing.assert_close(transition[0, 0], torch.tensor([-0.729, 0.95 ** 3, -0.729]))
     torch.testing.assert_close(transition[1, 0], torch.tensor([-0.729, 0.95 ** 3, 0.0]))
+
+
+# ---- Triton (compiled on a GPU, TRITON_INTERPRET=1 on the CPU) -------------------------------------
+
+TRITON_PATHS = [pytest.param(triton_chunk, id="triton_chunk"),
+                pytest.param(triton_fused_recurrent, id="triton_fused_recurrent")]
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("nan_buffers")
+@pytest.mark.parametrize("T", [1, 15, 64, 100, 257])
+@pytest.mark.parametrize("path", TRITON_PATHS)
+def test_triton(path, T):
+    D = 24 if T % 2 else 80  # a ragged channel block, and more than one block
+    B = 2 if T == 100 else 1  # rows side by side once (the interpreter is slow)
+    inputs, upstream = make_inputs(B, T, 1, D, num_states=B, gates="signed", seed=T)
+    assert_matches(run_scan(path, inputs, upstream, torch.float32, DEVICE), reference(inputs, upstream), 2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("nan_buffers")
+@pytest.mark.parametrize("gates", GATES)
+@pytest.mark.parametrize("path", TRITON_PATHS)
+def test_triton_cu_seqlens(path, gates):
+    inputs, upstream = make_inputs(1, 333, 2, 16, num_states=NUM_DOCS, gates=gates)
+    expected = reference(inputs, upstream, CU_SEQLENS)
+    assert_matches(run_scan(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected, 2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("nan_buffers")
+def test_triton_without_initial_state():
+    inputs, upstream = make_inputs(1, 100, 1, 16, num_states=1)
+    inputs["initial_state"] = None
+    actual = run_scan(triton_chunk, inputs, upstream, torch.float32, DEVICE)
+    assert "dinitial_state" not in actual
+    assert_matches(actual, reference(inputs, upstream), 2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="bf16 Triton needs a GPU (the interpreter runs fp32 here)")
+def test_triton_bf16():
+    inputs, upstream = make_inputs(2, 257, 2, 64, num_states=2, gates="long")
+    actual = run_scan(triton_chunk, inputs, upstream, torch.bfloat16, DEVICE)
+    rounded = {n: x.bfloat16().double() for n, x in inputs.items()}
+    assert_matches(actual, reference(rounded, upstream), 2e-2)
+
+
+@pytest.mark.gpu
+def test_entry_point_takes_triton_when_forced(monkeypatch):
+    """BATON_KERNELS=triton routes the public entry point to the Triton kernels (interpreted on CPU)."""
+    monkeypatch.setenv("BATON_KERNELS", "triton")
+    if not CUDA:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+    import kernels.diagonal_scan.triton_scan as triton_module
+    calls = []
+    original = triton_module.diagonal_scan_op
+    monkeypatch.setattr(triton_module, "diagonal_scan_op", lambda *args: calls.append(1) or original(*args))
+    inputs, _ = make_inputs(1, 20, 1, 16, num_states=1)
+    a, b = inputs["a"].float().to(DEVICE), inputs["b"].float().to(DEVICE)
+    h, _ = chunk_diagonal_scan(a, b)
+    assert calls == [1]
+    torch.testing.assert_close(h, naive_diagonal_scan(a, b)[0], rtol=2e-4, atol=2e-4)
 
 
 def test_core_form_is_the_scan_of_k_times_v_with_column_states():
