@@ -19,9 +19,10 @@ def test_step_by_step_matches_teacher_forcing(make_lm, pattern):
     assert state.lengths.tolist() == [23, 23]
 
 
-def test_prefill_across_chunks_then_decode(make_lm):
+@pytest.mark.parametrize("pattern", ["GMDAW", "RRW"])
+def test_prefill_across_chunks_then_decode(make_lm, pattern):
     """A 67-token prompt spans two kernel chunks; its final states must carry on exactly."""
-    lm = make_lm("GMDAW")
+    lm = make_lm(pattern)
     ids = torch.randint(0, VOCAB, (2, 72))
     with torch.no_grad():
         expected = lm(ids)
