@@ -1,10 +1,11 @@
 """The diagonal scan, chunked, in PyTorch: the CPU path, with its backward written out (the transposed scan).
 
 Forward: each sequence's tokens in chunks of C=64 ([chunks, C, H, D]; the padding after a sequence's end is
-a = 1, b = 0, an identity step). Within a chunk the affine maps h -> a_t h + b_t are composed by a doubling
-(Hillis-Steele) scan: log2(C) = 6 rounds of elementwise products, no division and no logarithm, so negative
-and zero a_t are exact. Across chunks each chunk's map (A_C, h_C) is applied in turn, one step per chunk (the
-other ops' state scan).
+a = 1, b = 0, an identity step). Within the chunks the scan from zero and the running product of a advance one
+position at a time, all chunks at once (C steps of in-place multiply-adds, each element touched once: a doubling
+scan's log2(C) rounds would rewrite every element each round); products only, no division and no logarithm, so
+negative and zero a_t are exact. Across chunks each chunk's map (A_C, h_C) is applied in turn, one step per
+chunk (the other ops' state scan), and h = A_t h_in + (the chunk's scan from zero).
 Backward: the gradient of a linear scan is the same scan run backwards (the transposed system). With
 u_t = a_t g_t the gradient passed to h_{t-1} and g_t = dh_t + u_{t+1} the total gradient of h_t,
     u_t = a_t u_{t+1} + a_t dh_t,    u_{last+1} = d final state,    d initial_state = u_first,
@@ -74,13 +75,11 @@ def scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None,
     [bounds[n], bounds[n+1]) of a, b [tokens, H, D]."""
     layout = chunk_layout(list(bounds), CHUNK_SIZE, b.device)
     valid = layout.to_chunks(torch.ones(b.shape[0], 1, 1, dtype=torch.bool, device=b.device))
-    decay = torch.where(valid, layout.to_chunks(a), 1.0)  # [chunks, C, H, D]
+    decay = torch.where(valid, layout.to_chunks(a), 1.0)  # [chunks, C, H, D], fresh: updated in place below
     h = layout.to_chunks(b)
-    shift = 1
-    while shift < CHUNK_SIZE:  # after this round every row holds the composition of its last 2*shift maps
-        h = torch.cat([h[:, :shift], torch.addcmul(h[:, shift:], decay[:, shift:], h[:, :-shift])], 1)
-        decay = torch.cat([decay[:, :shift], decay[:, shift:] * decay[:, :-shift]], 1)
-        shift *= 2
+    for t in range(1, CHUNK_SIZE):  # every chunk at once: position t from zero, and the decay since the start
+        h[:, t].addcmul_(decay[:, t], h[:, t - 1])
+        decay[:, t].mul_(decay[:, t - 1])
     chunk_decay = layout.to_grid(decay[:, -1], 1.0)  # [N, max_chunks, H, D]
     chunk_update = layout.to_grid(h[:, -1], 0.0)
     state = initial_state if initial_state is not None else b.new_zeros(layout.num_seqs, *b.shape[1:])
