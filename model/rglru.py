@@ -12,7 +12,8 @@ The Real-Gated Linear Recurrent Unit on the conv's output x_t, per channel:
     h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t)
 The gates are block-diagonal, one dense block per head (as in the paper and recurrentgemma), not dense over
 D_RNN; Lambda starts so that a^c is uniform in [0.9, 0.999]. sqrt(1 - a_t^2) = sqrt(-expm1(2 log a_t)) in fp32,
-its derivative capped (recurrentgemma's: it grows without bound as a_t -> 1). recurrentgemma also skips the
+its derivative capped (recurrentgemma's: it grows without bound as a_t -> 1); the gates' elementwise work is
+recomputed in the backward rather than kept (RGLRUGates). recurrentgemma also skips the
 sqrt(1 - a^2) factor at a document's first token; here every token takes the same formula.
 The scan is the diagonal scan (kernels/diagonal_scan) in the recurrent cores' form: its state is one column
 per head, [N, H, D_RNN / H, 1] fp32, so packing, decoding and sequence parallelism run as for every other core.
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.common import compute_dtype
 from kernels.diagonal_scan.core_form import (chunk_diagonal_scan_kv, diagonal_scan_kv_state_summary,
                                              fused_recurrent_diagonal_scan_kv)
 from model.config import ModelConfig
@@ -39,18 +41,45 @@ A_MIN, A_MAX = 0.9, 0.999  # a^c starts uniform in this range
 MAX_SQRT_GRAD = 1000.0  # the largest derivative of sqrt(1 - a^2) passed back (recurrentgemma's bound)
 
 
-class SqrtBoundedDerivative(torch.autograd.Function):
-    """sqrt(x) with its derivative 1 / (2 sqrt(x)) capped at MAX_SQRT_GRAD."""
+class RGLRUGates(torch.autograd.Function):
+    """(a_t, sqrt(1 - a_t^2) i_t), both [..., H, D_h] fp32, from the gate logits W x [..., H, 2 D_h] (input gate
+    then recurrence gate), their bias [H, 2 D_h] and Lambda [H, D_h]. Elementwise work whose intermediates
+    (sigmoids, log a, 1 - a^2, ...) would be kept for the backward in fp32, a dozen bytes per channel and token:
+    only the logits are kept, the rest recomputed. The derivative of the sqrt is capped at MAX_SQRT_GRAD."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return torch.sqrt(x)
+    def forward(ctx, logits: torch.Tensor, bias: torch.Tensor, Lambda: torch.Tensor):
+        ctx.save_for_backward(logits, bias, Lambda)
+        _, _, _, _, a, multiplier, input_gate = _gate_values(logits, bias, Lambda)
+        return a, multiplier * input_gate
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad / (2 * torch.sqrt(x.clamp_min(1 / (4 * MAX_SQRT_GRAD ** 2))))
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_a: torch.Tensor, d_scale: torch.Tensor):
+        logits, bias, Lambda = ctx.saved_tensors
+        gates, softplus_lambda, recurrence_gate, one_minus_a2, a, multiplier, input_gate = _gate_values(
+            logits, bias, Lambda)
+        d_input_gate = d_scale * multiplier
+        d_one_minus_a2 = d_scale * input_gate / (2 * torch.sqrt(one_minus_a2.clamp_min(1 / (4 * MAX_SQRT_GRAD ** 2))))
+        d_log_a = d_a * a - 2 * a * a * d_one_minus_a2  # 1 - a^2 = 1 - exp(2 log a)
+        d_recurrence_gate = -GATE_EXPONENT * softplus_lambda * d_log_a
+        d_softplus = (-GATE_EXPONENT * recurrence_gate * d_log_a).flatten(0, -3).sum(0)
+        d_gates = torch.cat([d_input_gate, d_recurrence_gate], -1) * gates * (1 - gates)
+        d_bias = d_gates.flatten(0, -3).sum(0)
+        return d_gates.to(logits.dtype), d_bias.to(bias.dtype), (d_softplus * torch.sigmoid(Lambda.to(d_softplus.dtype))).to(
+            Lambda.dtype)
+
+
+def _gate_values(logits: torch.Tensor, bias: torch.Tensor, Lambda: torch.Tensor):
+    """(both gates, softplus(Lambda), r_t, 1 - a_t^2, a_t, sqrt(1 - a_t^2), i_t), fp32 (fp64 for fp64 logits)."""
+    dtype = compute_dtype(logits)
+    gates = torch.sigmoid(logits.to(dtype) + bias.to(dtype))
+    input_gate, recurrence_gate = gates.chunk(2, dim=-1)
+    softplus_lambda = F.softplus(Lambda.to(dtype))
+    log_a = -GATE_EXPONENT * softplus_lambda * recurrence_gate
+    one_minus_a2 = -torch.expm1(2 * log_a)  # no cancellation as a_t -> 1
+    return (gates, softplus_lambda, recurrence_gate, one_minus_a2, log_a.exp(), torch.sqrt(one_minus_a2),
+            input_gate)
 
 
 class RGLRU(nn.Module):
@@ -91,11 +120,8 @@ class RGLRU(nn.Module):
 
     def _gates(self, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_t, sqrt(1 - a_t^2) i_t), both [..., H, D_h] fp32, of the conv's output [..., H, D_h]."""
-        logits = torch.einsum("...hi,hij->...hj", branch, self.gate_weight.to(branch.dtype)).float()
-        input_gate, recurrence_gate = (logits + self.gate_bias.float()).sigmoid().chunk(2, dim=-1)
-        log_a = -GATE_EXPONENT * F.softplus(self.Lambda.float()).view(self.num_heads, self.head_dim) * recurrence_gate
-        multiplier = SqrtBoundedDerivative.apply(-torch.expm1(2 * log_a))  # sqrt(1 - a^2), no cancellation
-        return log_a.exp(), multiplier * input_gate
+        logits = torch.einsum("...hi,hij->...hj", branch, self.gate_weight.to(branch.dtype))
+        return RGLRUGates.apply(logits, self.gate_bias, self.Lambda.view(self.num_heads, self.head_dim))
 
     def _output(self, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return self.o_proj(F.gelu(gate, approximate="tanh") * h)

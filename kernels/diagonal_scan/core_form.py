@@ -16,8 +16,9 @@ from kernels.diagonal_scan import chunk_diagonal_scan, diagonal_scan_state_summa
 
 
 def _write(k: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    dtype = compute_dtype(k, v, a)
-    return k.to(dtype) * v.to(dtype)
+    """k * v in the compute dtype; v is not cast (type promotion does it), so the product's backward keeps v
+    itself, not an fp32 copy of it."""
+    return k.to(compute_dtype(k, v, a)) * v
 
 
 def _run(op, k, v, a, initial_state, output_final_state, cu_seqlens):

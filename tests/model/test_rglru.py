@@ -44,3 +44,27 @@ def test_lambda_starts_with_a_to_the_c_uniform_in_its_range(make_lm):
     assert A_MIN <= a_to_the_c.min() and a_to_the_c.max() <= A_MAX
     assert abs(a_to_the_c.mean().item() - (A_MIN + A_MAX) / 2) < 0.005  # uniform: its mean mid-range
     assert a_to_the_c.std().item() > 0.025  # spread over the range (uniform: 0.029), not a point
+
+
+def test_gates_backward_recomputed_matches_autograd():
+    """RGLRUGates' hand-written backward (nothing but the logits kept) == autograd through the plain formulas,
+    in fp64, with the sqrt's derivative far from its cap."""
+    from model.rglru import RGLRUGates
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 9, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    lam = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = [torch.randn(2, 9, 3, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+
+    def plain():
+        input_gate, recurrence_gate = torch.sigmoid(logits + bias).chunk(2, dim=-1)
+        a = torch.exp(-GATE_EXPONENT * F.softplus(lam) * recurrence_gate)
+        return a, torch.sqrt(1 - a ** 2) * input_gate
+
+    results = []
+    for fn in (lambda: RGLRUGates.apply(logits, bias, lam), plain):
+        a, scale = fn()
+        grads = torch.autograd.grad((a * upstream[0]).sum() + (scale * upstream[1]).sum(), (logits, bias, lam))
+        results.append((a, scale, *grads))
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=1e-6, atol=1e-9)
