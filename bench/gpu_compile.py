@@ -78,6 +78,10 @@ def preset_shapes() -> dict[str, list[tuple[int, int]]]:
 
 def _inputs(op: str, K: int, V: int, dtype: torch.dtype, B: int = 1, T: int = 64, H: int = 2) -> dict:
     rand = lambda *shape: torch.randn(*shape)  # noqa: E731
+    if op == "diagonal_scan":  # a state per channel: K channels per head (its head dims are (K, 1))
+        inputs = dict(a=torch.tanh(rand(B, T, H, K)).to(dtype).requires_grad_(),
+                      b=rand(B, T, H, K).to(dtype).requires_grad_())
+        return dict(inputs, initial_state=torch.randn(B, H, K, requires_grad=True))
     q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
     if op == "gated_delta_rule":
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
@@ -95,6 +99,10 @@ def _entry_points(op: str):
     if op == "conv":
         from kernels import causal_conv1d
         return (causal_conv1d,)
+    if op == "diagonal_scan":
+        from kernels.diagonal_scan.fused_recurrent import fused_recurrent_diagonal_scan_triton
+        from kernels.diagonal_scan.triton_scan import chunk_diagonal_scan_triton
+        return chunk_diagonal_scan_triton, fused_recurrent_diagonal_scan_triton
     if op == "gated_delta_rule":
         from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_triton
         from kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton

@@ -5,6 +5,8 @@ cached state) and sequence parallelism (an initial state from earlier ranks) all
 CUDA tensors take the Triton kernels, CPU tensors the chunked PyTorch path (see kernels/backend.py).
 """
 from kernels.conv import causal_conv1d
+from kernels.diagonal_scan import (chunk_diagonal_scan, diagonal_scan_state_summary,
+                                   fused_recurrent_diagonal_scan)
 from kernels.gated_delta_rule import (chunk_gated_delta_rule, chunk_gated_delta_rule_vjp,
                                       fused_recurrent_gated_delta_rule, gated_delta_rule_state_summary)
 from kernels.gla import (chunk_gla, chunk_gla_signed, chunk_gla_signed_vjp, chunk_gla_vjp, fused_recurrent_gla,
@@ -17,9 +19,12 @@ __all__ = [
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_vjp",
     "chunk_gla",
+    "chunk_diagonal_scan",
     "chunk_gla_signed",
     "chunk_gla_signed_vjp",
     "chunk_gla_vjp",
+    "diagonal_scan_state_summary",
+    "fused_recurrent_diagonal_scan",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gla",
     "fused_recurrent_gla_signed",

@@ -74,6 +74,7 @@ def _config_label(kwargs: dict, tunables: set) -> str:
 def _autotuners() -> list:
     """Every autotuned kernel of kernels/ (importing the kernel modules registers them)."""
     import kernels.conv.triton_conv  # noqa: F401
+    import kernels.diagonal_scan.fused_recurrent  # noqa: F401
     import kernels.gated_delta_rule.fused_recurrent  # noqa: F401
     import kernels.gla.fused_recurrent  # noqa: F401
     import kernels.norm.triton_norm  # noqa: F401

@@ -1,7 +1,7 @@
 """Schema of the `model` config group: the layer pattern and each mixer's settings.
 
 A model is a stack of pre-norm blocks; `pattern` names each block's token mixer with one letter
-(G=gla, M=mamba2, D=gated_deltanet, A=attention, W=sliding-window attention: model/registry.py, where
+(G=gla, M=mamba2, D=gated_deltanet, R=rglru, A=attention, W=sliding-window attention: model/registry.py, where
 each mixer registers its letter and its settings' key). A pattern shorter than
 `n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups. Impossible values raise a
 one-line ValueError naming the key, so a bad preset fails before any weight is built.
@@ -118,6 +118,23 @@ class GatedDeltaNetConfig:
 
 
 @dataclass
+class RGLRUConfig:
+    num_heads: int = 4  # blocks of the block-diagonal gates
+    width: Optional[int] = None  # D_RNN, the recurrence's width; None: 4/3 d_model rounded up to a multiple of 64
+    conv_size: int = 4
+
+    def recurrent_width(self, d_model: int) -> int:
+        return self.width if self.width is not None else 64 * -(-4 * d_model // (3 * 64))
+
+    def check(self, d_model: int) -> None:
+        width = self.recurrent_width(d_model)
+        if self.num_heads < 1 or width < 1 or width % self.num_heads:
+            raise ConfigError(f"model.rglru.num_heads={self.num_heads} must divide the width {width}")
+        if self.conv_size < 2:
+            raise ConfigError(f"model.rglru.conv_size must be >= 2, got {self.conv_size}")
+
+
+@dataclass
 class ModelConfig:
     name: str = "hybrid_tiny"
     vocab_size: Optional[int] = None  # None: the data's vocabulary, rounded up (see vocab_for_data)
@@ -135,6 +152,7 @@ class ModelConfig:
     gla: GLAConfig = field(default_factory=GLAConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     gated_deltanet: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
+    rglru: RGLRUConfig = field(default_factory=RGLRUConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def __post_init__(self):

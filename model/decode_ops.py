@@ -17,7 +17,8 @@ from model.lm import LM
 # fused recurrent kernel). Their internal operations are counted apart, since on CUDA each is one Triton launch.
 KERNEL_ENTRY_POINTS = (("model.layers", "rms_norm"), ("model.recurrent", "causal_conv1d"),
                        ("model.attention", "rotate_rows"), ("model.gla", "recurrent_step"),
-                       ("model.mamba2", "recurrent_step"), ("model.gated_deltanet", "recurrent_step"))
+                       ("model.mamba2", "recurrent_step"), ("model.gated_deltanet", "recurrent_step"),
+                       ("model.rglru", "recurrent_step"))
 
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
 

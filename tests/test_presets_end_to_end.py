@@ -19,10 +19,11 @@ from eval.checkpoint import load_checkpoint
 from model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ["gla_hybrid_125m", "mamba2_hybrid_125m", "gated_deltanet_hybrid_125m", "transformer_125m"]
+FAMILIES = ["gla_hybrid_125m", "mamba2_hybrid_125m", "gated_deltanet_hybrid_125m", "griffin_125m", "transformer_125m"]
 NARROW = ["model.d_model=64", "model.d_ff=128", "model.attention.num_heads=2", "model.attention.num_kv_heads=null",
           "model.gla.num_heads=2", "model.mamba2.expand=1", "model.mamba2.head_dim=32", "model.mamba2.d_state=16",
-          "model.gated_deltanet.num_heads=2", "model.gated_deltanet.head_dim=16", "train.seq_len=64",
+          "model.gated_deltanet.num_heads=2", "model.gated_deltanet.head_dim=16", "model.rglru.num_heads=2",
+          "model.attention.window=16", "train.seq_len=64",
           "train.global_batch_size=2", "train.max_steps=1", "eval.held_out_tokens=500", "eval.batch_size=16",
           "eval.ppl.max_len=128", "eval.ppl.max_documents=1", "eval.sample_tokens=4", "logging.wandb.mode=disabled",
           f"data.cache_dir={REPO / '.cache' / 'data'}"]

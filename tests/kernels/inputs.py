@@ -90,3 +90,48 @@ def gated_delta_rule_triton_chunk(*args, **kwargs):
 def gated_delta_rule_triton_fused_recurrent(*args, **kwargs):
     from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_triton
     return fused_recurrent_gated_delta_rule_triton(*args, **kwargs)
+
+
+def diagonal_scan_inputs(B, T, H, D, num_states, gates="signed", seed=0):
+    """fp64 inputs (a, b [B, T, H, D], initial state [N, H, D]) of the diagonal scan and upstream gradients.
+    gates: 'signed' (a uniform in (-1, 1)); 'long' (|a| in (0.97, 1), either sign: long memory that flips);
+    'mixed' (exact zeros, which cut the state, next to |a| up to 1.05, which grows it, and tiny a ~ 1e-30)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    uniform = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    shape = (B, T, H, D)
+    sign = torch.where(uniform(*shape) < 0.5, -1.0, 1.0)
+    if gates == "signed":
+        a = 2 * uniform(*shape) - 1
+    elif gates == "long":
+        a = sign * (0.97 + 0.03 * uniform(*shape))
+    else:
+        choice = uniform(*shape)
+        moderate = sign * (0.9 + 0.15 * uniform(*shape))
+        a = torch.where(choice < 0.05, 0.0, torch.where(choice < 0.1, sign * 1e-30, moderate))
+    inputs = dict(a=a, b=rand(*shape), initial_state=rand(num_states, H, D))
+    return inputs, dict(h=rand(*shape), final_state=rand(num_states, H, D))
+
+
+def run_scan(fn, inputs, upstream, dtype, device="cpu", cu_seqlens=None):
+    """h, final state and the gradients of a, b and the initial state (fp64 on the CPU); the final state gets an
+    upstream gradient too."""
+    leaves = {n: x.detach().to(device, dtype).requires_grad_() for n, x in inputs.items() if x is not None}
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device)
+    h, final = fn(leaves["a"], leaves["b"], leaves.get("initial_state"), output_final_state=True,
+                  cu_seqlens=cu_seqlens)
+    loss = (h.double() * upstream["h"].to(device)).sum() + (final.double() * upstream["final_state"].to(device)).sum()
+    loss.backward()
+    results = {"h": h, "final_state": final, **{f"d{n}": x.grad for n, x in leaves.items()}}
+    return {name: t.detach().double().cpu() for name, t in results.items()}
+
+
+def diagonal_scan_triton_chunk(*args, **kwargs):
+    from kernels.diagonal_scan.triton_scan import chunk_diagonal_scan_triton
+    return chunk_diagonal_scan_triton(*args, **kwargs)
+
+
+def diagonal_scan_triton_fused_recurrent(*args, **kwargs):
+    from kernels.diagonal_scan.fused_recurrent import fused_recurrent_diagonal_scan_triton
+    return fused_recurrent_diagonal_scan_triton(*args, **kwargs)

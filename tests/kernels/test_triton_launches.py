@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from compare import assert_matches, run
-from inputs import (conv_inputs, gated_delta_rule_inputs, gated_delta_rule_triton_chunk,
+from inputs import (conv_inputs, diagonal_scan_inputs, diagonal_scan_triton_chunk,
+                    diagonal_scan_triton_fused_recurrent, gated_delta_rule_inputs, gated_delta_rule_triton_chunk,
                     gated_delta_rule_triton_fused_recurrent, gla_inputs, gla_triton_chunk, gla_triton_fused_recurrent,
-                    run_conv)
+                    run_conv, run_scan)
 from kernels import causal_conv1d, rms_norm, rotate_rows
 from kernels.conv.naive import naive_causal_conv1d
+from kernels.diagonal_scan.naive import naive_diagonal_scan
 from kernels.norm import naive_rms_norm
 from kernels.rotary import naive_rotate_rows
 from kernels.backend import interpret_mode
@@ -42,12 +44,15 @@ OPS = {
     "gated_delta_rule": (lambda: gated_delta_rule_inputs(1, T, 1, 16, 32, num_states=NUM_DOCS, gates="mixed"),
                          naive_gated_delta_rule, gated_delta_rule_triton_chunk,
                          gated_delta_rule_triton_fused_recurrent),
+    "diagonal_scan": (lambda: diagonal_scan_inputs(1, T, 1, 40, num_states=NUM_DOCS, gates="mixed"),
+                      naive_diagonal_scan, diagonal_scan_triton_chunk, diagonal_scan_triton_fused_recurrent),
 }
 
 
 def _import_kernels():
     """Import every Triton kernel module, so that AUTOTUNERS lists them all."""
     import kernels.conv.triton_conv  # noqa: F401
+    import kernels.diagonal_scan.fused_recurrent  # noqa: F401
     import kernels.gated_delta_rule.fused_recurrent  # noqa: F401
     import kernels.gla.fused_recurrent  # noqa: F401
     import kernels.norm.triton_norm  # noqa: F401
@@ -109,10 +114,11 @@ def run_op(op: str, index: int | None = None) -> tuple[dict, dict]:
         return {name: x.cpu() for name, x in actual.items()}, expected
     make, reference, *paths = OPS[op]
     inputs, upstream = make()
-    expected = run(reference, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
+    runner = run_scan if op == "diagonal_scan" else run  # the scan's inputs are a, b, not q, k, v
+    expected = runner(reference, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
     with pinned:
         actual = {f"{i}:{name}": x for i, path in enumerate(paths)
-                  for name, x in run(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS).items()}
+                  for name, x in runner(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS).items()}
     return actual, {f"{i}:{name}": x for i in range(len(paths)) for name, x in expected.items()}
 
 
@@ -159,8 +165,8 @@ def every_launch_twice():
 
 
 @pytest.mark.usefixtures("triton_paths")
-@pytest.mark.parametrize("op,kernels", [("gla", 10), ("gla_scalar", 10), ("gated_delta_rule", 9), ("conv", 2),
-                                        ("norm", 1), ("rotary", 1)])
+@pytest.mark.parametrize("op,kernels", [("gla", 10), ("gla_scalar", 10), ("gated_delta_rule", 9),
+                                        ("diagonal_scan", 5), ("conv", 2), ("norm", 1), ("rotary", 1)])
 def test_every_kernel_gives_the_same_result_when_launched_twice(op, kernels):
     with every_launch_twice() as differences:
         assert_matches(*run_op(op), TOL)

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from model import LM, ModelConfig
-from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config
+from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config, RGLRUConfig
 
 VOCAB = 97
-# One model per mixer (W: a window shorter than the test sequences), plus a hybrid of all of them.
-PATTERNS = ["A", "W", "G", "M", "D", "GMDAW"]
+# One model per mixer (W: a window shorter than the test sequences), a hybrid of all of them, and Griffin's
+# pattern (two RG-LRU blocks per window block).
+PATTERNS = ["A", "W", "G", "M", "D", "R", "GMDAW", "RRW"]
 
 
 def small_config(pattern: str, **overrides) -> ModelConfig:
@@ -17,6 +18,7 @@ def small_config(pattern: str, **overrides) -> ModelConfig:
         gla=GLAConfig(num_heads=2, use_short_conv=True),
         mamba2=Mamba2Config(expand=2, head_dim=16, d_state=16, n_groups=2),
         gated_deltanet=GatedDeltaNetConfig(num_heads=2, head_dim=16, expand_v=2.0, allow_neg_eigval=True),
+        rglru=RGLRUConfig(num_heads=2, width=48),
     )
     fields.update(overrides)
     return ModelConfig(**fields)

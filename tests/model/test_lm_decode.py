@@ -37,9 +37,10 @@ def test_mamba2_with_negative_eigenvalues_decodes_like_teacher_forcing(make_lm):
     torch.testing.assert_close(torch.stack(decoded, 1), expected[:, 66:], atol=ATOL, rtol=RTOL)
 
 
-def test_prefill_across_chunks_then_decode(make_lm):
+@pytest.mark.parametrize("pattern", ["GMDAW", "RRW"])
+def test_prefill_across_chunks_then_decode(make_lm, pattern):
     """A 67-token prompt spans two kernel chunks; its final states must carry on exactly."""
-    lm = make_lm("GMDAW")
+    lm = make_lm(pattern)
     ids = torch.randint(0, VOCAB, (2, 72))
     with torch.no_grad():
         expected = lm(ids)

@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from model import LM, ModelConfig
-from model.config import AttentionConfig, GLAConfig
+from model.config import AttentionConfig, GLAConfig, RGLRUConfig
 
 
 def test_pattern_repeats_to_n_layers():
@@ -22,6 +22,8 @@ def test_pattern_repeats_to_n_layers():
     (dict(pattern="A", attention=AttentionConfig(num_heads=6, num_kv_heads=4)), "model.attention.num_heads=6"),
     (dict(pattern="A", attention=AttentionConfig(num_heads=3)), "must divide d_model=256"),
     (dict(pattern="G", gla=GLAConfig(num_heads=3)), "model.gla.num_heads=3"),
+    (dict(pattern="R", rglru=RGLRUConfig(num_heads=3, width=64)), "model.rglru.num_heads=3 must divide the width 64"),
+    (dict(pattern="R", rglru=RGLRUConfig(conv_size=1)), "model.rglru.conv_size must be >= 2"),
     (dict(vocab_size=0), "model.vocab_size must be >= 1"),
 ])
 def test_bad_values_raise_naming_the_key(fields, message):

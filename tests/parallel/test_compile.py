@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import LM, ModelConfig
-from model.config import AttentionConfig, GatedDeltaNetConfig, Mamba2Config
+from model.config import AttentionConfig, GatedDeltaNetConfig, Mamba2Config, RGLRUConfig
 from parallel.compile import apply_compile
 
 if not torch.cuda.is_available():  # before the first Triton kernel is decorated (see tests/kernels/conftest.py)
@@ -26,9 +26,10 @@ def loss_and_grads(lm: LM, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple
 def test_compiled_blocks_match_eager(kernels, monkeypatch):
     monkeypatch.setenv("BATON_KERNELS", kernels)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, pattern="DMA", tie_embeddings=False,
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, pattern="DMRA", tie_embeddings=False,
                       attention=AttentionConfig(num_heads=2), mamba2=Mamba2Config(expand=2, head_dim=16, d_state=16),
-                      gated_deltanet=GatedDeltaNetConfig(num_heads=2, head_dim=16))
+                      gated_deltanet=GatedDeltaNetConfig(num_heads=2, head_dim=16),
+                      rglru=RGLRUConfig(num_heads=2, width=32))
     lm = LM(cfg)
     ids = torch.randint(0, VOCAB, (1, 80))
     cu_seqlens = torch.tensor([0, 13, 80], dtype=torch.int32)
