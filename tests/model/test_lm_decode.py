@@ -19,7 +19,7 @@ def test_step_by_step_matches_teacher_forcing(make_lm, pattern):
     assert state.lengths.tolist() == [23, 23]
 
 
-@pytest.mark.parametrize("pattern", ["GMDAW", "RRW"])
+@pytest.mark.parametrize("pattern", ["GMDAW", "RRW", "UL"])
 def test_prefill_across_chunks_then_decode(make_lm, pattern):
     """A 67-token prompt spans two kernel chunks; its final states must carry on exactly."""
     lm = make_lm(pattern)
