@@ -95,10 +95,10 @@ def sequential_states(cell: Cell, p: torch.Tensor, u: torch.Tensor, initial_stat
     first = initial_state if initial_state is not None else p.new_zeros(
         B if cu_seqlens is None else cu_seqlens.numel() - 1, *p.shape[-2:])
     h, states = (first if cu_seqlens is None else None), []
-    for t in range(T):
+    for t, p_t in enumerate(p.unbind(1)):  # unbind: one backward for all steps (p[:, t]'s would each be p-sized)
         if starts is not None and bool(starts[0][t]):
             h = first[starts[1][t]][None]
-        h = cell.step(h, p[:, t], u)[0]
+        h = cell.step(h, p_t, u)[0]
         states.append(h)
     return torch.stack(states, 1)
 
