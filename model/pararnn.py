@@ -1,5 +1,5 @@
-"""Nonlinear RNNs trained in parallel (ParaRNN: Danieli et al. 2025, "ParaRNN: Unlocking Parallel Training of
-Nonlinear RNNs for Large Language Models"): GRU- and LSTM-style cells with diagonal recurrent weights, their
+"""Nonlinear RNNs trained in parallel (ParaRNN: Danieli et al. 2025, arXiv:2510.21450, "ParaRNN: Unlocking Parallel
+Training of Nonlinear RNNs for Large Language Models"): GRU- and LSTM-style cells with diagonal recurrent weights, their
 T nonlinear steps solved together by Newton's method on the diagonal scan (kernels/diagonal_scan).
 
 The mixer: per token the gates' input terms p = W x + b for all tokens at once (one matmul), the recurrence
