@@ -26,6 +26,7 @@ from data import prepare_dataset
 from data.loader import batch_to_device
 from eval import run_tasks
 from model.config import vocab_for_data
+from model.pararnn import newton_iterations
 from parallel.build import build_engine
 from parallel.mesh import leave_process_group
 from parallel.topology import Topology, init_topology
@@ -172,7 +173,7 @@ def log_step(run: Run, loss: float, grad_norm: float, lr: float, seconds: float)
     run.profiler.step(run.step)
     record = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": run.tokens_seen,
               **run.timer.step(seconds, run.tokens_per_step, max_steps - run.step),
-              **run.guard.check(run.step, loss, grad_norm)}
+              **run.guard.check(run.step, loss, grad_norm), **newton_iterations(run.engine.model)}
     run.logger.log(record)
     run.guard.raise_if_diverged()
     run.logger.log(run.checkpointer.poll())  # a save finished in the background: when, and what it cost the loop

@@ -1,8 +1,8 @@
 """Schema of the `model` config group: the layer pattern and each mixer's settings.
 
 A model is a stack of pre-norm blocks; `pattern` names each block's token mixer with one letter
-(G=gla, M=mamba2, D=gated_deltanet, R=rglru, A=attention, W=sliding-window attention: model/registry.py, where
-each mixer registers its letter and its settings' key). A pattern shorter than
+(G=gla, M=mamba2, D=gated_deltanet, R=rglru, U=pararnn_gru, L=pararnn_lstm, A=attention, W=sliding-window
+attention: model/registry.py, where each mixer registers its letter and its settings' key). A pattern shorter than
 `n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups. Impossible values raise a
 one-line ValueError naming the key, so a bad preset fails before any weight is built.
 
@@ -135,6 +135,26 @@ class RGLRUConfig:
 
 
 @dataclass
+class ParaRNNConfig:
+    """The nonlinear RNNs solved by Newton's method (model/pararnn.py), GRU (U) and LSTM (L) cells alike."""
+    num_heads: int = 4  # how the state is laid out (its [N, H, D] blocks, as sequence parallelism moves them)
+    width: Optional[int] = None  # the recurrence's width; None: d_model
+    newton_tol: float = 1e-5  # stop when no state moved by more than this (relative to the largest) in an iteration
+    newton_max_iters: int = 16  # scans per forward at most, the last differentiable one included
+
+    def recurrent_width(self, d_model: int) -> int:
+        return self.width if self.width is not None else d_model
+
+    def check(self, d_model: int) -> None:
+        width = self.recurrent_width(d_model)
+        if self.num_heads < 1 or width < 1 or width % self.num_heads:
+            raise ConfigError(f"model.pararnn.num_heads={self.num_heads} must divide the width {width}")
+        if not self.newton_tol > 0 or self.newton_max_iters < 1:
+            raise ConfigError(f"model.pararnn.newton_tol must be > 0 and newton_max_iters >= 1, got "
+                              f"{self.newton_tol} and {self.newton_max_iters}")
+
+
+@dataclass
 class ModelConfig:
     name: str = "hybrid_tiny"
     vocab_size: Optional[int] = None  # None: the data's vocabulary, rounded up (see vocab_for_data)
@@ -153,6 +173,7 @@ class ModelConfig:
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     gated_deltanet: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
     rglru: RGLRUConfig = field(default_factory=RGLRUConfig)
+    pararnn: ParaRNNConfig = field(default_factory=ParaRNNConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def __post_init__(self):

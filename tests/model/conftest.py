@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from model import LM, ModelConfig
-from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config, RGLRUConfig
+from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config, ParaRNNConfig, RGLRUConfig
 
 VOCAB = 97
 # One model per mixer (W: a window shorter than the test sequences), a hybrid of all of them, and Griffin's
-# pattern (two RG-LRU blocks per window block).
-PATTERNS = ["A", "W", "G", "M", "D", "R", "GMDAW", "RRW"]
+# pattern (two RG-LRU blocks per window block), and the ParaRNN GRU and LSTM.
+PATTERNS = ["A", "W", "G", "M", "D", "R", "GMDAW", "RRW", "U", "L"]
 
 
 def small_config(pattern: str, **overrides) -> ModelConfig:
@@ -19,6 +19,7 @@ def small_config(pattern: str, **overrides) -> ModelConfig:
         mamba2=Mamba2Config(expand=2, head_dim=16, d_state=16, n_groups=2),
         gated_deltanet=GatedDeltaNetConfig(num_heads=2, head_dim=16, expand_v=2.0, allow_neg_eigval=True),
         rglru=RGLRUConfig(num_heads=2, width=48),
+        pararnn=ParaRNNConfig(num_heads=2, width=32),
     )
     fields.update(overrides)
     return ModelConfig(**fields)

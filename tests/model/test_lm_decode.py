@@ -37,7 +37,7 @@ def test_mamba2_with_negative_eigenvalues_decodes_like_teacher_forcing(make_lm):
     torch.testing.assert_close(torch.stack(decoded, 1), expected[:, 66:], atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("pattern", ["GMDAW", "RRW"])
+@pytest.mark.parametrize("pattern", ["GMDAW", "RRW", "UL"])
 def test_prefill_across_chunks_then_decode(make_lm, pattern):
     """A 67-token prompt spans two kernel chunks; its final states must carry on exactly."""
     lm = make_lm(pattern)

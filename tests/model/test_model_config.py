@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from model import LM, ModelConfig
-from model.config import AttentionConfig, GLAConfig, RGLRUConfig
+from model.config import AttentionConfig, GLAConfig, ParaRNNConfig, RGLRUConfig
 
 
 def test_pattern_repeats_to_n_layers():
@@ -24,6 +24,9 @@ def test_pattern_repeats_to_n_layers():
     (dict(pattern="G", gla=GLAConfig(num_heads=3)), "model.gla.num_heads=3"),
     (dict(pattern="R", rglru=RGLRUConfig(num_heads=3, width=64)), "model.rglru.num_heads=3 must divide the width 64"),
     (dict(pattern="R", rglru=RGLRUConfig(conv_size=1)), "model.rglru.conv_size must be >= 2"),
+    (dict(pattern="U", pararnn=ParaRNNConfig(num_heads=3, width=64)), "model.pararnn.num_heads=3 must divide the width"),
+    (dict(pattern="L", pararnn=ParaRNNConfig(newton_tol=0.0)), "model.pararnn.newton_tol must be > 0"),
+    (dict(pattern="L", pararnn=ParaRNNConfig(newton_max_iters=0)), "newton_max_iters >= 1"),
     (dict(vocab_size=0), "model.vocab_size must be >= 1"),
 ])
 def test_bad_values_raise_naming_the_key(fields, message):
