@@ -11,8 +11,10 @@ from parallel.sequence import SequenceParallel
 ROWS, LOCAL_LEN, VOCAB = 2, 6, 64
 TINY = dict(vocab_size=VOCAB, d_model=32, gla=dict(num_heads=2, use_short_conv=True),
             mamba2=dict(head_dim=16, d_state=8), gated_deltanet=dict(num_heads=2, head_dim=8),
+            deltanet=dict(num_heads=2, head_dim=8, allow_neg_eigval=True),
+            gated_deltaproduct=dict(num_heads=2, head_dim=8, num_householder=2, allow_neg_eigval=True),
             attention=dict(num_heads=2, window=5))
-PATTERNS = ["G", "M", "D", "A", "W", "GMDAW"]
+PATTERNS = ["G", "M", "D", "E", "P", "A", "W", "GMDAW"]
 
 
 def batch_layout(sp_size: int) -> tuple[torch.Tensor, list[list[int]]]:
