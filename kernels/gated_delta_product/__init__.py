@@ -41,7 +41,19 @@ def _gate_on_first(g: torch.Tensor, n_h: int) -> torch.Tensor:
 
 
 def _substep_cu_seqlens(cu_seqlens: torch.Tensor | None, n_h: int) -> torch.Tensor | None:
-    return None if cu_seqlens is None else cu_seqlens * n_h
+    """cu_seqlens x n_h, made once per batch and kept on cu_seqlens (as its chunk index is), knowing its host
+    bounds when cu_seqlens does: every layer shares it and its chunk index, and no layer reads the device."""
+    if cu_seqlens is None:
+        return None
+    known = getattr(cu_seqlens, "_substeps", None)
+    if known is not None and known[:2] == (cu_seqlens._version, n_h):
+        return known[2]
+    substeps = cu_seqlens * n_h
+    bounds = getattr(cu_seqlens, "_host_bounds", None)
+    if bounds is not None and bounds[0] == cu_seqlens._version:
+        substeps._host_bounds = (substeps._version, [b * n_h for b in bounds[1]])
+    cu_seqlens._substeps = (cu_seqlens._version, n_h, substeps)
+    return substeps
 
 
 def _interleaved(op):
