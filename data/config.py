@@ -2,11 +2,18 @@
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from configs.errors import ConfigError
 from data.shards import VERIFY_MODES
 
 # mqar, passkey, state_tracking: generated on the fly (data/synthetic.py)
 SOURCES = ("stdlib", "shards", "mqar", "passkey", "state_tracking")
 STATE_TRACKING_GROUPS = {"parity": 2, "s3": 3, "s5": 5}  # data.group: the symmetric group S_n it names
+
+
+def check_group(group: str, key: str) -> None:
+    """A state-tracking group name (`key` names the setting in the error)."""
+    if group not in STATE_TRACKING_GROUPS:
+        raise ConfigError(f"{key}: '{group}' is not one of {', '.join(STATE_TRACKING_GROUPS)}")
 
 
 def option(default, help: str):
@@ -60,8 +67,8 @@ class DataConfig:
         if not (4 if self.source == "mqar" else 256 + 4) <= self.vocab_size <= 2**32:
             raise ValueError(f"data.vocab_size must hold the 256 byte-fallback pieces and the specials, "
                              f"got {self.vocab_size}")
-        if self.source == "state_tracking" and self.group not in STATE_TRACKING_GROUPS:
-            raise ValueError(f"data.group: '{self.group}' is not one of {', '.join(STATE_TRACKING_GROUPS)}")
+        if self.source == "state_tracking":
+            check_group(self.group, "data.group")
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(f"data.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
         if self.verify not in VERIFY_MODES:

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from configs.errors import ConfigError, DataError
-from data.config import STATE_TRACKING_GROUPS, DataConfig
+from data.config import STATE_TRACKING_GROUPS, DataConfig, check_group
 from data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
 IGNORE = -100  # labels torch's cross_entropy skips
@@ -96,15 +96,10 @@ def mqar_set(seed: int, num_examples: int, vocab_size: int, num_kv_pairs: int, s
 
 
 # --- state tracking ----------------------------------------------------------------------------------
-def check_group(group: str, prefix: str) -> None:
-    if group not in STATE_TRACKING_GROUPS:
-        raise ConfigError(f"{prefix}group: '{group}' is not one of {', '.join(STATE_TRACKING_GROUPS)}")
-
-
 @functools.cache
 def group_table(group: str) -> np.ndarray:
     """The multiplication table [n!, n!] of the group: table[a, b] = a b (as permutations: a(b(i)))."""
-    check_group(group, "")
+    check_group(group, "state-tracking group")
     perms = list(itertools.permutations(range(STATE_TRACKING_GROUPS[group])))
     index = {perm: i for i, perm in enumerate(perms)}
     return np.array([[index[tuple(a[i] for i in b)] for b in perms] for a in perms], np.int64)

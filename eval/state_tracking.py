@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from configs.errors import ConfigError
-from data.config import STATE_TRACKING_GROUPS
+from data.config import check_group
 from data.synthetic import group_order, state_tracking_set
 from eval.results import TaskResult, plt, save_figure
 
@@ -23,8 +23,7 @@ def state_tracking_settings(cfg, dataset) -> dict:
     train.seq_len x 1, 2, 4."""
     s, seq_len = cfg.eval.state_tracking, cfg.train.seq_len
     group = s.group or (cfg.data.group if cfg.data.source == "state_tracking" else "parity")
-    if group not in STATE_TRACKING_GROUPS:
-        raise ConfigError(f"eval.state_tracking.group: '{group}' is not one of {', '.join(STATE_TRACKING_GROUPS)}")
+    check_group(group, "eval.state_tracking.group")
     vocab = dataset.tokenizer.vocab_size if dataset.tokenizer is not None else dataset.vocab_size
     if group_order(group) > vocab:
         raise ConfigError(f"eval.state_tracking.group={group} has {group_order(group)} elements, more than the "
