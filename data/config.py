@@ -2,9 +2,18 @@
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from configs.errors import ConfigError
 from data.shards import VERIFY_MODES
 
-SOURCES = ("stdlib", "shards", "mqar", "passkey")  # mqar, passkey: generated on the fly (data/synthetic.py)
+# mqar, passkey, state_tracking: generated on the fly (data/synthetic.py)
+SOURCES = ("stdlib", "shards", "mqar", "passkey", "state_tracking")
+STATE_TRACKING_GROUPS = {"parity": 2, "s3": 3, "s5": 5}  # data.group: the symmetric group S_n it names
+
+
+def check_group(group: str, key: str) -> None:
+    """A state-tracking group name (`key` names the setting in the error)."""
+    if group not in STATE_TRACKING_GROUPS:
+        raise ConfigError(f"{key}: '{group}' is not one of {', '.join(STATE_TRACKING_GROUPS)}")
 
 
 def option(default, help: str):
@@ -39,6 +48,9 @@ class DataConfig:
     # source=mqar: the task's vocabulary is vocab_size (no tokenizer); keys queried per row, gap power law.
     num_kv_pairs: int = 8
     power_a: float = 0.01
+    # source=state_tracking: the word problem of parity, s3 or s5 (data/synthetic.py); the vocabulary is the
+    # group's elements (vocab_size is not used).
+    group: str = "parity"
     # How a run checks the shards when it opens them. full: the job's rank 0 (RANK) hashes every file (sha256,
     # ~1 GB/s: about 17 minutes per TB) against the manifest, the other ranks check sizes and counts only;
     # sizes: no rank hashes (prepare already checksummed what it wrote).
@@ -55,6 +67,8 @@ class DataConfig:
         if not (4 if self.source == "mqar" else 256 + 4) <= self.vocab_size <= 2**32:
             raise ValueError(f"data.vocab_size must hold the 256 byte-fallback pieces and the specials, "
                              f"got {self.vocab_size}")
+        if self.source == "state_tracking":
+            check_group(self.group, "data.group")
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(f"data.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
         if self.verify not in VERIFY_MODES:

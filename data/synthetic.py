@@ -1,4 +1,5 @@
-"""Synthetic tasks generated on the fly: MQAR (Zoology's multiquery_ar) and passkey retrieval text.
+"""Synthetic tasks generated on the fly: MQAR (Zoology's multiquery_ar), passkey retrieval text, and state
+tracking (parity and permutation word problems).
 
 Every example is a pure function of (seed, example index), so evaluation sets are reproducible and the
 training loader (`data=mqar`, `data=passkey`) resumes exactly from the number of rows consumed, like the
@@ -9,8 +10,18 @@ pairs up front (keys from [1, vocab/2), values from [vocab/2, vocab), distinct),
 once at a gap drawn without replacement from the power law p(g) ~ a g^(a-1), random tokens elsewhere;
 only the queried values are labelled. `jrt` repeats the key-value context once more before the queries
 ("just read twice", Arora et al. 2024).
+
+State tracking (Merrill et al. 2024, "The Illusion of State"; Grazzi et al. 2025): the word problem of a
+group G. Each input is an element of G (uniform, independent), each label the product of the inputs so far,
+so every position is labelled. G is a symmetric group S_n, its n! elements numbered in the lexicographic
+order of their permutation tuples (token i = the i-th permutation, the identity is 0): parity is S_2 (token
+1 flips, the label is the running parity), s3 and s5 are S_3 and S_5 (S_5 is the smallest non-solvable
+group: no constant-depth circuit of the TC0 class solves its word problem). The product appends on the
+right: label_t = x_0 x_1 ... x_t, with (a b)(i) = a(b(i)).
 """
+import functools
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -18,11 +29,11 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from configs.errors import ConfigError, DataError
-from data.config import DataConfig
+from data.config import STATE_TRACKING_GROUPS, DataConfig, check_group
 from data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
 IGNORE = -100  # labels torch's cross_entropy skips
-SYNTHETIC_SOURCES = ("mqar", "passkey")
+SYNTHETIC_SOURCES = ("mqar", "passkey", "state_tracking")
 
 # The passkey prompt of Landmark Attention / LongLoRA.
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -81,6 +92,38 @@ def mqar_set(seed: int, num_examples: int, vocab_size: int, num_kv_pairs: int, s
     """Examples first .. first + num_examples - 1 of the seeded stream, stacked [N, T]."""
     pairs = [mqar_example(np.random.default_rng([seed, first + i]), vocab_size, num_kv_pairs, seq_len, power_a, jrt)
              for i in range(num_examples)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+# --- state tracking ----------------------------------------------------------------------------------
+@functools.cache
+def group_table(group: str) -> np.ndarray:
+    """The multiplication table [n!, n!] of the group: table[a, b] = a b (as permutations: a(b(i)))."""
+    check_group(group, "state-tracking group")
+    perms = list(itertools.permutations(range(STATE_TRACKING_GROUPS[group])))
+    index = {perm: i for i, perm in enumerate(perms)}
+    return np.array([[index[tuple(a[i] for i in b)] for b in perms] for a in perms], np.int64)
+
+
+def group_order(group: str) -> int:
+    return len(group_table(group))
+
+
+def state_tracking_example(rng: np.random.Generator, group: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels), both [seq_len]: random elements, and the running product of the inputs so far."""
+    table = group_table(group)
+    inputs = rng.integers(0, len(table), size=seq_len)
+    labels = np.empty(seq_len, np.int64)
+    product = 0  # the identity
+    for t, x in enumerate(inputs):
+        product = table[product, x]
+        labels[t] = product
+    return inputs, labels
+
+
+def state_tracking_set(seed: int, num_examples: int, group: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Examples 0 .. num_examples - 1 of the seeded stream at this length, stacked [N, seq_len]."""
+    pairs = [state_tracking_example(np.random.default_rng([seed, i]), group, seq_len) for i in range(num_examples)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
@@ -217,13 +260,13 @@ class SyntheticLoader:
 
 @dataclass
 class SyntheticData:
-    """What `prepare_dataset` returns for data=mqar / data=passkey: the same questions as PreparedData."""
+    """What `prepare_dataset` returns for data=mqar / passkey / state_tracking: the same questions as PreparedData."""
     cfg: DataConfig
-    tokenizer: Optional[Tokenizer]  # None for MQAR: its ids are the task's own
+    tokenizer: Optional[Tokenizer]  # None for MQAR and state tracking: their ids are the task's own
 
     @property
     def vocab_size(self) -> int:
-        return self.cfg.vocab_size
+        return group_order(self.cfg.group) if self.cfg.source == "state_tracking" else self.cfg.vocab_size
 
     def loader(self, seq_len: int, micro_batch_size: int, global_batch_size: int, dp_rank: int = 0,
                dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1, seed: int = 0) -> SyntheticLoader:
@@ -232,6 +275,9 @@ class SyntheticData:
             check_mqar(c.vocab_size, c.num_kv_pairs, seq_len, c.power_a, "data.")
             make_row = lambda rng: mqar_example(rng, c.vocab_size, c.num_kv_pairs, seq_len, c.power_a)  # noqa: E731
             fingerprint = repr(("mqar", c.vocab_size, c.num_kv_pairs, c.power_a))
+        elif c.source == "state_tracking":
+            make_row = lambda rng: state_tracking_example(rng, c.group, seq_len)  # noqa: E731
+            fingerprint = repr(("state_tracking", c.group))
         else:
             prompts = PasskeyPrompts(self.tokenizer)
             make_row = lambda rng: passkey_row(rng, prompts, seq_len + 1, self.tokenizer.eos_id)  # noqa: E731
@@ -243,7 +289,7 @@ class SyntheticData:
     def held_out_documents(self) -> Iterator[tuple[np.ndarray, int]]:
         """Passkey: 64 generated prompts with their answers (another seed than training's rows)."""
         if self.tokenizer is None:
-            raise DataError("data=mqar has no text: evaluate it with eval.tasks=[mqar]")
+            raise DataError(f"data={self.cfg.source} has no text: evaluate it with eval.tasks=[{self.cfg.source}]")
         prompts, rng = PasskeyPrompts(self.tokenizer), np.random.default_rng([2**31, 0])
         for _ in range(64):
             key = random_passkey(rng)

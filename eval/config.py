@@ -6,8 +6,9 @@ from typing import List, Optional
 
 from configs.errors import ConfigError
 
-TASKS = ("ppl", "passkey", "mqar")
-DEFAULT_TASKS = {"mqar": ["mqar"], "passkey": ["passkey"]}  # by data.source; text data: ["ppl"]
+TASKS = ("ppl", "passkey", "mqar", "state_tracking")
+# by data.source; text data: ["ppl"]
+DEFAULT_TASKS = {"mqar": ["mqar"], "passkey": ["passkey"], "state_tracking": ["state_tracking"]}
 
 
 @dataclass
@@ -41,6 +42,14 @@ class MQARConfig:
 
 
 @dataclass
+class StateTrackingConfig:
+    group: Optional[str] = None         # parity, s3 or s5; null: data=state_tracking's data.group, else parity
+    lengths: Optional[List[int]] = None  # test lengths; null: train.seq_len x 1, 2, 4
+    num_examples: int = 256             # sequences per length
+    seed: int = 1                       # its own stream (the training rows are run.seed's)
+
+
+@dataclass
 class EvalConfig:
     tasks: Optional[List[str]] = None   # null: what the data is for: ppl (text), mqar (data=mqar), passkey
     held_out_tokens: int = 150_000
@@ -51,6 +60,7 @@ class EvalConfig:
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     mqar: MQARConfig = field(default_factory=MQARConfig)
+    state_tracking: StateTrackingConfig = field(default_factory=StateTrackingConfig)
 
     def __post_init__(self):
         if self.held_out_tokens < 1 or self.batch_size < 1 or self.sample_tokens < 0 or self.sample_temperature < 0:
@@ -69,3 +79,6 @@ class EvalConfig:
             raise ConfigError(f"eval.passkey.depths must be in [0, 1], got {list(k.depths)}")
         if m.num_examples < 1:
             raise ConfigError(f"eval.mqar.num_examples must be >= 1, got {m.num_examples}")
+        st = self.state_tracking
+        if (st.lengths is not None and (not st.lengths or min(st.lengths) < 1)) or st.num_examples < 1:
+            raise ConfigError("eval.state_tracking: lengths must be >= 1 (and not empty), num_examples >= 1")

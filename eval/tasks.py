@@ -8,16 +8,18 @@ from typing import Optional
 
 import torch
 
-from eval import mqar, passkey, perplexity
+from eval import mqar, passkey, perplexity, state_tracking
 from eval.config import DEFAULT_TASKS
 from eval.results import TaskResult, flat_figures
 
-TASK_RUNNERS = {"ppl": perplexity.run, "passkey": passkey.run, "mqar": mqar.run}
-TASK_CHECKS = {"ppl": perplexity.check, "passkey": passkey.check, "mqar": mqar.mqar_settings}
+TASK_RUNNERS = {"ppl": perplexity.run, "passkey": passkey.run, "mqar": mqar.run, "state_tracking": state_tracking.run}
+TASK_CHECKS = {"ppl": perplexity.check, "passkey": passkey.check, "mqar": mqar.mqar_settings,
+               "state_tracking": state_tracking.state_tracking_settings}
 
 
 def configured_tasks(cfg) -> list[str]:
-    """eval.tasks, or what the data is for: ppl for text, mqar for data=mqar, passkey for data=passkey."""
+    """eval.tasks, or what the data is for: ppl for text, else the generated task's own (mqar, passkey,
+    state_tracking)."""
     return list(cfg.eval.tasks) if cfg.eval.tasks is not None else DEFAULT_TASKS.get(cfg.data.source, ["ppl"])
 
 
@@ -32,7 +34,7 @@ def evaluate_tasks(cfg, model, dataset, device: torch.device, autocast_dtype: Op
 def run_tasks(cfg, model, dataset, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
               progress: bool = True, plot_dir: Optional[Path] = None) -> dict:
     """Run cfg's eval tasks on `model`; return their flat figures (held_out_loss, held_out_bpb,
-    ppl_loss_beyond_train_len, passkey_accuracy, mqar_accuracy, ...) and draw their PNGs into plot_dir."""
+    ppl_loss_beyond_train_len, passkey_accuracy, mqar_accuracy, state_tracking_accuracy_<L>, ...) and draw their PNGs into plot_dir."""
     results = evaluate_tasks(cfg, model, dataset, device, autocast_dtype, progress)
     if plot_dir is not None:
         for result in results:

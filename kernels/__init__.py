@@ -7,15 +7,19 @@ CUDA tensors take the Triton kernels, CPU tensors the chunked PyTorch path (see 
 from kernels.conv import causal_conv1d
 from kernels.diagonal_scan import (chunk_diagonal_scan, diagonal_scan_state_summary,
                                    fused_recurrent_diagonal_scan)
+from kernels.gated_delta_product import (chunk_gated_delta_product, fused_recurrent_gated_delta_product,
+                                         gated_delta_product_state_summary)
 from kernels.gated_delta_rule import (chunk_gated_delta_rule, chunk_gated_delta_rule_vjp,
                                       fused_recurrent_gated_delta_rule, gated_delta_rule_state_summary)
-from kernels.gla import (chunk_gla, chunk_gla_signed, chunk_gla_signed_vjp, chunk_gla_vjp, fused_recurrent_gla,
-                         fused_recurrent_gla_signed, gla_signed_state_summary, gla_state_summary)
+from kernels.gla import chunk_gla, chunk_gla_vjp, fused_recurrent_gla, gla_state_summary
+from kernels.gla.signed import (chunk_gla_signed, chunk_gla_signed_vjp, fused_recurrent_gla_signed,
+                                gla_signed_state_summary)
 from kernels.norm import rms_norm
 from kernels.rotary import rotate_rows
 
 __all__ = [
     "causal_conv1d",
+    "chunk_gated_delta_product",
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_vjp",
     "chunk_gla",
@@ -25,9 +29,11 @@ __all__ = [
     "chunk_gla_vjp",
     "diagonal_scan_state_summary",
     "fused_recurrent_diagonal_scan",
+    "fused_recurrent_gated_delta_product",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gla",
     "fused_recurrent_gla_signed",
+    "gated_delta_product_state_summary",
     "gated_delta_rule_state_summary",
     "gla_signed_state_summary",
     "gla_state_summary",

@@ -1,16 +1,17 @@
 """Schema of the `model` config group: the layer pattern and each mixer's settings.
 
 A model is a stack of pre-norm blocks; `pattern` names each block's token mixer with one letter
-(G=gla, M=mamba2, D=gated_deltanet, R=rglru, U=pararnn_gru, L=pararnn_lstm, A=attention, W=sliding-window
-attention: model/registry.py, where each mixer registers its letter and its settings' key). A pattern shorter than
-`n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups. Impossible values raise a
+(G=gla, M=mamba2, D=gated_deltanet, E=deltanet, P=gated_deltaproduct, R=rglru, U=pararnn_gru, L=pararnn_lstm,
+A=attention, W=sliding-window attention: model/registry.py, where each mixer registers its letter and its
+settings' key). A pattern shorter than `n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups.
+Impossible values raise a
 one-line ValueError naming the key, so a bad preset fails before any weight is built.
 
 `vocab_size: null` (every preset) follows the data: train.py sets it from the data's tokenizer with
 `vocab_for_data`, rounded up to a multiple of 128; the ids the rounding adds are never produced.
 """
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from configs.errors import ConfigError
 from model.registry import MIXERS, by_letter
@@ -97,24 +98,48 @@ class Mamba2Config:
 
 
 @dataclass
-class GatedDeltaNetConfig:
+class DeltaNetConfig:
+    """The delta rule without a gate (DeltaNet, Yang et al. 2024): S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T."""
+    key: ClassVar[str] = "deltanet"  # its ModelConfig field, for the error messages
     num_heads: int = 4
     head_dim: int = 64  # key (and query) head dim; value head dim = expand_v * head_dim
     expand_v: float = 2.0
     conv_size: int = 4
     use_output_gate: bool = True
-    allow_neg_eigval: bool = False  # beta in (0, 2): transitions with negative eigenvalues
+    allow_neg_eigval: bool = False  # beta in (0, 2): transitions with negative eigenvalues (Grazzi et al. 2025)
+
+    def check(self, d_model: int) -> None:
+        if self.num_heads < 1 or self.head_dim < 1 or int(self.head_dim * self.expand_v) < 1:
+            raise ConfigError(f"model.{self.key}.num_heads, head_dim and head_dim * expand_v must be >= 1")
+        if self.conv_size < 2:
+            raise ConfigError(f"model.{self.key}.conv_size must be >= 2, got {self.conv_size}")
+
+
+@dataclass
+class GatedDeltaNetConfig(DeltaNetConfig):
+    """The delta rule with Mamba2's scalar decay a_t per head and step (Gated DeltaNet)."""
+    key: ClassVar[str] = "gated_deltanet"
     # The decay's step sizes start as Mamba2's do (model.recurrent.init_dt_bias_).
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
 
     def check(self, d_model: int) -> None:
-        if self.num_heads < 1 or self.head_dim < 1 or int(self.head_dim * self.expand_v) < 1:
-            raise ConfigError("model.gated_deltanet.num_heads, head_dim and head_dim * expand_v must be >= 1")
-        if self.conv_size < 2:
-            raise ConfigError(f"model.gated_deltanet.conv_size must be >= 2, got {self.conv_size}")
-        check_dt_init("gated_deltanet", self.dt_min, self.dt_max, self.dt_init_floor)
+        super().check(d_model)
+        check_dt_init(self.key, self.dt_min, self.dt_max, self.dt_init_floor)
+
+
+@dataclass
+class GatedDeltaProductConfig(GatedDeltaNetConfig):
+    """Gated DeltaProduct (Siems et al. 2025): num_householder delta-rule steps per token (each its own key,
+    value and beta), the decay applied once per token."""
+    key: ClassVar[str] = "gated_deltaproduct"
+    num_householder: int = 2
+
+    def check(self, d_model: int) -> None:
+        super().check(d_model)
+        if self.num_householder < 1:
+            raise ConfigError(f"model.gated_deltaproduct.num_householder must be >= 1, got {self.num_householder}")
 
 
 @dataclass
@@ -172,6 +197,8 @@ class ModelConfig:
     gla: GLAConfig = field(default_factory=GLAConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     gated_deltanet: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
+    deltanet: DeltaNetConfig = field(default_factory=DeltaNetConfig)
+    gated_deltaproduct: GatedDeltaProductConfig = field(default_factory=GatedDeltaProductConfig)
     rglru: RGLRUConfig = field(default_factory=RGLRUConfig)
     pararnn: ParaRNNConfig = field(default_factory=ParaRNNConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)

@@ -3,7 +3,7 @@
 Each rank of an sp group holds the same rows, rank r the contiguous slice [r*T, (r+1)*T) of every row
 (T = local length). Layers that only look at their own token (norms, MLPs) need nothing. The others:
 
-- recurrent cores (GLA, Mamba2, Gated DeltaNet) are affine in the incoming state, S_out = M S_in + S_local,
+- recurrent cores (GLA, Mamba2, the delta-rule mixers) are affine in the incoming state, S_out = M S_in + S_local,
   so a state-only summary of the slice gives its (M, S_local) (M diagonal for GLA and Mamba2), a
   differentiable all_gather gives every rank's, a prefix combine gives this slice's incoming state, and the
   op run from it gives the outputs. Communication per layer is O(H K V) per row, independent of T.
@@ -207,7 +207,7 @@ class SequenceParallel:
              **gates: Tensor) -> Tensor:
         """The output of the core's chunked op over this slice, given the state every earlier rank leaves
         (the core a mixer registered, model/registry.py; gates = g, or g and beta)."""
-        out_shape = v.shape
+        out_shape = q.shape[:-1] + v.shape[-1:]  # [.., H, V] (v may have more axes: a DeltaProduct's steps)
         q, k, v = self._flat(q), self._flat(k), self._flat(v)
         gates = {name: self._flat(gate) for name, gate in gates.items()}
 

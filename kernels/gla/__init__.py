@@ -73,9 +73,5 @@ def gla_state_summary(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, cu_seql
     return gla_state_summary_torch(k, v, g, cu_seqlens)
 
 
-from kernels.gla.signed import (chunk_gla_signed, chunk_gla_signed_vjp, fused_recurrent_gla_signed,  # noqa: E402
-                                gla_signed_state_summary)
-
-__all__ = ["chunk_gla", "chunk_gla_signed", "chunk_gla_signed_vjp", "chunk_gla_vjp", "fused_recurrent_gla_signed",
-           "gla_signed_state_summary", "fused_recurrent_gla", "gla_state_summary", "naive_recurrent_gla",
+__all__ = ["chunk_gla", "chunk_gla_vjp", "fused_recurrent_gla", "gla_state_summary", "naive_recurrent_gla",
            "chunk_gla_torch"]

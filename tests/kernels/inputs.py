@@ -32,7 +32,8 @@ def gla_inputs(B, T, H, K, V, scalar_gate, num_states, gates="normal", seed=0):
 def gated_delta_rule_inputs(B, T, H, K, V, num_states, gates="normal", seed=0):
     """fp64 leaf inputs and upstream gradients. gates: 'normal'; 'extreme' (g in [-40, -20]); 'mixed'
     (g ~ -1e-6, a gate of almost exactly one, next to g = -100); 'aligned' (normal gates, but nearly parallel
-    keys and beta near 2: the WY system (I + A) is as far from the identity as it gets)."""
+    keys and beta near 2: the WY system (I + A) is as far from the identity as it gets); 'none' (g = 0:
+    DeltaNet, the delta rule without a decay: nothing fades, every step's rounding stays in the state)."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
     uniform = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -41,6 +42,8 @@ def gated_delta_rule_inputs(B, T, H, K, V, num_states, gates="normal", seed=0):
         g = -20 - 20 * uniform(B, T, H)
     elif gates == "mixed":
         g = torch.where(uniform(B, T, H) < 0.8, -1e-6 * uniform(B, T, H), -100.0)
+    elif gates == "none":
+        g = torch.zeros(B, T, H, dtype=torch.float64)
     else:
         g = F.logsigmoid(rand(B, T, H) + 2)
     if gates == "aligned":

@@ -74,8 +74,8 @@ def test_chunk_torch_fp64(T, K, V):
 
 # The fused recurrent kernel's backward is the chunked one: one gate pattern is enough for its forward.
 @pytest.mark.parametrize("path,gates", [(path, gates) for path in ("torch", "triton_chunk")
-                                        for gates in ("normal", "extreme", "mixed", "aligned")]
-                         + [("triton_fused_recurrent", "mixed")])
+                                        for gates in ("normal", "extreme", "mixed", "aligned", "none")]
+                         + [("triton_fused_recurrent", gates) for gates in ("mixed", "none")])
 @pytest.mark.gpu
 def test_fp32_cu_seqlens(path, gates, nan_buffers):
     inputs, upstream, cu_seqlens, expected = case(1, 333, 1, 16, 32, gates, packed=True)

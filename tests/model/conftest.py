@@ -3,12 +3,13 @@ import pytest
 import torch
 
 from model import LM, ModelConfig
-from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config, ParaRNNConfig, RGLRUConfig
+from model.config import (AttentionConfig, DeltaNetConfig, GatedDeltaNetConfig, GatedDeltaProductConfig, GLAConfig,
+                          Mamba2Config, ParaRNNConfig, RGLRUConfig)
 
 VOCAB = 97
 # One model per mixer (W: a window shorter than the test sequences), a hybrid of all of them, and Griffin's
 # pattern (two RG-LRU blocks per window block), and the ParaRNN GRU and LSTM.
-PATTERNS = ["A", "W", "G", "M", "D", "R", "GMDAW", "RRW", "U", "L"]
+PATTERNS = ["A", "W", "G", "M", "D", "E", "P", "R", "GMDAW", "RRW", "U", "L"]
 
 
 def small_config(pattern: str, **overrides) -> ModelConfig:
@@ -18,6 +19,9 @@ def small_config(pattern: str, **overrides) -> ModelConfig:
         gla=GLAConfig(num_heads=2, use_short_conv=True),
         mamba2=Mamba2Config(expand=2, head_dim=16, d_state=16, n_groups=2),
         gated_deltanet=GatedDeltaNetConfig(num_heads=2, head_dim=16, expand_v=2.0, allow_neg_eigval=True),
+        deltanet=DeltaNetConfig(num_heads=2, head_dim=16, expand_v=1.0, allow_neg_eigval=True),
+        gated_deltaproduct=GatedDeltaProductConfig(num_heads=2, head_dim=16, expand_v=1.5, num_householder=3,
+                                                   allow_neg_eigval=True, use_output_gate=False),
         rglru=RGLRUConfig(num_heads=2, width=48),
         pararnn=ParaRNNConfig(num_heads=2, width=32),
     )

@@ -32,7 +32,7 @@ def step_syncs(lm, attached: bool) -> HostSyncs:
     return syncs
 
 
-@pytest.mark.parametrize("pattern", ["DA", "MW", "GA"])
+@pytest.mark.parametrize("pattern", ["DA", "MW", "GA", "PA"])
 def test_host_reads_do_not_grow_with_depth(make_lm, pattern, monkeypatch):
     monkeypatch.setenv("BATON_KERNELS", "triton")
     shallow, deep = make_lm(pattern).train(), make_lm(pattern * 2).train()
@@ -43,4 +43,4 @@ def test_host_reads_do_not_grow_with_depth(make_lm, pattern, monkeypatch):
 
 def test_recurrent_layers_read_nothing_with_the_bounds_attached(make_lm, monkeypatch):
     monkeypatch.setenv("BATON_KERNELS", "triton")
-    assert step_syncs(make_lm("DMG").train(), attached=True).counts == {}
+    assert step_syncs(make_lm("DMGEP").train(), attached=True).counts == {}

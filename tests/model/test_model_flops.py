@@ -25,7 +25,7 @@ def test_projection_flops_equal_the_counted_matmuls(make_lm):
     assert counted["aten.mm"] + counted["aten.addmm"] == B * T * (projection_flops_per_token(lm) - conv)
 
 
-@pytest.mark.parametrize("pattern", ["G", "M", "D"])
+@pytest.mark.parametrize("pattern", ["G", "M", "D", "E", "P"])
 def test_recurrence_flops_match_the_chunk_kernels(make_lm, pattern):
     """The chunk formula against the batched matmuls of the chunked kernels (the delta rule's triangular
     solve is in the formula but not a matmul, hence the tolerance)."""

@@ -44,7 +44,7 @@ def test_letters_and_names_are_unique_and_unknown_letters_list_the_registered_on
         ModelConfig(pattern="XA")
 
 
-@pytest.mark.parametrize("name", ["gla", "mamba2", "gated_deltanet", "rglru", "pararnn_gru", "pararnn_lstm"])
+@pytest.mark.parametrize("name", [name for name, mixer in MIXERS.items() if mixer.recurrent])
 def test_recurrent_mixers_carry_their_ops_and_state_dims(make_lm, name):
     mixer = MIXERS[name]
     assert mixer.recurrent and mixer.core.kernel in ("gla", "gla_scalar", "gated_delta_rule", "diagonal_scan")

@@ -11,9 +11,11 @@ from parallel.sequence import SequenceParallel
 ROWS, LOCAL_LEN, VOCAB = 2, 6, 64
 TINY = dict(vocab_size=VOCAB, d_model=32, gla=dict(num_heads=2, use_short_conv=True),
             mamba2=dict(head_dim=16, d_state=8), gated_deltanet=dict(num_heads=2, head_dim=8),
+            deltanet=dict(num_heads=2, head_dim=8, allow_neg_eigval=True),
+            gated_deltaproduct=dict(num_heads=2, head_dim=8, num_householder=2, allow_neg_eigval=True),
             rglru=dict(num_heads=2, width=16), pararnn=dict(num_heads=2, width=16),
             attention=dict(num_heads=2, window=5))
-PATTERNS = ["G", "M", "D", "R", "U", "L", "A", "W", "GMDAW"]
+PATTERNS = ["G", "M", "D", "E", "P", "R", "U", "L", "A", "W", "GMDAW"]
 SIGNED_MAMBA2 = dict(TINY["mamba2"], allow_neg_eigval=True)  # Mamba2 with negative eigenvalues
 
 

@@ -73,7 +73,7 @@ def check_scan(sp, mixer: str, inputs: dict, doc_starts, rank: int, local_len: i
     shaped = {name: flat(x) if flat_input else x for name, x in local.items()}
     q, k, v = shaped.pop("q"), shaped.pop("k"), shaped.pop("v")
     o = sp.scan(core, q, k, v, **shaped)
-    assert o.shape == v.shape
+    assert o.shape == q.shape[:-1] + v.shape[-1:]
     o = o.view(BATCH, local_len, HEADS, -1)
     my_slice = slice(rank * local_len, (rank + 1) * local_len)
     assert_close(o, o_full[:, my_slice].detach(), f"{mixer} output")
@@ -149,9 +149,18 @@ def run_checks(rank: int, world_size: int) -> None:
         # The diagonal scan (RG-LRU's core) with a signed a: h = a h + k v elementwise, o = h.
         scan = dict(qkv(), a=2 * torch.rand(BATCH, T, HEADS, KEY_DIM) - 1)
         scan["v"] = torch.randn(BATCH, T, HEADS, KEY_DIM)
+        # DeltaNet: no decay (g = 0), beta in (0, 2) (negative eigenvalues).
+        ungated = dict(delta, g=torch.zeros(BATCH, T, HEADS), beta=2 * torch.rand(BATCH, T, HEADS))
+        # Gated DeltaProduct: three Householder steps per token, each with its own key, value and beta.
+        product = dict(q=torch.randn(BATCH, T, HEADS, KEY_DIM),
+                       k=F.normalize(torch.randn(BATCH, T, 3, HEADS, KEY_DIM), dim=-1),
+                       v=torch.randn(BATCH, T, 3, HEADS, VALUE_DIM), g=F.logsigmoid(torch.randn(BATCH, T, HEADS)),
+                       beta=2 * torch.rand(BATCH, T, 3, HEADS))
         check_scan(sp, "gla", gla_vector, doc_starts, rank, local_len, flat_input=False)
         check_scan(sp, "mamba2", mamba2_scalar, doc_starts, rank, local_len, flat_input=True)
         check_scan(sp, "gated_deltanet", delta, doc_starts, rank, local_len, flat_input=False)
+        check_scan(sp, "deltanet", ungated, doc_starts, rank, local_len, flat_input=True)
+        check_scan(sp, "gated_deltaproduct", product, doc_starts, rank, local_len, flat_input=False)
         check_scan(sp, "rglru", scan, doc_starts, rank, local_len, flat_input=True)
         for width in (2, 4):
             check_conv(sp, doc_starts, rank, local_len, width)
