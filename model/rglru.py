@@ -18,7 +18,6 @@ sqrt(1 - a^2) factor at a document's first token; here every token takes the sam
 The scan is the diagonal scan (kernels/diagonal_scan) in the recurrent cores' form: its state is one column
 per head, [N, H, D_RNN / H, 1] fp32, so packing, decoding and sequence parallelism run as for every other core.
 """
-import math
 from typing import Optional
 
 import torch

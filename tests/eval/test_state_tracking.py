@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from configs.errors import ConfigError
 from data import prepare_dataset
 from data.config import DataConfig
 from data.synthetic import group_table, state_tracking_example, state_tracking_set
