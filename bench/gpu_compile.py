@@ -63,7 +63,9 @@ def preset_shapes() -> dict[str, list[tuple[int, int]]]:
         for mixer in (MIXERS[name] for name in set(c.layer_mixers())):
             if mixer.recurrent:
                 shapes[mixer.core.kernel].add(mixer.head_dims(c))
-                shapes["conv"].add((CONV_CHANNELS, getattr(c, mixer.config_key).conv_size))
+                settings = getattr(c, mixer.config_key)
+                if hasattr(settings, "conv_size"):  # ParaRNN's cells have no short convolution
+                    shapes["conv"].add((CONV_CHANNELS, settings.conv_size))
                 # the output norm: Mamba2's over its whole inner width, the others' over each value head
                 width = c.mamba2.expand * c.d_model if mixer.name == "mamba2" else mixer.head_dims(c)[1]
                 shapes["norm"].add((width, 1))
