@@ -2,7 +2,7 @@
 
 A model is a stack of pre-norm blocks; `pattern` names each block's token mixer with one letter
 (G=gla, M=mamba2, D=gated_deltanet, E=deltanet, P=gated_deltaproduct, R=rglru, U=pararnn_gru, L=pararnn_lstm,
-A=attention, W=sliding-window attention: model/registry.py, where each mixer registers its letter and its
+X=mlstm, A=attention, W=sliding-window attention: model/registry.py, where each mixer registers its letter and its
 settings' key). A pattern shorter than `n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups.
 Impossible values raise a
 one-line ValueError naming the key, so a bad preset fails before any weight is built.
@@ -180,6 +180,26 @@ class ParaRNNConfig:
 
 
 @dataclass
+class MLSTMConfig:
+    """The mLSTM layer (model/mlstm.py), as xLSTM 7B builds it."""
+    num_heads: int = 4
+    expand_qk: float = 0.5  # query/key dim = expand_qk * d_model (xLSTM 7B: 0.5)
+    expand_v: float = 1.0
+    gate_soft_cap: float = 15.0  # the gates' pre-activations pass through cap * tanh(x / cap)
+    input_gate_bias: float = -10.0  # exp(i) ~ 5e-5 at the start: writes grow as training opens the gate
+    forget_gate_bias_min: float = 3.0  # the forget gates' biases span [min, max] over the heads
+    forget_gate_bias_max: float = 6.0
+
+    def check(self, d_model: int) -> None:
+        key_dim, value_dim = int(d_model * self.expand_qk), int(d_model * self.expand_v)
+        if self.num_heads < 1 or key_dim % self.num_heads or value_dim % self.num_heads or key_dim == 0:
+            raise ConfigError(f"model.mlstm.num_heads={self.num_heads} must divide the key dim {key_dim} and the "
+                              f"value dim {value_dim} (d_model * expand_qk / expand_v)")
+        if not self.gate_soft_cap > 0 or self.forget_gate_bias_min > self.forget_gate_bias_max:
+            raise ConfigError("model.mlstm.gate_soft_cap must be > 0 and forget_gate_bias_min <= _max")
+
+
+@dataclass
 class ModelConfig:
     name: str = "hybrid_tiny"
     vocab_size: Optional[int] = None  # None: the data's vocabulary, rounded up (see vocab_for_data)
@@ -201,6 +221,7 @@ class ModelConfig:
     gated_deltaproduct: GatedDeltaProductConfig = field(default_factory=GatedDeltaProductConfig)
     rglru: RGLRUConfig = field(default_factory=RGLRUConfig)
     pararnn: ParaRNNConfig = field(default_factory=ParaRNNConfig)
+    mlstm: MLSTMConfig = field(default_factory=MLSTMConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from configs.errors import ConfigError
 # The mixers register themselves (model/registry.py) when imported; the model builds them from the registry.
 # (this order: the pattern letters' listing)
-from model import gla, mamba2, gated_deltanet, rglru, pararnn, attention  # noqa: F401
+from model import gla, mamba2, gated_deltanet, rglru, pararnn, mlstm, attention  # noqa: F401
 from model.config import ModelConfig
 from model.flops import forward_flops_per_token
 from model.layers import RMSNorm, SwiGLU

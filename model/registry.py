@@ -30,6 +30,9 @@ class RecurrentCore:
     # chunk's input gradients from its output gradient without its forward: training recomputes around the scan
     # (model/recurrent.py mix); None keeps plain autograd
     chunk_vjp: Callable | None = None
+    # how a slice's summary continues an incoming state, (transition, S_local, S_in) -> S_out; None: the affine
+    # S_out = M S_in + S_local of parallel/sequence.py (the mLSTM's states each carry their own stabiliser)
+    combine: Callable | None = None
 
 
 @dataclass(frozen=True)

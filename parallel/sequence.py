@@ -224,9 +224,9 @@ class SequenceParallel:
             transition = transition.unsqueeze(-1)
 
         # 2. every rank's summary (one all_gather of both), then the exclusive prefix combine
-        #    S_in(j+1) = M_j S_in(j) + S_local(j). Every rank computes all prefixes and keeps its own, so the
-        #    gathered tensors are in every rank's graph: the all_gather's backward (which brings later ranks'
-        #    gradients here) then runs on all.
+        #    S_in(j+1) = M_j S_in(j) + S_local(j) (or the core's own combine). Every rank computes all prefixes
+        #    and keeps its own, so the gathered tensors are in every rank's graph: the all_gather's backward
+        #    (which brings later ranks' gradients here) then runs on all.
         state_size = local_state[0].numel()
         summary = torch.cat([local_state.flatten(1), transition.flatten(1)], dim=1)
         gathered = _AllGather.apply(summary, self.group)
@@ -234,10 +234,13 @@ class SequenceParallel:
         with torch.autocast(v.device.type, enabled=False):  # states stay fp32 under bf16 autocast
             for rank_summary in gathered[:-1]:
                 state_j, transition_j = rank_summary.split([state_size, rank_summary.shape[1] - state_size], dim=1)
-                transition_j = transition_j.view(transition.shape)
+                transition_j, state_j = transition_j.view(transition.shape), state_j.view(local_state.shape)
+                if core.combine is not None:
+                    incoming.append(core.combine(transition_j, state_j, incoming[-1]))
+                    continue
                 carried = (transition_j @ incoming[-1] if transition_j.dim() == incoming[-1].dim()
                            else transition_j.unsqueeze(-1) * incoming[-1])  # diagonal: scale the rows of S
-                incoming.append(carried + state_j.view(local_state.shape))
+                incoming.append(carried + state_j)
         state_in = torch.stack(incoming)[self.rank]
 
         # 3. the outputs, run from the incoming state.

@@ -138,3 +138,15 @@ def diagonal_scan_triton_chunk(*args, **kwargs):
 def diagonal_scan_triton_fused_recurrent(*args, **kwargs):
     from kernels.diagonal_scan.fused_recurrent import fused_recurrent_diagonal_scan_triton
     return fused_recurrent_diagonal_scan_triton(*args, **kwargs)
+
+
+def mlstm_inputs(B, T, H, K, V, num_states, input_gates=3.0, seed=0):
+    """fp64 leaves and upstream gradients; input gate logs ~ N(0, input_gates^2), forget gates ~ 0.9."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    state = rand(num_states, H, K, V + 2)
+    state[..., -1] = 2 * rand(num_states, H, 1)  # the stabiliser: one per head, in every row
+    inputs = dict(q=rand(B, T, H, K), k=rand(B, T, H, K), v=rand(B, T, H, V), i=input_gates * rand(B, T, H),
+                  f=F.logsigmoid(rand(B, T, H) + 2), initial_state=state)
+    upstream = dict(o=rand(B, T, H, V), final_state=rand(num_states, H, K, V + 2))
+    return inputs, upstream

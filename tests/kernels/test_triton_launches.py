@@ -16,7 +16,7 @@ from compare import assert_matches, run
 from inputs import (conv_inputs, diagonal_scan_inputs, diagonal_scan_triton_chunk,
                     diagonal_scan_triton_fused_recurrent, gated_delta_rule_inputs, gated_delta_rule_triton_chunk,
                     gated_delta_rule_triton_fused_recurrent, gla_inputs, gla_triton_chunk, gla_triton_fused_recurrent,
-                    run_conv, run_scan)
+                    mlstm_inputs, run_conv, run_scan)
 from kernels import causal_conv1d, rms_norm, rotate_rows
 from kernels.conv.naive import naive_causal_conv1d
 from kernels.diagonal_scan.naive import naive_diagonal_scan
@@ -25,6 +25,7 @@ from kernels.rotary import naive_rotate_rows
 from kernels.backend import interpret_mode
 from kernels.gated_delta_rule.naive import naive_gated_delta_rule
 from kernels.gla.naive import naive_recurrent_gla
+from kernels.mlstm import chunk_mlstm, fused_recurrent_mlstm, naive_recurrent_mlstm
 from kernels.tuning import AUTOTUNERS, pinned_config
 
 pytestmark = pytest.mark.gpu  # compiled on a GPU (bench.gpu_check), interpreted here
@@ -46,6 +47,9 @@ OPS = {
                          gated_delta_rule_triton_fused_recurrent),
     "diagonal_scan": (lambda: diagonal_scan_inputs(1, T, 1, 40, num_states=NUM_DOCS, gates="mixed"),
                       naive_diagonal_scan, diagonal_scan_triton_chunk, diagonal_scan_triton_fused_recurrent),
+    # GLA's scalar-gate kernels on the mLSTM's stabilised gates, over V + 1 = 17 value columns (ragged blocks)
+    "mlstm": (lambda: mlstm_inputs(1, T, 1, 16, 16, num_states=NUM_DOCS), naive_recurrent_mlstm, chunk_mlstm,
+              fused_recurrent_mlstm),
 }
 
 

@@ -4,12 +4,12 @@ import torch
 
 from model import LM, ModelConfig
 from model.config import (AttentionConfig, DeltaNetConfig, GatedDeltaNetConfig, GatedDeltaProductConfig, GLAConfig,
-                          Mamba2Config, ParaRNNConfig, RGLRUConfig)
+                          Mamba2Config, MLSTMConfig, ParaRNNConfig, RGLRUConfig)
 
 VOCAB = 97
 # One model per mixer (W: a window shorter than the test sequences), a hybrid of all of them, and Griffin's
-# pattern (two RG-LRU blocks per window block), and the ParaRNN GRU and LSTM.
-PATTERNS = ["A", "W", "G", "M", "D", "E", "P", "R", "GMDAW", "RRW", "U", "L"]
+# pattern (two RG-LRU blocks per window block), the ParaRNN GRU and LSTM, and the mLSTM.
+PATTERNS = ["A", "W", "G", "M", "D", "E", "P", "R", "GMDAW", "RRW", "U", "L", "X"]
 
 
 def small_config(pattern: str, **overrides) -> ModelConfig:
@@ -24,6 +24,7 @@ def small_config(pattern: str, **overrides) -> ModelConfig:
                                                    allow_neg_eigval=True, use_output_gate=False),
         rglru=RGLRUConfig(num_heads=2, width=48),
         pararnn=ParaRNNConfig(num_heads=2, width=32),
+        mlstm=MLSTMConfig(num_heads=2, input_gate_bias=2.0),  # writes of e^2: the stabiliser at work at once
     )
     fields.update(overrides)
     return ModelConfig(**fields)

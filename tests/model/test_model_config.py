@@ -16,7 +16,7 @@ def test_pattern_repeats_to_n_layers():
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(pattern="GXA"), "model.pattern: letter 'X' names no mixer"),
+    (dict(pattern="GQA"), "model.pattern: letter 'Q' names no mixer"),
     (dict(pattern=""), "model.pattern is empty"),
     (dict(pattern="GGA", n_layers=4), "model.n_layers=4 must be a positive multiple"),
     (dict(pattern="A", attention=AttentionConfig(num_heads=6, num_kv_heads=4)), "model.attention.num_heads=6"),

@@ -14,8 +14,9 @@ TINY = dict(vocab_size=VOCAB, d_model=32, gla=dict(num_heads=2, use_short_conv=T
             deltanet=dict(num_heads=2, head_dim=8, allow_neg_eigval=True),
             gated_deltaproduct=dict(num_heads=2, head_dim=8, num_householder=2, allow_neg_eigval=True),
             rglru=dict(num_heads=2, width=16), pararnn=dict(num_heads=2, width=16),
+            mlstm=dict(num_heads=2, input_gate_bias=2.0),  # writes of e^2: the stabiliser at work at once
             attention=dict(num_heads=2, window=5))
-PATTERNS = ["G", "M", "D", "E", "P", "R", "U", "L", "A", "W", "GMDAW"]
+PATTERNS = ["G", "M", "D", "E", "P", "R", "U", "L", "X", "A", "W", "GMDAW"]
 SIGNED_MAMBA2 = dict(TINY["mamba2"], allow_neg_eigval=True)  # Mamba2 with negative eigenvalues
 
 

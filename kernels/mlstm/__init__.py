@@ -1,0 +1,75 @@
+"""The mLSTM of xLSTM (Beck et al. 2024): matrix memory with exponential input gates, forget gates, the
+normaliser state and the max-stabiliser (naive.py writes the recurrence out).
+
+    o, final_state = op(q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens)
+    q, k [B, T, H, K]; v, o [B, T, H, V]; i, f [B, T, H] (the gates' logs); states [N, H, K, V+2] = (C | n | m)
+
+Every op is GLA's with the scalar gate on transformed inputs (gla_form.py), so it dispatches as GLA does
+(Triton on CUDA, chunked PyTorch elsewhere) and inherits its tests' guarantees; what is the mLSTM's own is the
+stabiliser, the normaliser column and the output's division. Sequence parallelism combines two states with
+their own stabilisers (combine_mlstm_states), which is affine in the states once the m are fixed.
+"""
+import torch
+
+from kernels.gla import chunk_gla, fused_recurrent_gla, gla_state_summary
+from kernels.mlstm.gla_form import final_state, gla_inputs, normalised, stabiliser, total_log_forget
+from kernels.mlstm.naive import naive_recurrent_mlstm
+from kernels.mlstm.state import check_mlstm_inputs, pack_state, split_state
+
+EXPONENT_MAX = 80.0  # exp(80) ~ 6e34: a rescaling factor never overflows fp32 before its zero factor applies
+
+
+def _through_gla(gla_op, q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens):
+    N = check_mlstm_inputs(q, k, v, i, f, initial_state, cu_seqlens)
+    k, v_and_one, g, memory, m, m_end = gla_inputs(k, v, i, f, initial_state, cu_seqlens, N)
+    o, memory = gla_op(q, k, v_and_one, g, scale, memory, output_final_state, cu_seqlens)
+    return normalised(o, m, v.dtype), final_state(memory, m_end)
+
+
+def chunk_mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                scale: float | None = None, initial_state: torch.Tensor | None = None,
+                output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise mLSTM for training and prefill (chunk_gla underneath)."""
+    return _through_gla(chunk_gla, q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def fused_recurrent_mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                          scale: float | None = None, initial_state: torch.Tensor | None = None,
+                          output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step-by-step mLSTM for decoding (fused_recurrent_gla underneath); same contract as chunk_mlstm."""
+    return _through_gla(fused_recurrent_gla, q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def mlstm_state_summary(k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                        cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence, the final state from the empty one, [N, H, K, V+2], and the memory's transition
+    exp(sum of f) [N, H]: for sequence parallelism, whose prefix combine is combine_mlstm_states."""
+    N = check_mlstm_inputs(k, k, v, i, f, None, cu_seqlens)
+    k, v_and_one, g, _, _, m_end = gla_inputs(k, v, i, f, None, cu_seqlens, N)
+    memory, _ = gla_state_summary(k, v_and_one, g, cu_seqlens)
+    return pack_state(memory, m_end), torch.exp(total_log_forget(f, cu_seqlens))
+
+
+def combine_mlstm_states(transition: torch.Tensor, local: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
+    """The state after a slice that starts from `incoming` [N, H, K, V+2], given the slice's summary: its final
+    state from the empty one, `local`, and its memory's transition [N, H] (0 where a document starts in it).
+    In true units C = exp(m) C~ this is C_out = transition C_in + C_local; the result takes the larger
+    stabiliser, m_out = max(log transition + m_in, m_local), so both terms are scaled by at most 1."""
+    memory_in, m_in = split_state(incoming)
+    memory_local, m_local = split_state(local)
+    transition = transition.reshape(m_in.shape)
+    with torch.no_grad():
+        carried = transition > 0
+        log_transition = torch.where(carried, transition.clamp_min(torch.finfo(transition.dtype).tiny).log(),
+                                     float("-inf"))
+        m_out = torch.maximum(log_transition + m_in, m_local)
+        in_scale = torch.where(carried, torch.exp((m_in - m_out).clamp(max=EXPONENT_MAX)), 0.0)
+        local_scale = torch.exp(m_local - m_out)
+    memory = ((transition * in_scale)[..., None, None] * memory_in + local_scale[..., None, None] * memory_local)
+    return pack_state(memory, m_out)
+
+
+__all__ = ["chunk_mlstm", "combine_mlstm_states", "fused_recurrent_mlstm", "mlstm_state_summary",
+           "naive_recurrent_mlstm", "pack_state", "split_state", "stabiliser"]
