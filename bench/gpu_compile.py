@@ -62,12 +62,16 @@ def preset_shapes() -> dict[str, list[tuple[int, int]]]:
         shapes["norm"].add((c.d_model, 1))
         for mixer in (MIXERS[name] for name in set(c.layer_mixers())):
             if mixer.recurrent:
-                shapes[mixer.core.kernel].add(mixer.head_dims(c))
+                K, V = mixer.head_dims(c)
+                if mixer.name == "mlstm":  # its state (C | n | m) has V + 2 columns; GLA runs on V + 1 (v | 1)
+                    V -= 1
+                shapes[mixer.core.kernel].add((K, V))
                 settings = getattr(c, mixer.config_key)
                 if hasattr(settings, "conv_size"):  # ParaRNN's cells have no short convolution
                     shapes["conv"].add((CONV_CHANNELS, settings.conv_size))
                 # the output norm: Mamba2's over its whole inner width, the others' over each value head
-                width = c.mamba2.expand * c.d_model if mixer.name == "mamba2" else mixer.head_dims(c)[1]
+                width = (c.mamba2.expand * c.d_model if mixer.name == "mamba2"
+                         else V - 1 if mixer.name == "mlstm" else V)
                 shapes["norm"].add((width, 1))
             else:
                 a = c.attention

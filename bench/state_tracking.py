@@ -37,7 +37,7 @@ from model.registry import MIXERS
 
 # Two layers of width 64, two heads each (the settings of the mixers there are; others keep their defaults).
 WIDTH = ["model.d_model=64", "model.n_layers=2", "model.d_ff=128", "model.attention.num_heads=2",
-         "model.gla.num_heads=2", "model.mamba2.head_dim=16", "model.mamba2.d_state=16",
+         "model.gla.num_heads=2", "model.mamba2.head_dim=16", "model.mamba2.d_state=16", "model.mlstm.num_heads=2",
          *(f"model.{key}.{setting}" for key in ("gated_deltanet", "deltanet", "gated_deltaproduct")
            for setting in ("num_heads=2", "head_dim=32", "expand_v=1.0"))]
 

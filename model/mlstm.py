@@ -17,16 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.mlstm import chunk_mlstm, combine_mlstm_states, fused_recurrent_mlstm, mlstm_state_summary
+from kernels.mlstm import chunk_mlstm, chunk_mlstm_vjp, combine_mlstm_states, fused_recurrent_mlstm, mlstm_state_summary
 from model.config import ModelConfig
 from model.flops import chunked_recurrence_flops
 from model.layers import GatedRMSNorm
 from model.recurrent import mix, output_gate, recurrent_step
 from model.registry import Mixer, RecurrentCore, register
 
-# GLA's scalar-gate kernels underneath (kernels/mlstm/gla_form.py). No chunk_vjp: the stabiliser and the output's
-# division sit around GLA's op, so training keeps plain autograd (activation checkpointing still applies).
-MLSTM_CORE = RecurrentCore("gla_scalar", chunk=chunk_mlstm, decode=fused_recurrent_mlstm,
+# GLA's scalar-gate kernels underneath (kernels/mlstm/gla_form.py); the backward of the recomputation around the
+# scan runs GLA's forward once more (chunk_mlstm_vjp).
+MLSTM_CORE = RecurrentCore("gla_scalar", chunk=chunk_mlstm, chunk_vjp=chunk_mlstm_vjp, decode=fused_recurrent_mlstm,
                            state_summary=mlstm_state_summary, combine=combine_mlstm_states)
 
 

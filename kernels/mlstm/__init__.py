@@ -11,6 +11,7 @@ their own stabilisers (combine_mlstm_states), which is affine in the states once
 """
 import torch
 
+from kernels.common import autograd_vjp
 from kernels.gla import chunk_gla, fused_recurrent_gla, gla_state_summary
 from kernels.mlstm.gla_form import final_state, gla_inputs, normalised, stabiliser, total_log_forget
 from kernels.mlstm.naive import naive_recurrent_mlstm
@@ -32,6 +33,17 @@ def chunk_mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tens
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise mLSTM for training and prefill (chunk_gla underneath)."""
     return _through_gla(chunk_gla, q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_mlstm_vjp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                    do: torch.Tensor, scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> tuple:
+    """chunk_mlstm's input gradients (dq, dk, dv, [di, df]) for the output gradient do, from the empty state
+    (chunk_gla_vjp's contract, for the recomputation around the scan in model/recurrent.py). The output's
+    division needs GLA's output, so GLA's forward runs again here (on the Triton path too): one more scan in
+    the backward buys not keeping the stabilised inputs, GLA's output and the division's temporaries."""
+    dq, dk, dv, di, df = autograd_vjp(lambda *x: chunk_mlstm(*x, scale, None, False, cu_seqlens)[0],
+                                      (q, k, v, i, f), do)
+    return dq, dk, dv, [di, df]
 
 
 def fused_recurrent_mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
@@ -71,5 +83,5 @@ def combine_mlstm_states(transition: torch.Tensor, local: torch.Tensor, incoming
     return pack_state(memory, m_out)
 
 
-__all__ = ["chunk_mlstm", "combine_mlstm_states", "fused_recurrent_mlstm", "mlstm_state_summary",
+__all__ = ["chunk_mlstm", "chunk_mlstm_vjp", "combine_mlstm_states", "fused_recurrent_mlstm", "mlstm_state_summary",
            "naive_recurrent_mlstm", "pack_state", "split_state", "stabiliser"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config
+from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config, MLSTMConfig
 from model.memory import saved_bytes, saved_bytes_by_module
 from tests.model.conftest import small_config
 
@@ -50,13 +50,14 @@ def block_bytes_per_token(config, letter: str) -> float:
     return (sizes[1] - sizes[0]) / 64
 
 
-@pytest.mark.parametrize("letter", ["G", "M", "D"])
+@pytest.mark.parametrize("letter", ["G", "M", "D", "X"])
 def test_a_recurrent_block_keeps_at_most_1_3x_an_attention_block(letter):
     """The memory budget at the 370M presets' width ratios, scaled to d_model 128 (the 370M figures are
     bench/activation_memory.py's): the mixers keep their projections and the scan's output, not the convs',
     norms' and gates' intermediates (model/recurrent.py mix)."""
     config = small_config("A", d_model=128, d_ff=352, attention=AttentionConfig(num_heads=2),
                           gla=GLAConfig(num_heads=1), mamba2=Mamba2Config(expand=2, head_dim=64, d_state=16),
-                          gated_deltanet=GatedDeltaNetConfig(num_heads=1, head_dim=96, expand_v=2.0))
+                          gated_deltanet=GatedDeltaNetConfig(num_heads=1, head_dim=96, expand_v=2.0),
+                          mlstm=MLSTMConfig(num_heads=1))
     ratio = block_bytes_per_token(config, letter) / block_bytes_per_token(config, "A")
     assert ratio <= 1.3, f"{letter} block keeps {ratio:.2f}x an attention block"

@@ -156,8 +156,8 @@ def run_checks(rank: int, world_size: int) -> None:
                        k=F.normalize(torch.randn(BATCH, T, 3, HEADS, KEY_DIM), dim=-1),
                        v=torch.randn(BATCH, T, 3, HEADS, VALUE_DIM), g=F.logsigmoid(torch.randn(BATCH, T, HEADS)),
                        beta=2 * torch.rand(BATCH, T, 3, HEADS))
-        # The mLSTM: exponential input gates up to e^8 (the stabiliser at work), sigmoid forget gates.
-        mlstm = dict(qkv(), i=4 * torch.randn(BATCH, T, HEADS), f=F.logsigmoid(torch.randn(BATCH, T, HEADS) + 1))
+        # The mLSTM: exponential input gates of e^(+-6) (the stabiliser at work), sigmoid forget gates.
+        mlstm = dict(qkv(), i=2 * torch.randn(BATCH, T, HEADS), f=F.logsigmoid(torch.randn(BATCH, T, HEADS) + 1))
         check_scan(sp, "gla", gla_vector, doc_starts, rank, local_len, flat_input=False)
         check_scan(sp, "mamba2", mamba2_scalar, doc_starts, rank, local_len, flat_input=True)
         check_scan(sp, "gated_deltanet", delta, doc_starts, rank, local_len, flat_input=False)
