@@ -41,9 +41,9 @@ def use_kernels(kernels: str) -> None:
 
 CONFIGS = REPO / "configs" / "model"
 PRESETS = ["transformer_370m", "gla_370m", "gla_hybrid_370m", "mamba2_370m", "mamba2_hybrid_370m",
-           "gated_deltanet_370m", "gated_deltanet_hybrid_370m"]
+           "gated_deltanet_370m", "gated_deltanet_hybrid_370m", "mlstm_370m"]
 BLOCK_TYPES = {"attention": "transformer_370m", "gla": "gla_370m", "mamba2": "mamba2_370m",
-               "gated_deltanet": "gated_deltanet_370m"}
+               "gated_deltanet": "gated_deltanet_370m", "mlstm": "mlstm_370m"}
 VOCAB = 32000  # what the presets' parameter counts assume
 STEP_TOKENS = 16 * 2048  # the issue's GPU step: 16 rows of 2048
 KiB, GiB = 1024, 2 ** 30

@@ -28,7 +28,7 @@ from model.config import _pattern_letters
 from model.decode_ops import count_decode_ops
 
 PRESETS = ["transformer_370m", "gla_370m", "gla_hybrid_370m", "mamba2_370m", "mamba2_hybrid_370m",
-           "gated_deltanet_370m", "gated_deltanet_hybrid_370m"]
+           "gated_deltanet_370m", "gated_deltanet_hybrid_370m", "mlstm_370m"]
 VOCAB = 32000  # what the presets' parameter counts assume
 
 

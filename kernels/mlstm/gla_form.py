@@ -23,7 +23,13 @@ from kernels.mlstm.state import pack_state, split_state
 def stabiliser(i: torch.Tensor, f: torch.Tensor, m0: torch.Tensor, cu_seqlens: torch.Tensor | None,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m [B, T, H], m_{t-1} [B, T, H], m at each sequence's end [N, H]), fp64 and detached, from the gates
-    i, f [B, T, H] and the stabiliser m0 [N, H] each sequence starts from (m_end = m0 for an empty sequence)."""
+    i, f [B, T, H] and the stabiliser m0 [N, H] each sequence starts from (m_end = m0 for an empty sequence).
+    A decode step (one token per row) is the recurrence's one step, in the gates' dtype (nothing accumulates)."""
+    if cu_seqlens is None and i.shape[1] == 1:
+        with torch.no_grad():
+            m0 = m0[:, None]
+            m = torch.maximum(f + m0, i)
+        return m, m0, m[:, 0]
     with torch.no_grad():
         i, f, m0 = i.detach().double(), f.detach().double(), m0.detach().double()
         B, T, H = i.shape
@@ -36,7 +42,7 @@ def stabiliser(i: torch.Tensor, f: torch.Tensor, m0: torch.Tensor, cu_seqlens: t
             tokens = torch.arange(T, device=i.device)
             sequence = torch.searchsorted(cu[1:], tokens, right=True)
             position = tokens - cu[sequence]
-            longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+            longest = max([0, *(b - a for a, b in zip(bounds, bounds[1:]))])
 
             def to_grid(x):
                 return x.new_zeros(len(bounds) - 1, longest, H).index_put_((sequence, position), x[0])
