@@ -14,6 +14,8 @@ from kernels.gated_delta_rule import (chunk_gated_delta_rule, chunk_gated_delta_
 from kernels.gla import chunk_gla, chunk_gla_vjp, fused_recurrent_gla, gla_state_summary
 from kernels.gla.signed import (chunk_gla_signed, chunk_gla_signed_vjp, fused_recurrent_gla_signed,
                                 gla_signed_state_summary)
+from kernels.mlstm import (chunk_mlstm, chunk_mlstm_vjp, combine_mlstm_states, fused_recurrent_mlstm,
+                           mlstm_state_summary)
 from kernels.norm import rms_norm
 from kernels.rotary import rotate_rows
 
@@ -27,16 +29,21 @@ __all__ = [
     "chunk_gla_signed",
     "chunk_gla_signed_vjp",
     "chunk_gla_vjp",
+    "chunk_mlstm",
+    "chunk_mlstm_vjp",
+    "combine_mlstm_states",
     "diagonal_scan_state_summary",
     "fused_recurrent_diagonal_scan",
     "fused_recurrent_gated_delta_product",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gla",
     "fused_recurrent_gla_signed",
+    "fused_recurrent_mlstm",
     "gated_delta_product_state_summary",
     "gated_delta_rule_state_summary",
     "gla_signed_state_summary",
     "gla_state_summary",
+    "mlstm_state_summary",
     "rms_norm",
     "rotate_rows",
 ]

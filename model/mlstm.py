@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.mlstm import chunk_mlstm, chunk_mlstm_vjp, combine_mlstm_states, fused_recurrent_mlstm, mlstm_state_summary
+from kernels import chunk_mlstm, chunk_mlstm_vjp, combine_mlstm_states, fused_recurrent_mlstm, mlstm_state_summary
 from model.config import ModelConfig
 from model.flops import chunked_recurrence_flops
 from model.layers import GatedRMSNorm
