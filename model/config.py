@@ -187,7 +187,7 @@ class MLSTMConfig:
     expand_v: float = 1.0
     gate_soft_cap: float = 15.0  # the gates' pre-activations pass through cap * tanh(x / cap)
     input_gate_bias: float = -10.0  # exp(i) ~ 5e-5 at the start: writes grow as training opens the gate
-    forget_gate_bias_min: float = 3.0  # the forget gates' biases span [min, max] over the heads
+    forget_gate_bias_min: float = 3.0  # each head's forget gate bias is drawn uniformly in [min, max]
     forget_gate_bias_max: float = 6.0
 
     def check(self, d_model: int) -> None:

@@ -7,7 +7,7 @@ Recurrent LLM for Fast and Efficient Inference"): a pre-norm block's mixer, the 
                                                         normaliser and max-stabiliser (kernels/mlstm)
     out = W_o (RMSNorm_head(h) * silu(W_g x))
 
-The input gate's bias starts at -10 and the forget gates' at 3..6 over the heads (xLSTM 7B's init). The output
+The input gate's bias starts at -10 and the forget gates' uniform in [3, 6] (xLSTM 7B: -10, 3..6). The output
 gate is the gated norm the GLA and Gated DeltaNet mixers share (SiLU; xLSTM 7B's is a sigmoid). There is no
 short convolution (xLSTM 7B dropped it). The state per head is (C, n, m), [K, V+2] (kernels/mlstm/state.py).
 """
@@ -39,30 +39,33 @@ class MLSTM(nn.Module):
         self.key_dim, self.value_dim = int(d * s.expand_qk), int(d * s.expand_v)
         self.head_k_dim, self.head_v_dim = self.key_dim // s.num_heads, self.value_dim // s.num_heads
         self.gate_soft_cap = s.gate_soft_cap
-        self.input_gate_bias, self.forget_gate_bias = s.input_gate_bias, (s.forget_gate_bias_min,
-                                                                           s.forget_gate_bias_max)
+        self.input_gate_init, self.forget_gate_init = s.input_gate_bias, (s.forget_gate_bias_min,
+                                                                          s.forget_gate_bias_max)
         self.core = MLSTM_CORE
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d, self.key_dim, bias=False)
         self.v_proj = nn.Linear(d, self.value_dim, bias=False)
         self.if_proj = nn.Linear(d, 2 * s.num_heads, bias=False)  # input then forget gate, per head
-        self.if_bias = nn.Parameter(torch.empty(2 * s.num_heads))  # its own: the init sets it, not zeros
+        # the gates' biases, parameters of their own: the init sets them (a Linear's bias would start at zero)
+        self.input_gate_bias = nn.Parameter(torch.empty(s.num_heads))
+        self.forget_gate_bias = nn.Parameter(torch.empty(s.num_heads))
         self.g_proj = nn.Linear(d, self.value_dim, bias=False)
         self.g_norm = GatedRMSNorm(self.head_v_dim, cfg.norm_eps)
         self.o_proj = nn.Linear(self.value_dim, d, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self):
-        """The gates' biases: input gate -10, forget gates evenly over [3, 6] by head. In place (sharded too)."""
+        """The gates' biases: input gate -10, forget gates uniform in [3, 6] over the heads (xLSTM 7B spaces them
+        evenly; a draw is what sharded parameters can be filled with in place, parallel/materialize.py)."""
         with torch.no_grad():
-            input_bias, forget_bias = self.if_bias.view(2, self.num_heads).unbind(0)
-            input_bias.fill_(self.input_gate_bias)
-            forget_bias.copy_(torch.linspace(*self.forget_gate_bias, self.num_heads))
+            self.input_gate_bias.fill_(self.input_gate_init)
+            self.forget_gate_bias.uniform_(*self.forget_gate_init)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
                 cache: Optional[dict] = None) -> torch.Tensor:
         tensors = dict(q=self.q_proj(x), k=self.k_proj(x), v=self.v_proj(x), gates=self.if_proj(x),
-                       gate_bias=self.if_bias, x=x, gate_weight=self.g_proj.weight, norm=self.g_norm.weight)
+                       input_bias=self.input_gate_bias, forget_bias=self.forget_gate_bias, x=x,
+                       gate_weight=self.g_proj.weight, norm=self.g_norm.weight)
         return mix(self.core, self._scan_inputs, self._output, tensors, self.o_proj,
                    scale=self.head_k_dim ** -0.5, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
 
@@ -70,11 +73,13 @@ class MLSTM(nn.Module):
         """The projections -> q, k [B, T, H, K], v [B, T, H, V] and the gates' logs i, f [B, T, H] (fp32)."""
         B, T, H = *t["q"].shape[:2], self.num_heads
         return (t["q"].view(B, T, H, self.head_k_dim), t["k"].view(B, T, H, self.head_k_dim),
-                t["v"].view(B, T, H, self.head_v_dim), self._gates(t["gates"], t["gate_bias"]), {})
+                t["v"].view(B, T, H, self.head_v_dim),
+                self._gates(t["gates"], t["input_bias"], t["forget_bias"]), {})
 
-    def _gates(self, logits: torch.Tensor, bias: torch.Tensor) -> dict:
+    def _gates(self, logits: torch.Tensor, input_bias: torch.Tensor, forget_bias: torch.Tensor) -> dict:
         cap = self.gate_soft_cap
-        i, f = (cap * torch.tanh((logits.float() + bias.float()) / cap)).chunk(2, -1)
+        bias = torch.cat([input_bias, forget_bias]).float()
+        i, f = (cap * torch.tanh((logits.float() + bias) / cap)).chunk(2, -1)
         return {"i": i, "f": F.logsigmoid(f)}
 
     def _output(self, o: torch.Tensor, extras: dict, t: dict) -> torch.Tensor:
@@ -85,7 +90,8 @@ class MLSTM(nn.Module):
         """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place."""
         B, H = x.shape[0], self.num_heads
         q, k = (proj(x).view(B, 1, H, self.head_k_dim) for proj in (self.q_proj, self.k_proj))
-        gates = {name: gate[:, None] for name, gate in self._gates(self.if_proj(x), self.if_bias).items()}
+        gates = {name: gate[:, None] for name, gate in self._gates(self.if_proj(x), self.input_gate_bias,
+                                                                           self.forget_gate_bias).items()}
         o = recurrent_step(self.core.decode, q, k, self.v_proj(x).view(B, 1, H, self.head_v_dim), **gates,
                            scale=self.head_k_dim ** -0.5, state=cache["recurrent"])
         return self.o_proj(self._output(o[:, 0], {}, {"norm": self.g_norm.weight, "gate": self.g_proj(x)}))

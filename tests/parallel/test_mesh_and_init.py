@@ -16,8 +16,8 @@ from parallel.fsdp import apply_fsdp
 from parallel.materialize import build_model
 from parallel.mesh import ParallelDims, build_mesh, fsdp_mesh
 
-TINY = dict(vocab_size=96, d_model=32, pattern="GMDA", gla=dict(num_heads=2, use_short_conv=True),
-            mamba2=dict(head_dim=16, d_state=8), gated_deltanet=dict(num_heads=2, head_dim=8),
+TINY = dict(vocab_size=96, d_model=32, pattern="GMDAX", gla=dict(num_heads=2, use_short_conv=True),
+            mamba2=dict(head_dim=16, d_state=8), gated_deltanet=dict(num_heads=2, head_dim=8), mlstm=dict(num_heads=2),
             attention=dict(num_heads=2), tie_embeddings=True)
 
 
