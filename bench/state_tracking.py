@@ -14,8 +14,8 @@ product of all its elements (chance: 1/2 for parity, 1/6 for S3). Writes, into -
 into bench/results/, state_tracking_<date>.json (per model and task: accuracy per length, params, settings)
 and state_tracking_<date>.png (accuracy against test length, one panel per task).
 
-    python -m bench.state_tracking                   # every model on parity: about 25 minutes on 2 shared cores
-    python -m bench.state_tracking --tasks parity,s3  # and S3: about 45 minutes (none learns S3 in 300 steps)
+    python -m bench.state_tracking                   # every model on parity: 9 minutes on 2 cores (README)
+    python -m bench.state_tracking --tasks parity,s3  # and S3: about twice that (none learns S3 in 300 steps)
     python -m bench.state_tracking --quick           # smoke run: parity, three models, 150 steps (about 3 minutes)
     python -m bench.state_tracking --models deltanet_neg,gated_deltaproduct_neg --tasks s3 --steps 1500
 """
