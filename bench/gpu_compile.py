@@ -63,15 +63,14 @@ def preset_shapes() -> dict[str, list[tuple[int, int]]]:
         for mixer in (MIXERS[name] for name in set(c.layer_mixers())):
             if mixer.recurrent:
                 K, V = mixer.head_dims(c)
-                if mixer.name == "mlstm":  # its state (C | n | m) has V + 2 columns; GLA runs on V + 1 (v | 1)
-                    V -= 1
+                if mixer.name == "mlstm":  # its state (C | n | m) has V + 2 columns: the op's V is the values'
+                    V -= 2
                 shapes[mixer.core.kernel].add((K, V))
                 settings = getattr(c, mixer.config_key)
                 if hasattr(settings, "conv_size"):  # ParaRNN's cells have no short convolution
                     shapes["conv"].add((CONV_CHANNELS, settings.conv_size))
                 # the output norm: Mamba2's over its whole inner width, the others' over each value head
-                width = (c.mamba2.expand * c.d_model if mixer.name == "mamba2"
-                         else V - 1 if mixer.name == "mlstm" else V)
+                width = c.mamba2.expand * c.d_model if mixer.name == "mamba2" else V
                 shapes["norm"].add((width, 1))
             else:
                 a = c.attention
@@ -92,11 +91,13 @@ def _inputs(op: str, K: int, V: int, dtype: torch.dtype, B: int = 1, T: int = 64
     if op == "gated_delta_rule":
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         gates = dict(g=F.logsigmoid(rand(B, T, H)), beta=torch.sigmoid(rand(B, T, H)))
+    elif op == "mlstm":  # the input gate's log and the forget gate's; the state (C | n | m) has V + 2 columns
+        gates = dict(i=rand(B, T, H), f=F.logsigmoid(rand(B, T, H)))
     else:
         gates = dict(g=F.logsigmoid(rand(B, T, H) if op == "gla_scalar" else rand(B, T, H, K)))
     inputs = dict(q=q, k=k, v=v, **gates)
     inputs = {n: x.to(dtype).requires_grad_() for n, x in inputs.items()}
-    inputs["initial_state"] = torch.randn(B, H, K, V, requires_grad=True)
+    inputs["initial_state"] = torch.randn(B, H, K, V + 2 if op == "mlstm" else V, requires_grad=True)
     return inputs
 
 
@@ -109,6 +110,14 @@ def _entry_points(op: str):
         from kernels.diagonal_scan.fused_recurrent import fused_recurrent_diagonal_scan_triton
         from kernels.diagonal_scan.triton_scan import chunk_diagonal_scan_triton
         return chunk_diagonal_scan_triton, fused_recurrent_diagonal_scan_triton
+    if op == "mlstm":  # GLA's chunk kernels on the stabilised gates, and the mLSTM's own step (forward only)
+        from kernels.mlstm import chunk_mlstm
+        from kernels.mlstm.fused_recurrent import fused_recurrent_mlstm_triton
+
+        def chunk_mlstm_triton(**inputs):
+            with mock.patch("kernels.gla.use_triton", lambda x: True):  # CPU tensors, compiled kernels
+                return chunk_mlstm(**inputs)
+        return chunk_mlstm_triton, fused_recurrent_mlstm_triton
     if op == "gated_delta_rule":
         from kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_triton
         from kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton
@@ -141,7 +150,8 @@ def run_op(op: str, K: int, V: int, dtype: torch.dtype, chunk_only: bool = False
         return
     for fn in _entry_points(op)[:1 if chunk_only else 2]:
         o, final = fn(**_inputs(op, K, V, dtype), output_final_state=True)
-        torch.autograd.backward([o, final], [torch.ones_like(o), torch.ones_like(final)])
+        if o.requires_grad:  # the mLSTM's step kernel is forward only (decoding)
+            torch.autograd.backward([o, final], [torch.ones_like(o), torch.ones_like(final)])
 
 
 MAX_VARIANTS_PER_OP = 40  # compiles of an op's first forward+backward at a new shape, every candidate included

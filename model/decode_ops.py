@@ -15,12 +15,10 @@ from model.lm import LM
 # The kernel entry points the blocks' decode steps call (module, name): the norms (plain and gated), the short
 # conv, attention's rotary embedding, and each recurrent mixer's step of its cached state (recurrent_step: the
 # fused recurrent kernel). Their internal operations are counted apart, since on CUDA each is one Triton launch.
-# The mLSTM's step is GLA's fused recurrent kernel inside PyTorch work of its own (the stabiliser, the division
-# by the normaliser), so only the GLA call is counted as a kernel there.
 KERNEL_ENTRY_POINTS = (("model.layers", "rms_norm"), ("model.recurrent", "causal_conv1d"),
                        ("model.attention", "rotate_rows"), ("model.gla", "recurrent_step"),
                        ("model.mamba2", "recurrent_step"), ("model.gated_deltanet", "recurrent_step"),
-                       ("model.rglru", "recurrent_step"), ("kernels.mlstm", "fused_recurrent_gla"))
+                       ("model.rglru", "recurrent_step"), ("model.mlstm", "recurrent_step"))
 
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
 

@@ -24,9 +24,9 @@ from model.layers import GatedRMSNorm
 from model.recurrent import mix, output_gate, recurrent_step
 from model.registry import Mixer, RecurrentCore, register
 
-# GLA's scalar-gate kernels underneath (kernels/mlstm/gla_form.py); the backward of the recomputation around the
-# scan runs GLA's forward once more (chunk_mlstm_vjp).
-MLSTM_CORE = RecurrentCore("gla_scalar", chunk=chunk_mlstm, chunk_vjp=chunk_mlstm_vjp, decode=fused_recurrent_mlstm,
+# GLA's scalar-gate kernels underneath (kernels/mlstm/gla_form.py), a decode step its own (fused_recurrent.py); the
+# backward of the recomputation around the scan runs GLA's forward once more (chunk_mlstm_vjp).
+MLSTM_CORE = RecurrentCore("mlstm", chunk=chunk_mlstm, chunk_vjp=chunk_mlstm_vjp, decode=fused_recurrent_mlstm,
                            state_summary=mlstm_state_summary, combine=combine_mlstm_states)
 
 

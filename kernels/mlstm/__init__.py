@@ -6,11 +6,13 @@ normaliser state and the max-stabiliser (naive.py writes the recurrence out).
 
 Every op is GLA's with the scalar gate on transformed inputs (gla_form.py), so it dispatches as GLA does
 (Triton on CUDA, chunked PyTorch elsewhere) and inherits its tests' guarantees; what is the mLSTM's own is the
-stabiliser, the normaliser column and the output's division. Sequence parallelism combines two states with
+stabiliser, the normaliser column and the output's division. A decode step without gradients on CUDA runs the
+mLSTM's own step kernel instead (fused_recurrent.py), one launch. Sequence parallelism combines two states with
 their own stabilisers (combine_mlstm_states), which is affine in the states once the m are fixed.
 """
 import torch
 
+from kernels.backend import use_triton
 from kernels.common import autograd_vjp
 from kernels.gla import chunk_gla, fused_recurrent_gla, gla_state_summary
 from kernels.mlstm.gla_form import final_state, gla_inputs, normalised, stabiliser, total_log_forget
@@ -50,7 +52,13 @@ def fused_recurrent_mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: 
                           scale: float | None = None, initial_state: torch.Tensor | None = None,
                           output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Step-by-step mLSTM for decoding (fused_recurrent_gla underneath); same contract as chunk_mlstm."""
+    """Step-by-step mLSTM for decoding; same contract as chunk_mlstm. Without gradients on CUDA its own Triton
+    kernel (fused_recurrent.py: the step in one launch); otherwise fused_recurrent_gla on the GLA form."""
+    check_mlstm_inputs(q, k, v, i, f, initial_state, cu_seqlens)
+    inputs = (q, k, v, i, f, initial_state)
+    if use_triton(q) and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)):
+        from kernels.mlstm.fused_recurrent import fused_recurrent_mlstm_triton
+        return fused_recurrent_mlstm_triton(q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens)
     return _through_gla(fused_recurrent_gla, q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens)
 
 

@@ -3,11 +3,14 @@ step by step (naive.py), itself checked against the unstabilised formula: the ch
 ops (interpreted on CPU), the fused recurrent (decode) path, forward and every gradient, odd lengths, packed
 documents, initial states with their own stabiliser, input gates far past fp32's exponent range, and the
 state summary with the combine sequence parallelism uses."""
+from unittest import mock
+
 import pytest
 import torch
 
 from kernels.mlstm import (chunk_mlstm, combine_mlstm_states, fused_recurrent_mlstm, mlstm_state_summary,
                            naive_recurrent_mlstm, split_state)
+from kernels.tuning import pinned_config
 from compare import assert_matches, run
 from inputs import CU_SEQLENS, NUM_DOCS, mlstm_inputs
 
@@ -92,3 +95,44 @@ def test_bad_shapes_are_refused():
         chunk_mlstm(q, k, v, i, f[..., None])
     with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\+2\]"):
         chunk_mlstm(q, k, v, i, f, initial_state=state[..., :-1])
+
+
+@pytest.mark.gpu  # compiled on a GPU (bench.gpu_check), interpreted here
+@pytest.mark.usefixtures("nan_buffers")
+@pytest.mark.parametrize("index", range(3))
+def test_step_kernel_every_candidate_twice(index):
+    """The decode step's kernel (no gradients) == the reference, outputs and final state, packed documents with
+    initial states and a ragged value block (V = 24), under autotune candidate `index`, launched twice."""
+    from kernels.mlstm.fused_recurrent import fused_recurrent_mlstm_triton
+    inputs, _ = mlstm_inputs(1, 150, 2, 16, 24, num_states=NUM_DOCS - 1, seed=4)
+    cu_seqlens = torch.tensor([0, 5, 70, 70, 71, 150], dtype=torch.int32)
+    *gated, state = inputs.values()
+    expected = naive_recurrent_mlstm(*gated, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+    fp32 = [x.float() for x in inputs.values()]
+    with pinned_config(index):
+        first = fused_recurrent_mlstm_triton(*fp32[:5], initial_state=fp32[5], output_final_state=True,
+                                             cu_seqlens=cu_seqlens)
+        second = fused_recurrent_mlstm_triton(*fp32[:5], initial_state=fp32[5], output_final_state=True,
+                                              cu_seqlens=cu_seqlens)
+    for a, b, e in zip(first, second, expected):
+        assert torch.equal(a, b)
+        assert ((a.double() - e).abs().max() / e.abs().max()).item() < 2e-4
+
+
+def test_decoding_takes_the_step_kernel_and_training_the_gla_form(monkeypatch):
+    """On the Triton backend fused_recurrent_mlstm runs its own kernel when no gradient is wanted, and GLA's form
+    (differentiable) otherwise; both give the reference's step."""
+    import kernels.mlstm.fused_recurrent as step_module
+    monkeypatch.setenv("BATON_KERNELS", "triton")
+    inputs, _ = mlstm_inputs(3, 1, 2, 16, 24, num_states=3, seed=5)
+    q, k, v, i, f, state = (x.float() for x in inputs.values())
+    expected, _ = naive_recurrent_mlstm(q, k, v, i, f, initial_state=state)
+    with mock.patch.object(step_module, "fused_recurrent_mlstm_triton",
+                           wraps=step_module.fused_recurrent_mlstm_triton) as step:
+        with torch.no_grad():
+            decoded, _ = fused_recurrent_mlstm(q, k, v, i, f, initial_state=state)
+        assert step.call_count == 1
+        trained, _ = fused_recurrent_mlstm(q.requires_grad_(), k, v, i, f, initial_state=state)
+        assert step.call_count == 1 and trained.grad_fn is not None
+    torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(trained.detach(), expected, rtol=1e-4, atol=1e-5)

@@ -59,6 +59,7 @@ def _import_kernels():
     import kernels.diagonal_scan.fused_recurrent  # noqa: F401
     import kernels.gated_delta_rule.fused_recurrent  # noqa: F401
     import kernels.gla.fused_recurrent  # noqa: F401
+    import kernels.mlstm.fused_recurrent  # noqa: F401
     import kernels.norm.triton_norm  # noqa: F401
     import kernels.rotary.triton_rotary  # noqa: F401
 

@@ -47,7 +47,8 @@ def test_letters_and_names_are_unique_and_unknown_letters_list_the_registered_on
 @pytest.mark.parametrize("name", [name for name, mixer in MIXERS.items() if mixer.recurrent])
 def test_recurrent_mixers_carry_their_ops_and_state_dims(make_lm, name):
     mixer = MIXERS[name]
-    assert mixer.recurrent and mixer.core.kernel in ("gla", "gla_scalar", "gated_delta_rule", "diagonal_scan")
+    assert mixer.recurrent and mixer.core.kernel in ("gla", "gla_scalar", "gated_delta_rule", "diagonal_scan",
+                                                     "mlstm")
     lm = make_lm(mixer.letter)
     state = lm.init_state(1, 8).caches[0]["recurrent"]
     assert tuple(state.shape[2:]) == mixer.head_dims(lm.config)  # [N, H, K, V]
