@@ -57,9 +57,31 @@ def fused_recurrent_mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: 
     check_mlstm_inputs(q, k, v, i, f, initial_state, cu_seqlens)
     inputs = (q, k, v, i, f, initial_state)
     if use_triton(q) and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)):
-        from kernels.mlstm.fused_recurrent import fused_recurrent_mlstm_triton
-        return fused_recurrent_mlstm_triton(q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        o, final = _step(q, k, v, i, f, initial_state, cu_seqlens, scale, output_final_state)
+        return o, final if output_final_state else None
     return _through_gla(fused_recurrent_gla, q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def _step_op(q, k, v, i, f, initial_state, cu_seqlens, scale, output_final_state):
+    from kernels.mlstm.fused_recurrent import fused_recurrent_mlstm_triton
+    o, final = fused_recurrent_mlstm_triton(q, k, v, i, f, scale, initial_state, output_final_state, cu_seqlens)
+    return o, q.new_empty(0, dtype=torch.float32) if final is None else final  # an op cannot return None
+
+
+# The Triton step as one custom op (forward only, like rotate_rows): torch.compile treats it as one opaque call.
+_step = torch.library.custom_op(
+    "baton::mlstm_step", _step_op, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor i, Tensor f, Tensor? initial_state, Tensor? cu_seqlens, "
+           "float scale, bool output_final_state) -> (Tensor, Tensor)")
+
+
+@_step.register_fake
+def _(q, k, v, i, f, initial_state, cu_seqlens, scale, output_final_state):
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    final = (q.new_empty(N, q.shape[2], q.shape[3], v.shape[3] + 2, dtype=torch.float32) if output_final_state
+             else q.new_empty(0, dtype=torch.float32))
+    return v.new_empty(v.shape), final
 
 
 def mlstm_state_summary(k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,

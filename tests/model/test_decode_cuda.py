@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="CUDA graphs 
 
 @pytest.mark.parametrize("mode, step_class", [(True, GraphedDecodeStep), ("compile", CompiledDecodeStep)])
 def test_graphed_greedy_generation_equals_eager(make_lm, mode, step_class):
-    lm = make_lm("GMDAW").cuda()
+    lm = make_lm("GMDAWX").cuda()
     prompts = torch.randint(0, VOCAB, (3, 40), device="cuda")
     lengths = torch.tensor([40, 17, 29], device="cuda")
     eager = lm.generate(prompts, max_new_tokens=24, prompt_lengths=lengths, cuda_graph=False)
