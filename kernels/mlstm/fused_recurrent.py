@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import chunk_index
+from kernels.gla.triton_chunk import prepare_inputs  # the Triton ops' layout contract
 from kernels.tuning import autotune
 
 
@@ -65,12 +66,9 @@ def fused_recurrent_mlstm_triton(q, k, v, i, f, scale=None, initial_state=None, 
     gradients."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype for the Triton kernels, got {q.dtype}, {k.dtype}, {v.dtype}")
-    scale = K ** -0.5 if scale is None else float(scale)
+    q, k, v, i, scale, initial_state = prepare_inputs(q, k, v, i, scale, initial_state)
+    f = f.contiguous()
     chunks = chunk_index(cu_seqlens, B, T, q.device)
-    q, k, v, i, f = (x.contiguous() for x in (q, k, v, i, f))
-    initial_state = None if initial_state is None else initial_state.float().contiguous()
     o = torch.empty_like(v)
     final = (torch.empty(chunks.num_sequences, H, K, V + 2, dtype=torch.float32, device=q.device)
              if output_final_state else None)
