@@ -1,0 +1,201 @@
+"""An exported Baton language model for transformers: `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` with only torch and transformers installed.
+
+The module tree is Baton's LM's (model/lm.py), name for name, so Baton's model.safetensors loads unchanged:
+embed -> blocks.{i} (mixer_norm, mixer, mlp_norm, mlp: SwiGLU) -> norm -> lm_head (tied to embed when the config
+ties them). Each block's mixer is chosen by its pattern letter (MIXERS) and follows baton_layers.py's interface:
+forward(x, state) -> (y, state). Generation carries those states as the cache (BatonCache): the prompt runs once
+as a whole, then one token per step from the states, as Baton's LM.generate does.
+"""
+import math
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .baton_delta_rule import DeltaRuleMixer
+from .baton_layers import RMSNorm, SwiGLU
+from .baton_linear_attention import GLA, MLSTM, Mamba2
+from .baton_rnn import ParaRNNMixer, RGLRUMixer
+from .configuration_baton import BatonConfig
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict], device: torch.device) -> torch.Tensor:
+    """The rotary frequencies [head_dim // 2] fp32, theta^(-2i/D) as Baton computes them (model/layers.py); with
+    `scaling` (Llama 3's long-context rule: factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings) the long wavelengths divided by factor, the short ones kept and a smooth
+    ramp between, as transformers' _compute_llama3_parameters does."""
+    half = head_dim // 2
+    inv_freq = theta ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+    if scaling is None:
+        return inv_freq
+    context, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    ramped = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > context / low, inv_freq / factor, torch.where(wavelen < context / high, inv_freq,
+                                                                                ramped))
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, D] by its positions [T] in fp32, the two halves of each head as the pairs (Baton's
+    half-split layout, also Llama's)."""
+    half = x.shape[-1] // 2
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE (model/attention.py): full (letter A) or a sliding window of
+    `window` keys, the query's own included (W). Options Baton's imported checkpoints carry: biases on q/k/v
+    (qkv_bias) and o (out_bias), each head's query and key RMS-normed before RoPE (qk_norm), Llama 3's rope_scaling.
+    State: {"k", "v": the rotated keys and values [B, S, H_kv, D] a next query may see (all of them, or a window's
+    last window - 1), "length": the tokens seen}."""
+
+    def __init__(self, config, letter: str):
+        super().__init__()
+        baton = config.baton
+        a, d = baton["attention"], baton["d_model"]
+        self.num_heads = a["num_heads"]
+        self.num_kv_heads = a["num_kv_heads"] or a["num_heads"]
+        self.head_dim = a["head_dim"] or d // a["num_heads"]
+        self.rope_theta, self.rope_scaling = a["rope_theta"], a.get("rope_scaling")
+        self.window = a["window"] if letter == "W" else None
+        qkv_bias = a.get("qkv_bias", False)
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=a.get("out_bias", False))
+        self.q_norm = RMSNorm(self.head_dim, baton["norm_eps"]) if a.get("qk_norm", False) else None
+        self.k_norm = RMSNorm(self.head_dim, baton["norm_eps"]) if a.get("qk_norm", False) else None
+
+    def forward(self, x: torch.Tensor, state: Optional[dict]) -> tuple[torch.Tensor, dict]:
+        B, T, _ = x.shape
+        start = 0 if state is None else state["length"]
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        positions = start + torch.arange(T, device=x.device)
+        inv_freq = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling, x.device)
+        q, k = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
+        if state is not None:
+            k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
+        key_positions = torch.arange(start + T - k.shape[1], start + T, device=x.device)
+        visible = key_positions[None, :] <= positions[:, None]
+        if self.window is not None:
+            visible &= key_positions[None, :] > positions[:, None] - self.window
+        groups = self.num_heads // self.num_kv_heads
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(groups, 1),
+                                           v.transpose(1, 2).repeat_interleave(groups, 1), attn_mask=visible)
+        kept = k.shape[1] if self.window is None else min(self.window - 1, k.shape[1])
+        new_state = {"k": k[:, k.shape[1] - kept:], "v": v[:, v.shape[1] - kept:], "length": start + T}
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), new_state
+
+
+# Each pattern letter's mixer, built from the config (the letters of Baton's model/registry.py).
+MIXERS = {"G": GLA, "M": Mamba2, "X": MLSTM, "R": RGLRUMixer,
+          **{letter: partial(DeltaRuleMixer, letter=letter) for letter in "DEP"},
+          **{letter: partial(ParaRNNMixer, letter=letter) for letter in "UL"},
+          **{letter: partial(Attention, letter=letter) for letter in "AW"}}
+
+
+class BatonBlock(nn.Module):
+    """x + mixer(mixer_norm(x)), then + mlp(mlp_norm(.)): Baton's pre-norm block."""
+
+    def __init__(self, config: BatonConfig, letter: str):
+        super().__init__()
+        baton = config.baton
+        self.mixer_norm = RMSNorm(baton["d_model"], baton["norm_eps"])
+        self.mixer = MIXERS[letter](config)
+        self.mlp_norm = RMSNorm(baton["d_model"], baton["norm_eps"])
+        self.mlp = SwiGLU(baton["d_model"], config.mlp_hidden())
+
+    def forward(self, x: torch.Tensor, state: Optional[dict]) -> tuple[torch.Tensor, dict]:
+        mixed, state = self.mixer(self.mixer_norm(x), state)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class BatonCache:
+    """The generation cache: each layer's mixer state (None before the first call) and the number of tokens seen.
+    The model's forward takes it as `past_key_values`, advances it in place and returns it. Recurrent states
+    cannot be rolled back, so it is neither croppable (assisted decoding) nor of a fixed shape (compiled decoding)."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int):
+        self.states: list[Optional[dict]] = [None] * num_layers
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+
+class BatonForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = BatonConfig
+    _no_split_modules = ["BatonBlock"]
+    # Baton writes tied weights once, as embed.weight (safetensors keeps the first name in sorted order); transformers
+    # ties lm_head.weight to it (or the other way round should only lm_head.weight be stored).
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+
+    def __init__(self, config: BatonConfig):
+        super().__init__(config)
+        baton = config.baton
+        self.valid_vocab_size = baton["valid_vocab_size"]
+        self.embed = nn.Embedding(baton["vocab_size"], baton["d_model"])
+        self.blocks = nn.ModuleList(BatonBlock(config, letter) for letter in config.layer_letters())
+        self.norm = RMSNorm(baton["d_model"], baton["norm_eps"])
+        self.lm_head = nn.Linear(baton["d_model"], baton["vocab_size"], bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """generate must not build its DynamicCache (attention keys only): the first forward starts a BatonCache."""
+        return False
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
+                past_key_values: Optional[BatonCache] = None, use_cache: Optional[bool] = None,
+                labels: Optional[torch.LongTensor] = None, logits_to_keep: int = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        """Logits [B, T, vocab] of input_ids [B, T] after the history in past_key_values (None: none), ids from
+        valid_vocab_size on at -inf as Baton's LMHead makes them; logits_to_keep > 0 keeps only the last ones. With
+        use_cache (the config's by default) the returned past_key_values continues the sequence. With labels, the
+        mean next-token cross entropy (labels shifted inside, -100 not scored). An attention_mask may only mark
+        every token (no padding: every row is one unpadded sequence). Other keyword arguments generate passes
+        along (return_dict, output flags) change nothing: the output is always a CausalLMOutputWithPast."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("BatonForCausalLM does not support padding: attention_mask must be all ones (run "
+                             "sequences of different lengths one at a time)")
+        if past_key_values is not None and not isinstance(past_key_values, BatonCache):
+            raise TypeError(f"past_key_values must be the BatonCache a previous call returned, got "
+                            f"{type(past_key_values).__name__}")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values if past_key_values is not None or not use_cache else BatonCache(len(self.blocks))
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x, state = block(x, None if cache is None else cache.states[i])
+            if cache is not None:
+                cache.states[i] = state
+        if cache is not None:
+            cache.seen_tokens += input_ids.shape[1]
+        logits = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
+        if self.valid_vocab_size is not None:
+            logits[..., self.valid_vocab_size:] = float("-inf")
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
