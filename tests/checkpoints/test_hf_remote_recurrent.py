@@ -3,15 +3,17 @@ against Baton's own: the delta rule (D, E, P, with and without negative eigenval
 ParaRNN cells (U, L, which Baton solves by Newton's method and the export steps token by token).
 
 Each mixer gets Baton's mixer's state_dict unchanged and must give Baton's outputs, and a prompt followed by
-single tokens with the carried state must give the whole sequence's outputs."""
+single tokens with the carried state must give the whole sequence's outputs. Then the whole exported model
+(modeling_baton.py) with Baton's state_dict: Baton's logits, and Baton's greedy generation."""
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from checkpoints.hf.remote.baton_delta_rule import DeltaRuleMixer
 from checkpoints.hf.remote.baton_rnn import ParaRNNMixer, RGLRUMixer
+from checkpoints.hf.remote.configuration_baton import BatonConfig
+from checkpoints.hf.remote.modeling_baton import BatonForCausalLM
 from model import LM
 
 VOCAB = 97
@@ -34,12 +36,13 @@ EXPORTED = {"D": DeltaRuleMixer, "E": DeltaRuleMixer, "P": DeltaRuleMixer, "R": 
             "L": ParaRNNMixer}
 
 
-def build_lm(case: str, seed: int = 0) -> LM:
-    """A one-block fp32 model whose every parameter is its init plus N(0, 0.1) noise: gate biases, norm weights and
-    the like away from their special init values, projections large enough that the outputs are of order one."""
+def build_lm(case: str, seed: int = 0, layers: int = 1) -> LM:
+    """An fp32 model of `layers` blocks of the case's mixer, every parameter its init plus N(0, 0.1) noise: gate
+    biases, norm weights and the like away from their special init values, projections large enough that the
+    outputs are of order one."""
     letter, settings = CASES[case]
     torch.manual_seed(seed)
-    lm = LM.from_config(dict(vocab_size=VOCAB, d_model=64, d_ff=128, pattern=letter, tie_embeddings=False,
+    lm = LM.from_config(dict(vocab_size=VOCAB, d_model=64, d_ff=128, pattern=letter * layers, tie_embeddings=False,
                              **settings)).eval()
     with torch.no_grad():
         for param in lm.parameters():
@@ -49,7 +52,7 @@ def build_lm(case: str, seed: int = 0) -> LM:
 
 def exported_mixer(lm: LM, case: str) -> torch.nn.Module:
     letter = CASES[case][0]
-    mixer = EXPORTED[letter](SimpleNamespace(baton=dataclasses.asdict(lm.config)), letter)
+    mixer = EXPORTED[letter](BatonConfig(baton=dataclasses.asdict(lm.config)), letter)
     mixer.load_state_dict(lm.blocks[0].mixer.state_dict())
     return mixer.eval()
 
@@ -71,3 +74,20 @@ def test_mixer_matches_baton(case):
         y, state = mixer(chunk, state)
         pieces.append(y)
     assert (torch.cat(pieces, 1) - whole).abs().amax() <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", CASES)
+@torch.no_grad()
+def test_model_matches_baton(case):
+    """Two blocks (a state per layer): the exported model's logits and greedy continuation are Baton's."""
+    lm = build_lm(case, layers=2)
+    model = BatonForCausalLM(BatonConfig(baton=dataclasses.asdict(lm.config)))
+    model.load_state_dict(lm.state_dict())
+    model.eval()
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(2))
+    expected = lm(ids)
+    assert (model(ids).logits - expected).abs().amax() <= TOLERANCE
+
+    prompt = ids[:, :PROMPT_LEN]
+    generated = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(generated, lm.generate(prompt, 8, temperature=0))

@@ -33,7 +33,8 @@ class DeltaRuleMixer(nn.Module):
         self.gated = letter in "DP"
         self.num_householder = c["num_householder"] if letter == "P" else 1
         self.allow_neg_eigval = c["allow_neg_eigval"]
-        self.num_heads, self.head_k_dim, self.head_v_dim = c["num_heads"], c["head_dim"], int(c["head_dim"] * c["expand_v"])
+        self.num_heads, self.head_k_dim = c["num_heads"], c["head_dim"]
+        self.head_v_dim = int(c["head_dim"] * c["expand_v"])
         self.key_dim, self.value_dim = self.num_heads * self.head_k_dim, self.num_heads * self.head_v_dim
         n_h = self.num_householder
 
