@@ -4,6 +4,7 @@
     python train.py model=transformer_tiny train.max_steps=50 run.dir=runs/x
     torchrun --nproc_per_node=8 train.py parallel=fsdp parallel.sp=2 ...
     python train.py run.dir=runs/x resume=auto          # continue from the newest complete checkpoint
+    python train.py init.from=imports/llama             # start from an export's or HF model's weights
 
 Configs: configs/ (Hydra). Models: model/. Data: data/. Sharding and sequence parallelism:
 parallel/. Checkpoints: checkpoints/. Evaluation: eval/. Signals, bad steps and exit codes: training/faults.py.
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from checkpoints import Checkpointer
+from checkpoints.initial import apply_init_from, open_weights
 from configs.errors import ConfigError, run_cli
 from configs.schema import BatonConfig, load_config, typed
 from data import prepare_dataset
@@ -115,7 +117,9 @@ def setup(raw_cfg: DictConfig) -> Run:
     raw_cfg.model.update(vocab_for_data(cfg.model, dataset.vocab_size))  # null: the data's, rounded up
     raw_cfg.train.micro_batch_size = micro_batch
     cfg = typed(raw_cfg)
-    engine = build_engine(cfg, topo)  # builds the model, sharded as the engine holds it
+    # A resumed run continues its checkpoint: the weights it started from are not read again.
+    initial_weights = open_weights(cfg.init["from"]) if cfg.init["from"] and resume_from is None else None
+    engine = build_engine(cfg, topo, initial_weights)  # builds the model, sharded as the engine holds it
     loader = dataset.loader(cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_size, topo.dp_rank,
                             topo.dp_size, topo.sp_rank, topo.sp_size, seed=cfg.run.seed)
     step, tokens_seen = 0, 0
@@ -128,7 +132,9 @@ def setup(raw_cfg: DictConfig) -> Run:
             print(f"resumed from {resume_from} at step {step}")
     if topo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw_cfg))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw_cfg))  # init.from: where the run started
+        if initial_weights is not None:
+            print(f"started from the weights of {cfg.init['from']}")
     return Run(
         cfg, raw_cfg, topo, dataset, engine, loader, checkpointer,
         logger=MetricsLogger(run_dir, cfg.logging.wandb, OmegaConf.to_container(raw_cfg), enabled=topo.is_main),
@@ -268,10 +274,16 @@ def generate_sample(cfg, model, tokenizer, device) -> str | None:
         return None
 
 
+def resolved_config(argv: list[str]) -> DictConfig:
+    raw = load_config(argv)[1]
+    apply_init_from(raw, argv)  # init.from: the weights' model and tokenizer
+    return raw
+
+
 def main(argv: list[str]) -> int:
     with StopSignals() as stop:
         try:
-            return run_cli(lambda: train(load_config(argv)[1], stop))
+            return run_cli(lambda: train(resolved_config(argv), stop))
         except TrainingDiverged as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_DIVERGED

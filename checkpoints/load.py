@@ -7,16 +7,25 @@ import torch
 from checkpoints import dcp, deepspeed
 from checkpoints.checkpointer import read_train_state, refusing_bad_files
 from checkpoints.export import is_export, load_export
+from checkpoints.hf.importer import is_hf_checkpoint
+from checkpoints.initial import load_weights, open_weights
 from configs.errors import CheckpointError
 from model import LM
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu") -> LM:
-    """The model of an export or of a complete training checkpoint; a directory that is neither, or holds
-    anything but plain tensors, raises one CheckpointError."""
+    """The model of an export (Baton's or Hugging Face's format, or an HF model directory Baton imports) or of
+    a complete training checkpoint; a directory that is none of these, or holds anything but plain tensors,
+    raises one CheckpointError."""
     directory = Path(directory)
     if is_export(directory):
         return load_export(directory, device)
+    if is_hf_checkpoint(directory):  # a Hugging Face directory, or Baton's export in that format
+        source = open_weights(directory)
+        with torch.device(device):
+            model = LM.from_config(source.model_config)
+        load_weights(model, source)
+        return model
     with torch.device(device):
         model = LM.from_config(read_train_state(directory)["model_config"])
     load_model_weights(directory, model)

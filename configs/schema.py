@@ -7,7 +7,7 @@ __post_init__ rejects impossible values. Nothing is written before this succeeds
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -127,6 +127,9 @@ class BatonConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resume: str = "none"
+    # init.from: the weights a new run starts from (a Baton export or a Hugging Face model directory,
+    # checkpoints/initial.py) instead of the seed's; a dict because `from` is a Python keyword.
+    init: Dict[str, Optional[str]] = field(default_factory=lambda: {"from": None})
 
     def __post_init__(self):
         # Each recurrent layer's slice (T / sp tokens) must be whole kernel chunks.

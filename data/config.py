@@ -43,6 +43,9 @@ class DataConfig:
     cache_dir: str = ".cache/data"
     # source=stdlib: tokenizer size, held-out share (split by file), prepare worker processes (0: all cores).
     vocab_size: int = 8192
+    # source=stdlib: tokenize with this tokenizer instead of training one (vocab_size is then not used): a
+    # sentencepiece .model or a Hugging Face tokenizer.json, e.g. an imported model's (init.from sets it).
+    tokenizer: Optional[str] = None
     held_out_fraction: float = 0.02
     workers: int = 0
     # source=mqar: the task's vocabulary is vocab_size (no tokenizer); keys queried per row, gap power law.

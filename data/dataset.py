@@ -13,7 +13,7 @@ from data.config import DataConfig, MixtureSource
 from data.prepare import PrepareConfig, prepare_shards
 from data.shards import FORMAT_VERSION, ShardSet, read_manifest
 from data.synthetic import SYNTHETIC_SOURCES, prepare_synthetic
-from data.tokenizer import Tokenizer, TokenizerConfig
+from data.tokenizer import Tokenizer, TokenizerConfig, open_tokenizer
 
 
 @dataclass
@@ -59,9 +59,11 @@ def stdlib_prepare_config(cfg: DataConfig) -> PrepareConfig:
     """The embedded corpus: small shards (so it still shuffles by shard) and a tokenizer trained on ~10 MB."""
     settings = PrepareConfig(
         format="stdlib", out="-", held_out_fraction=cfg.held_out_fraction, shard_size_tokens=1_000_000,
-        workers=cfg.workers, tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size, sample_fraction=0.35,
-                                                       sample_bytes=12_000_000))
-    key = hashlib.sha256(json.dumps(settings.settings(), sort_keys=True).encode()).hexdigest()[:10]
+        workers=cfg.workers, tokenizer=TokenizerConfig(path=cfg.tokenizer, vocab_size=cfg.vocab_size,
+                                                       sample_fraction=0.35, sample_bytes=12_000_000))
+    # A given tokenizer by its content, not only its path: another file there is another dataset.
+    identity = [settings.settings(), open_tokenizer(cfg.tokenizer).hash] if cfg.tokenizer else settings.settings()
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
     # The format version in the name: a newer format prepares afresh beside the old cache.
     name = f"stdlib-{version}-format{FORMAT_VERSION}-{key}"
@@ -82,7 +84,7 @@ def prepare_dataset(cfg: DataConfig, progress: bool = True) -> PreparedData:
     manifests = [read_manifest(root) for root, _ in roots]
     if len({m["tokenizer_hash"] for m in manifests}) > 1:
         raise ValueError(f"data.mixture: datasets prepared with different tokenizers: {[str(r) for r, _ in roots]}")
-    tokenizer = Tokenizer(roots[0][0] / manifests[0]["tokenizer"])
+    tokenizer = open_tokenizer(roots[0][0] / manifests[0]["tokenizer"])
     if tokenizer.hash != manifests[0]["tokenizer_hash"]:
         raise ValueError(f"{tokenizer.path}: differs from the tokenizer its manifest records (hash mismatch)")
     return PreparedData([(root / "train", weight) for root, weight in roots], [root / "held_out" for root, _ in roots],

@@ -4,6 +4,7 @@
     python -m data.prepare source='web/*.jsonl' field=content out=data/web tokenizer.vocab_size=50000
     python -m data.prepare source=HuggingFaceFW/fineweb-edu hf_config=sample-10BT streaming=true out=data/fw
     python -m data.prepare source=docs.parquet out=data/b tokenizer.path=data/web/tokenizer.model
+    python -m data.prepare source=docs.parquet out=data/c tokenizer.path=imports/llama/tokenizer.json
 
 Arguments are key=value overrides of PrepareConfig (below; `--help` lists them). The documents are
 split into train / held_out by a hash of their text, a sentencepiece tokenizer is trained on a sample of
@@ -33,7 +34,7 @@ from data.config import option
 from data.shards import (FORMAT_VERSION, MANIFEST, RE_PREPARE, SPLITS, TOKENIZER_FILE, atomic_write, build_manifest,
                          read_manifest, shard_name, token_dtype, write_json, write_shard)
 from data.sources import FORMATS, DocumentSource
-from data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from data.tokenizer import Tokenizer, TokenizerConfig, open_tokenizer, tokenizer_file_name, train_tokenizer
 
 PLAN = "prepare.json"  # the settings of a prepare in progress; replaced by manifest.json when it finishes
 LOCK = ".prepare.lock"
@@ -117,11 +118,17 @@ def chunks(source: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
 _worker_tokenizers: dict[str, Tokenizer] = {}
 
 
+def prepared_tokenizer_path(out: Path) -> Path:
+    """The tokenizer file of a prepare in `out`: a given Hugging Face tokenizer.json, else the sentencepiece model."""
+    given_hf = out / "tokenizer.json"
+    return given_hf if given_hf.is_file() else out / TOKENIZER_FILE
+
+
 def tokenize_chunk(i: int, docs: list[str], out: Path, cfg: PrepareConfig) -> tuple[int, int]:
     """Tokenize one chunk into train/shard_i and held_out/shard_i (train last: it marks the chunk done)."""
-    tokenizer_path = str(out / TOKENIZER_FILE)
+    tokenizer_path = str(prepared_tokenizer_path(out))
     if tokenizer_path not in _worker_tokenizers:
-        _worker_tokenizers[tokenizer_path] = Tokenizer(tokenizer_path)
+        _worker_tokenizers[tokenizer_path] = open_tokenizer(tokenizer_path)
     tokenizer = _worker_tokenizers[tokenizer_path]
     dtype = token_dtype(tokenizer.vocab_size)
     splits = {split: ([], []) for split in SPLITS}
@@ -199,9 +206,12 @@ def start_or_continue(out: Path, cfg: PrepareConfig, documents: DocumentSource, 
         (out / split).mkdir(exist_ok=True)
     tokenizer_path = out / TOKENIZER_FILE
     if cfg.tokenizer.path is not None:
-        model = Tokenizer(cfg.tokenizer.path).path.read_bytes()  # checked before it is copied
-        atomic_write(tokenizer_path, lambda f: f.write(model))
-        tokenizer = Tokenizer(tokenizer_path)
+        given = open_tokenizer(cfg.tokenizer.path)  # checked before it is copied
+        for file in given.files():  # a Hugging Face tokenizer.json comes with its tokenizer_config.json
+            name = tokenizer_file_name(file) if file == given.path else file.name
+            content = file.read_bytes()
+            atomic_write(out / name, lambda f: f.write(content))
+        tokenizer = open_tokenizer(out / tokenizer_file_name(given.path))
     else:
         started = time.perf_counter()
         sample = tqdm(tokenizer_sample(documents, cfg), desc="tokenizer sample", unit="doc", disable=not progress,
@@ -255,8 +265,9 @@ def tokenize_all(out: Path, cfg: PrepareConfig, documents: DocumentSource, chunk
 
 def finish(out: Path, cfg: PrepareConfig, n_chunks: int) -> None:
     """Write the manifest (which marks the output complete) once every chunk is done."""
-    tokenizer = Tokenizer(out / TOKENIZER_FILE)
-    manifest = build_manifest(out, n_chunks, tokenizer.hash, tokenizer.vocab_size, tokenizer.eos_id, cfg.settings())
+    tokenizer = open_tokenizer(prepared_tokenizer_path(out))
+    manifest = build_manifest(out, n_chunks, tokenizer.path.name, tokenizer.hash, tokenizer.vocab_size,
+                              tokenizer.eos_id, cfg.settings())
     if not manifest["splits"]["train"]["num_documents"]:
         raise ValueError(f"{cfg.source}: no training documents (all {manifest['splits']['held_out']['num_documents']} "
                          f"held out)")

@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a trained (or given) sentencepiece model; a given HF one: tokenizer.json
 SPLITS = ("train", "held_out")
 FORMAT_VERSION = 2  # 1: .npz indexes (read whole); 2: memory-mapped indexes, index checksums in the manifest
 INDEX_MAGIC = b"BATONIDX"
@@ -199,9 +199,10 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def build_manifest(root: Path, n_shards: int, tokenizer_hash: str, vocab_size: int, eos_id: int,
+def build_manifest(root: Path, n_shards: int, tokenizer_file: str, tokenizer_hash: str, vocab_size: int, eos_id: int,
                    settings: dict) -> dict:
-    """The manifest of shards 0..n_shards-1 of every split (empty ones only mark work done, so are left out)."""
+    """The manifest of shards 0..n_shards-1 of every split (empty ones only mark work done, so are left out);
+    tokenizer_file names the tokenizer's file in root."""
     splits = {}
     for split in SPLITS:
         shards = []
@@ -214,7 +215,7 @@ def build_manifest(root: Path, n_shards: int, tokenizer_hash: str, vocab_size: i
                                "index_checksum": sha256_file(path)})
         splits[split] = {"num_tokens": sum(s["num_tokens"] for s in shards),
                          "num_documents": sum(s["num_documents"] for s in shards), "shards": shards}
-    return {"format_version": FORMAT_VERSION, "tokenizer": TOKENIZER_FILE, "tokenizer_hash": tokenizer_hash,
+    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_file, "tokenizer_hash": tokenizer_hash,
             "vocab_size": vocab_size, "eos_id": eos_id, "dtype": token_dtype(vocab_size).name,
             "prepare": settings, "splits": splits}
 

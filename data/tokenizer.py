@@ -1,4 +1,6 @@
-"""A sentencepiece tokenizer: trained by the project from any document stream, or loaded from a .model file.
+"""A sentencepiece tokenizer: trained by the project from any document stream, or loaded from a .model file;
+or a model's own Hugging Face tokenizer (tokenizer.json, read with `tokenizers`), so that continued pretraining
+of an imported model tokenizes with its ids.
 
 The whole text is kept byte for byte (identity normalisation, no dummy prefix, whitespace kept), so
 decode(encode(text)) == text for any text, code included: characters outside the vocabulary fall back to
@@ -24,7 +26,8 @@ TRAIN_THREADS = 8
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = option(None, "load this .model instead of training one")
+    path: Optional[str] = option(None, "use this tokenizer instead of training one: a sentencepiece .model, or a "
+                                       "Hugging Face tokenizer.json (with its tokenizer_config.json beside it)")
     model_type: str = option("bpe", "bpe | unigram")
     vocab_size: int = option(32768, "pieces, specials and byte-fallback pieces included")
     byte_fallback: bool = option(True, "unknown characters become their UTF-8 byte pieces, never <unk>")
@@ -88,8 +91,81 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
+    def files(self) -> list[Path]:
+        return [self.path]
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size}, hash={self.hash[:12]})"
+
+
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # beside tokenizer.json: names the special tokens
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json, with the interface of Tokenizer. Its EOS token (the packed documents'
+    separator) is the tokenizer_config.json's eos_token beside it; encode adds no special tokens (packing adds
+    the separators), decode drops them."""
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer file not found")
+        self.path = path
+        data = path.read_bytes()
+        try:
+            self.tok = FastTokenizer.from_str(data.decode())
+        except Exception as err:
+            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({err})") from None
+        specials = self._special_tokens(path.with_name(HF_TOKENIZER_CONFIG))
+        self.eos_id, self.bos_id, self.pad_id = (self._id(specials.get(f"{kind}_token")) for kind in ("eos", "bos", "pad"))
+        if self.eos_id < 0:
+            raise ValueError(f"{path}: no eos_token in {HF_TOKENIZER_CONFIG} beside it, which packing needs as the "
+                             "document separator")
+        # The special tokens are part of what the ids mean: two tokenizers differing there are different.
+        self.hash = hashlib.sha256(data + repr((self.eos_id, self.bos_id, self.pad_id)).encode()).hexdigest()
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    @staticmethod
+    def _special_tokens(config: Path) -> dict:
+        if not config.is_file():
+            return {}
+        import json
+
+        specials = json.loads(config.read_text())
+        return {key: value["content"] if isinstance(value, dict) else value
+                for key, value in specials.items() if key.endswith("_token") and value is not None}
+
+    def _id(self, token: Optional[str]) -> int:
+        found = None if token is None else self.tok.token_to_id(token)
+        return -1 if found is None else found
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def files(self) -> list[Path]:
+        """What a copy of this tokenizer needs: tokenizer.json and its config."""
+        return [self.path] + [p for p in (self.path.with_name(HF_TOKENIZER_CONFIG),) if p.is_file()]
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path}, vocab_size={self.vocab_size}, hash={self.hash[:12]})"
+
+
+def open_tokenizer(path: str | os.PathLike) -> "Tokenizer | HFTokenizer":
+    """A tokenizer file by its kind: a Hugging Face tokenizer.json, or a sentencepiece model."""
+    return HFTokenizer(path) if Path(path).suffix == ".json" else Tokenizer(path)
+
+
+def tokenizer_file_name(path: str | os.PathLike) -> str:
+    """The name a copy of the tokenizer file at `path` takes in a prepared dataset or an export."""
+    return "tokenizer.json" if Path(path).suffix == ".json" else "tokenizer.model"
 
 
 def train_tokenizer(documents: Iterable[str], out_path: str | os.PathLike, cfg: TokenizerConfig) -> Tokenizer:

@@ -21,7 +21,7 @@ from kernels import rotate_rows
 from model.attention_mask import attention_mask, flex_block_mask, query_blocks
 from model.config import ModelConfig
 from model.flops import attention_flops
-from model.layers import apply_rotary
+from model.layers import RMSNorm, apply_rotary, rope_frequencies
 from model.registry import Mixer, register
 
 
@@ -120,12 +120,23 @@ class Attention(nn.Module):
         self.num_heads = a.num_heads
         self.num_kv_heads = a.num_kv_heads or a.num_heads
         self.head_dim = a.head_dim or cfg.d_model // a.num_heads
-        self.rope_theta = a.rope_theta
+        self.rope_theta, self.rope_scaling = a.rope_theta, a.rope_scaling
         self.window = window
-        self.q_proj = nn.Linear(cfg.d_model, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.d_model, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, self.num_heads * self.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.num_kv_heads * self.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.num_kv_heads * self.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.d_model, bias=a.out_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if a.qk_norm else None
+
+    def _norm_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's query and key RMS-normed (qk_norm), else as they are."""
+        if self.q_norm is None:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        return rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling, device)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
                 cache: Optional[dict] = None) -> torch.Tensor:
@@ -142,8 +153,9 @@ class Attention(nn.Module):
         else:
             q_pos = torch.arange(T, device=x.device)
             q_doc_start = document_starts(cu_seqlens, B, T, x.device)
-        q = apply_rotary(q, q_pos, self.rope_theta)
-        k = apply_rotary(k, q_pos, self.rope_theta)
+        q, k = self._norm_heads(q, k)
+        inv_freq = self.inv_freq(x.device)
+        q, k = apply_rotary(q, q_pos, inv_freq), apply_rotary(k, q_pos, inv_freq)
 
         if sp is not None:
             k, v, key_pos = sp.gather_kv(k, v, self.window)
@@ -190,6 +202,8 @@ class Attention(nn.Module):
         B = x.shape[0]
         G, D = self.num_heads // self.num_kv_heads, self.head_dim
         qk = torch.cat((self.q_proj(x), self.k_proj(x)), -1).view(B, -1, D)
+        if self.q_norm is not None:
+            qk = torch.cat(self._norm_heads(*qk.split((self.num_heads, self.num_kv_heads), 1)), 1)
         constants = cache["constants"]
         qk = rotate_rows(qk, positions, constants["inv_freq"])
         q, k = qk.split((self.num_heads, self.num_kv_heads), 1)
@@ -207,8 +221,7 @@ class Attention(nn.Module):
         the decode step's constants (not per row)."""
         w = self.k_proj.weight
         slots = max_len if self.window is None else min(self.window, max_len)
-        half = self.head_dim // 2
-        inv_freq = self.rope_theta ** (-torch.arange(half, device=w.device, dtype=torch.float32) / half)
+        inv_freq = self.inv_freq(w.device)
         # Under autocast the keys are computed (and attended) in its dtype: caching them in it halves the cache
         # and spares a cast of the whole cache every step.
         dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype

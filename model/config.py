@@ -20,12 +20,33 @@ VOCAB_MULTIPLE = 128  # a vocabulary that follows the data is padded to this: wh
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3's rotary scaling for long contexts (model.layers.rope_frequencies), as its checkpoints set it."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def check(self) -> None:
+        if not (self.factor >= 1 and 0 < self.low_freq_factor < self.high_freq_factor
+                and self.original_max_position_embeddings >= 1):
+            raise ConfigError("model.attention.rope_scaling: need factor >= 1, 0 < low_freq_factor < "
+                              "high_freq_factor and original_max_position_embeddings >= 1")
+
+
+@dataclass
 class AttentionConfig:
     num_heads: int = 4
     num_kv_heads: Optional[int] = None  # None: as many as num_heads (no grouping)
     head_dim: Optional[int] = None  # None: d_model // num_heads
     window: int = 256  # keys a query sees in W layers, itself included
     rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None  # None: plain RoPE
+    # What imported checkpoints carry (checkpoints/hf): biases on the q/k/v projections (Qwen2) and on the
+    # output projection (Llama's attention_bias), RMSNorms of each head's query and key before RoPE (Qwen3).
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
 
     def check(self, d_model: int) -> None:
         if self.num_heads < 1 or (self.num_kv_heads is not None and self.num_kv_heads < 1):
@@ -41,6 +62,8 @@ class AttentionConfig:
             raise ConfigError("model.attention.head_dim must be even (rotary embeddings rotate pairs)")
         if self.window < 1:
             raise ConfigError(f"model.attention.window must be >= 1, got {self.window}")
+        if self.rope_scaling is not None:
+            self.rope_scaling.check()
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """Token-local building blocks shared by every block: norms, the SwiGLU MLP, rotary embeddings."""
+import math
 from typing import Optional
 
 import torch
@@ -133,14 +134,32 @@ class SwiGLU(nn.Module):
         return self.down_proj(self.gate_proj(x), self.up_proj(x))
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate x [B, T, H, D] by its positions [T] (absolute row positions; only differences matter).
+def rope_frequencies(head_dim: int, theta: float, scaling=None, device=None) -> torch.Tensor:
+    """The rotary frequencies [head_dim // 2] fp32: theta^(-2i/D), and with `scaling` (model.attention.
+    rope_scaling, Llama 3's long-context rule) the long wavelengths divided by scaling.factor, the short ones
+    kept and a smooth ramp between, exactly as Llama 3 checkpoints were trained with them."""
+    half = head_dim // 2
+    inv_freq = theta ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    ramped = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    return torch.where(wavelen > low_wavelen, inv_freq / scaling.factor,
+                       torch.where(wavelen < high_wavelen, inv_freq, ramped))
 
-    Frequencies are computed on the fly in fp32 from the positions, so there is no buffer to shard,
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, D] by its positions [T] (absolute row positions; only differences matter) at the
+    frequencies inv_freq [D // 2] (rope_frequencies).
+
+    The angles are computed on the fly in fp32 from the positions, so there is no buffer to shard,
     move or initialise, and sequence-parallel ranks rotate by their global positions for free.
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
     x1, x2 = x.float()[..., :half], x.float()[..., half:]

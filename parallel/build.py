@@ -11,12 +11,13 @@ from parallel.mesh import fsdp_mesh
 from parallel.topology import Topology
 
 
-def build_engine(cfg, topology: Topology):
-    """Build the model for `cfg.model` the way `topology.engine` holds it, and its engine."""
+def build_engine(cfg, topology: Topology, initial_weights=None):
+    """Build the model for `cfg.model` the way `topology.engine` holds it, and its engine; the weights start
+    from `initial_weights` (checkpoints/initial.py) when given, else from the seed."""
     if topology.engine == "deepspeed":
         from parallel.deepspeed import DeepSpeedEngine  # imports deepspeed: only when asked for
 
-        return DeepSpeedEngine(cfg, topology)
+        return DeepSpeedEngine(cfg, topology, initial_weights)
 
     def wrap(model) -> None:  # on the meta device, before the weights are allocated
         apply_activation_checkpointing(model, cfg.parallel)
@@ -25,6 +26,6 @@ def build_engine(cfg, topology: Topology):
         if topology.engine == "fsdp":
             apply_fsdp(model, fsdp_mesh(topology.mesh), cfg.parallel, topology.device)
 
-    model = build_model(cfg.model, topology.device, cfg.run.seed, wrap)
+    model = build_model(cfg.model, topology.device, cfg.run.seed, wrap, initial_weights)
     return Engine(model, cfg.optim, topology)
 

@@ -45,11 +45,11 @@ def deepspeed_config(cfg, topology: Topology, micro_steps: int) -> dict:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, cfg, topology: Topology):
+    def __init__(self, cfg, topology: Topology, initial_weights=None):
         deepspeed.init_distributed(dist_backend="nccl" if topology.device.type == "cuda" else "gloo")
         micro_steps = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.dp_size)
         config = deepspeed_config(cfg, topology, micro_steps)
-        model, groups = build_zero_model(cfg, topology, config)
+        model, groups = build_zero_model(cfg, topology, config, initial_weights)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
         self.model = _Model(self.ds)
         self.topology = topology
@@ -89,12 +89,13 @@ class _Model:
         return getattr(self._ds.module, name)
 
 
-def build_zero_model(cfg, topology: Topology, config: dict) -> tuple[nn.Module, list[dict]]:
-    """The model as deepspeed.initialize takes it (ZeRO-3: already partitioned), and its parameter groups."""
+def build_zero_model(cfg, topology: Topology, config: dict, initial_weights=None) -> tuple[nn.Module, list[dict]]:
+    """The model as deepspeed.initialize takes it (ZeRO-3: already partitioned), and its parameter groups;
+    initial_weights: parallel/materialize.py's build_model."""
     zero3 = cfg.parallel.zero_stage == 3
     # DeepSpeed has no dp_replicate: dp_shard x sp is the whole world.
     shard = partial(shard_rows, mesh=topology.mesh["dp_shard_sp"]) if zero3 else None
-    model = build_model(cfg.model, topology.device, cfg.run.seed, shard)
+    model = build_model(cfg.model, topology.device, cfg.run.seed, shard, initial_weights)
     apply_activation_checkpointing(model, cfg.parallel)
     if cfg.train.compile:
         apply_compile(model)

@@ -17,9 +17,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
+from checkpoints.initial import copy_full, load_weights
 from model import LM
 
 # Random fills drawn whole: the tensor methods, and nn.init's (which also need the full shape for fans).
@@ -51,19 +52,14 @@ class _FullTensorRandomFills(TorchFunctionMode):
             func(full, *args[1:], **kwargs)
         else:
             func(**dict(kwargs, tensor=full))
-        with torch.no_grad():
-            if isinstance(target, DTensor):
-                # Every rank drew the same full tensor, so each cuts its own shard locally (no scatter).
-                local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-                target.to_local().copy_(local.to_local())
-            else:
-                target.copy_(full)
+        copy_full(target, full)  # every rank drew the same full tensor: each keeps its shard
         return target
 
 
 def build_model(model_cfg, device: torch.device, seed: int,
-                shard: Callable[[LM], None] | None = None) -> LM:
-    """The model for `model_cfg`, sharded by `shard` (if given) and initialised from `seed` on `device`."""
+                shard: Callable[[LM], None] | None = None, initial_weights=None) -> LM:
+    """The model for `model_cfg`, sharded by `shard` (if given) and initialised from `seed` on `device`, then
+    given `initial_weights` (checkpoints/initial.py: a run's init.from) if any, a full tensor at a time."""
     with torch.device("meta"):
         model = LM.from_config(model_cfg)
     if shard is not None:
@@ -78,6 +74,8 @@ def build_model(model_cfg, device: torch.device, seed: int,
         torch.manual_seed(seed)
         with _FullTensorRandomFills():
             model.init_weights()
+    if initial_weights is not None:
+        load_weights(model, initial_weights)
     return model
 
 
