@@ -128,7 +128,8 @@ class BatonBlock(nn.Module):
 class BatonCache:
     """The generation cache: each layer's mixer state (None before the first call) and the number of tokens seen.
     The model's forward takes it as `past_key_values`, advances it in place and returns it. Recurrent states
-    cannot be rolled back, so it is neither croppable (assisted decoding) nor of a fixed shape (compiled decoding)."""
+    cannot be rolled back, so it is neither croppable (assisted decoding) nor of a fixed shape (compiled decoding);
+    its rows can be reordered (beam search)."""
 
     is_compileable = False
     is_croppable = False
@@ -139,6 +140,13 @@ class BatonCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row i of every state becomes row beam_idx[i] (every tensor of a state has the batch first)."""
+        self.states = [None if state is None else
+                       {key: value.index_select(0, beam_idx.to(value.device)) if torch.is_tensor(value) else value
+                        for key, value in state.items()}
+                       for state in self.states]
 
 
 class BatonForCausalLM(PreTrainedModel, GenerationMixin):
