@@ -193,8 +193,9 @@ class BatonForCausalLM(PreTrainedModel, GenerationMixin):
         if past_key_values is not None and not isinstance(past_key_values, BatonCache):
             raise TypeError(f"past_key_values must be the BatonCache a previous call returned, got "
                             f"{type(past_key_values).__name__}")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values if past_key_values is not None or not use_cache else BatonCache(len(self.blocks))
+        cache = past_key_values
+        if cache is None and (self.config.use_cache if use_cache is None else use_cache):
+            cache = BatonCache(len(self.blocks))
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x, state = block(x, None if cache is None else cache.states[i])
