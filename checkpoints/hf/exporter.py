@@ -21,6 +21,7 @@ from safetensors.torch import save_file, save_model
 
 from checkpoints.hf.architectures import hf_architecture, hf_config_dict, to_hf_name
 from configs.errors import CheckpointError
+from data.tokenizer import Tokenizer
 
 REMOTE_CODE = Path(__file__).resolve().parent / "remote"
 AUTO_MAP = {"AutoConfig": "configuration_baton.BatonConfig",
@@ -38,8 +39,14 @@ def is_plain_attention(model_config) -> bool:
 
 
 def special_token_ids(tokenizer) -> dict:
-    return {} if tokenizer is None else {f"{kind}_token_id": getattr(tokenizer, f"{kind}_id")
-                                         for kind in ("bos", "eos", "pad") if getattr(tokenizer, f"{kind}_id") >= 0}
+    """The model config's special ids. Baton's own tokenizer starts every document with EOS (as training packs
+    them), so EOS is also the begin-of-sequence token of its exports."""
+    if tokenizer is None:
+        return {}
+    ids = {kind: getattr(tokenizer, f"{kind}_id") for kind in ("bos", "eos", "pad")}
+    if isinstance(tokenizer, Tokenizer):
+        ids["bos"] = tokenizer.eos_id
+    return {f"{kind}_token_id": i for kind, i in ids.items() if i >= 0}
 
 
 def write_plain(model, directory: Path, tokenizer) -> str:
@@ -75,6 +82,40 @@ def write_remote(model, directory: Path, tokenizer) -> str:
     return "BatonForCausalLM"
 
 
+def write_sentencepiece_as_hf(tokenizer, directory: Path) -> None:
+    """Baton's sentencepiece model as tokenizer.json + tokenizer_config.json that AutoTokenizer loads without
+    sentencepiece, giving the same ids: the same pieces (BPE with merges ranked as sentencepiece ranks them, or
+    Unigram with its scores), byte fallback, spaces as U+2581 and no normalisation or dummy prefix (data/
+    tokenizer.py trains it so). Encoding with special tokens prepends EOS: documents start with it in training
+    (the packed rows' separator), so `tokenizer(text)` gives what the model was trained to continue."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    extractor = SentencePieceExtractor(str(tokenizer.path))
+    if extractor.proto.trainer_spec.model_type == 1:  # unigram
+        pieces = [(p.piece, p.score) for p in extractor.proto.pieces]
+        hf = Tokenizer(models.Unigram(pieces, unk_id=extractor.proto.trainer_spec.unk_id, byte_fallback=True))
+    else:
+        spec = extractor.extract(BPE)
+        unk = tokenizer.sp.id_to_piece(tokenizer.sp.unk_id())
+        hf = Tokenizer(models.BPE(vocab=spec["vocab"], merges=spec["merges"], unk_token=unk, byte_fallback=True,
+                                  fuse_unk=True))
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    control = [i for i in range(tokenizer.vocab_size) if tokenizer.sp.is_control(i) or tokenizer.sp.is_unknown(i)]
+    hf.add_special_tokens([tokenizer.sp.id_to_piece(i) for i in control])
+    eos = tokenizer.sp.id_to_piece(tokenizer.eos_id)
+    hf.post_processor = processors.TemplateProcessing(single=f"{eos} $A", pair=f"{eos} $A $B",
+                                                      special_tokens=[(eos, tokenizer.eos_id)])
+    hf.save(str(directory / "tokenizer.json"))
+    specials = {f"{kind}_token": tokenizer.sp.id_to_piece(getattr(tokenizer, f"{kind}_id"))
+                for kind in ("eos", "pad") if getattr(tokenizer, f"{kind}_id") >= 0}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, **specials,
+              "unk_token": tokenizer.sp.id_to_piece(tokenizer.sp.unk_id()), "add_bos_token": True}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
 def write_hf_export(model, out: Path, tokenizer, info: dict) -> Path:
     """Export `model` (whole, in this process) to `out` in Hugging Face form; the caller checked `out` is new."""
     out = Path(out)
@@ -84,7 +125,9 @@ def write_hf_export(model, out: Path, tokenizer, info: dict) -> Path:
     model = model.float()
     plain = is_plain_attention(model.config)
     hf_class = write_plain(model, tmp, tokenizer) if plain else write_remote(model, tmp, tokenizer)
-    if tokenizer is not None:
+    if isinstance(tokenizer, Tokenizer):  # Baton's own sentencepiece model
+        write_sentencepiece_as_hf(tokenizer, tmp)
+    elif tokenizer is not None:  # a Hugging Face tokenizer (an imported model's): as it came
         for file in tokenizer.files():
             shutil.copyfile(file, tmp / file.name)
     (tmp / INFO).write_text(json.dumps({**info, "format": "hf", "hf_class": hf_class}, indent=1))

@@ -1,0 +1,1 @@
+../eval/conftest.py
