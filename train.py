@@ -23,7 +23,7 @@ from tqdm import tqdm
 from checkpoints import Checkpointer
 from checkpoints.initial import apply_init_from, open_weights
 from configs.errors import ConfigError, run_cli
-from configs.schema import BatonConfig, load_config, typed
+from configs.schema import BatonConfig, compose_config, load_config, typed
 from data import prepare_dataset
 from data.loader import batch_to_device
 from eval import run_tasks
@@ -275,8 +275,9 @@ def generate_sample(cfg, model, tokenizer, device) -> str | None:
 
 
 def resolved_config(argv: list[str]) -> DictConfig:
-    raw = load_config(argv)[1]
-    apply_init_from(raw, argv)  # init.from: the weights' model and tokenizer
+    raw = compose_config(argv)
+    apply_init_from(raw, argv)  # init.from: the weights' model and tokenizer, before the config is checked
+    typed(raw.copy())
     return raw
 
 

@@ -120,13 +120,15 @@ def apply_init_from(raw_cfg, overrides: list[str]) -> None:
     """Point a run config with init.from at its weights, in place: unless the command line chose a model preset
     (model=...), the model is the weights' own config with the command line's model.* overrides on top; and
     the stdlib corpus, unless told otherwise, is tokenized with the weights' tokenizer.json."""
+    from model.config import ModelConfig
+
     path = raw_cfg.init["from"]
     if not path:
         return
     source = open_weights(path)
     if not any(o.startswith("model=") for o in overrides):
         model_overrides = [o for o in overrides if o.startswith("model.")]
-        raw_cfg.model = OmegaConf.merge(source.model_config,
+        raw_cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), source.model_config,
                                         OmegaConf.from_dotlist([o[len("model."):] for o in model_overrides]))
     tokenizer = Path(path) / "tokenizer.json"
     if raw_cfg.data.source == "stdlib" and raw_cfg.data.get("tokenizer") is None and tokenizer.is_file():

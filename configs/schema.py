@@ -150,9 +150,15 @@ ConfigStore.instance().store(name="baton_schema", node=BatonConfig)
 
 def load_config(overrides: list[str]) -> tuple[BatonConfig, DictConfig]:
     """Compose configs/config.yaml with command-line overrides; return (typed config, resolved DictConfig)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        raw = compose(config_name="config", overrides=overrides)
+    raw = compose_config(overrides)
     return typed(raw), raw
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """configs/config.yaml with command-line overrides, composed (unknown keys and wrong types fail here) but not
+    yet checked as a whole: for a caller that fills in more first (train.py: init.from's model)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name="config", overrides=overrides)
 
 
 def typed(raw: DictConfig) -> BatonConfig:
