@@ -266,8 +266,8 @@ def tokenize_all(out: Path, cfg: PrepareConfig, documents: DocumentSource, chunk
 def finish(out: Path, cfg: PrepareConfig, n_chunks: int) -> None:
     """Write the manifest (which marks the output complete) once every chunk is done."""
     tokenizer = open_tokenizer(prepared_tokenizer_path(out))
-    manifest = build_manifest(out, n_chunks, tokenizer.path.name, tokenizer.hash, tokenizer.vocab_size,
-                              tokenizer.eos_id, cfg.settings())
+    manifest = build_manifest(out, n_chunks, tokenizer.hash, tokenizer.vocab_size, tokenizer.eos_id, cfg.settings(),
+                              tokenizer.path.name)
     if not manifest["splits"]["train"]["num_documents"]:
         raise ValueError(f"{cfg.source}: no training documents (all {manifest['splits']['held_out']['num_documents']} "
                          f"held out)")

@@ -199,8 +199,8 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def build_manifest(root: Path, n_shards: int, tokenizer_file: str, tokenizer_hash: str, vocab_size: int, eos_id: int,
-                   settings: dict) -> dict:
+def build_manifest(root: Path, n_shards: int, tokenizer_hash: str, vocab_size: int, eos_id: int,
+                   settings: dict, tokenizer_file: str = TOKENIZER_FILE) -> dict:
     """The manifest of shards 0..n_shards-1 of every split (empty ones only mark work done, so are left out);
     tokenizer_file names the tokenizer's file in root."""
     splits = {}
