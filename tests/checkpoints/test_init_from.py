@@ -3,6 +3,7 @@ parallelism, DeepSpeed ZeRO-3), in the model's own token ids (data prepared with
 records where it started; a model config that does not match the weights is refused with the first mismatching
 name; resuming the run resumes its checkpoint."""
 import json
+import math
 import subprocess
 import sys
 
@@ -83,3 +84,13 @@ def test_every_engine_starts_from_the_weights(imported, tmp_path, engine):
                  launcher=torchrun(2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_started_from_import(imported, tmp_path / "run", 1)
+
+
+def test_eval_scores_an_import_in_its_own_ids(imported, tmp_path):
+    """python -m eval on the import: its config.yaml brings the model's tokenizer; here its corpus is the prepared one."""
+    proc = subprocess.run([sys.executable, "-m", "eval", f"checkpoint={imported / 'import'}", "tasks=[ppl]",
+                           f"out={tmp_path}", "data.source=shards", f"data.path={imported / 'data'}",
+                           "eval.held_out_tokens=200"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loss = json.loads((tmp_path / "eval.json").read_text())["held_out_loss"]
+    assert 0 < loss < 2 * math.log(320)  # a random model's loss on the model's own 320 ids, not another vocabulary's

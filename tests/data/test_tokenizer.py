@@ -64,3 +64,22 @@ def test_bad_tokenizer_input(tmp_path, docs):
                 {"character_coverage": 0}):
         with pytest.raises(ValueError, match="tokenizer"):
             TokenizerConfig(**bad)
+
+
+def test_hugging_face_tokenizer_json(tmp_path):
+    """An imported model's tokenizer.json: the same interface, EOS from its tokenizer_config.json (one line if absent)."""
+    from data.tokenizer import HFTokenizer, open_tokenizer
+    from tests.checkpoints.hf_models import make_tokenizer
+
+    make_tokenizer(tmp_path)
+    tokenizer = open_tokenizer(tmp_path / "tokenizer.json")
+    assert isinstance(tokenizer, HFTokenizer) and (tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id) == (1, 0, 2)
+    text = "def recurrent_state(self):\n    return 42 ∑"
+    assert tokenizer.decode(tokenizer.encode(text)) == text and tokenizer.encode_batch([text]) == [tokenizer.encode(text)]
+    assert tokenizer.files() == [tmp_path / "tokenizer.json", tmp_path / "tokenizer_config.json"]
+    (tmp_path / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match="no eos_token in tokenizer_config.json"):
+        open_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a Hugging Face tokenizer.json"):
+        open_tokenizer(tmp_path / "broken.json")
