@@ -1,4 +1,4 @@
-"""Recurrent core ops behind one entry point each (see DESIGN.md, "the recurrent state").
+"""Recurrent core ops behind one entry point each (see ARCHITECTURE.md, "The recurrent state").
 
 Every op takes and returns the recurrent state, so packed documents (cu_seqlens), decoding (T=1 with a
 cached state) and sequence parallelism (an initial state from earlier ranks) all use the same call.

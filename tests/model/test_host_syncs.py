@@ -1,4 +1,4 @@
-"""A training step's layers never read the device from the host (DESIGN.md, "Performance on the GPU").
+"""A training step's layers never read the device from the host (ARCHITECTURE.md, "Performance on the GPU").
 
 Sequence bounds and chunk tables come once per batch: attached to cu_seqlens on the host (as the training
 loop does, kernels.common.attach_host_bounds) and shared by every layer. So the host reads in one forward
