@@ -199,10 +199,12 @@ def test_triton_bf16():
 def test_entry_point_takes_triton_when_forced(monkeypatch):
     """BATON_KERNELS=triton routes the public entry points to the Triton kernels (interpreted on CPU)."""
     monkeypatch.setenv("BATON_KERNELS", "triton")
+    import kernels.block_diagonal_scan.fused_recurrent as fused_module
     import kernels.block_diagonal_scan.triton_scan as triton_module
     calls = []
     original = triton_module.block_diagonal_scan_op
-    monkeypatch.setattr(triton_module, "block_diagonal_scan_op", lambda *args: calls.append(1) or original(*args))
+    for module in (triton_module, fused_module):
+        monkeypatch.setattr(module, "block_diagonal_scan_op", lambda *args: calls.append(1) or original(*args))
     inputs, _ = make_inputs(1, 9, 1, 4, num_states=1)
     a, b = inputs["a"].float().to(DEVICE), inputs["b"].float().to(DEVICE)
     h, _ = chunk_block_diagonal_scan(a, b)

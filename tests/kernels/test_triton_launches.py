@@ -49,8 +49,8 @@ OPS = {
                          gated_delta_rule_triton_fused_recurrent),
     "diagonal_scan": (lambda: diagonal_scan_inputs(1, T, 1, 40, num_states=NUM_DOCS, gates="mixed"),
                       naive_diagonal_scan, diagonal_scan_triton_chunk, diagonal_scan_triton_fused_recurrent),
-    # a 2x2 block per channel: 20 channels, two blocks of the first candidate (16), the second ragged
-    "block_diagonal_scan": (lambda: block_diagonal_scan_inputs(1, T, 1, 20, num_states=NUM_DOCS, gates="mixed"),
+    # a 2x2 block per channel: 12 channels, one ragged block of the first two candidates, two of the third
+    "block_diagonal_scan": (lambda: block_diagonal_scan_inputs(1, T, 1, 12, num_states=NUM_DOCS, gates="mixed"),
                             naive_block_diagonal_scan, block_diagonal_scan_triton_chunk,
                             block_diagonal_scan_triton_fused_recurrent),
     # GLA's scalar-gate kernels on the mLSTM's stabilised gates, over V + 1 = 17 value columns (ragged blocks)
