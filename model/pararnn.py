@@ -386,10 +386,9 @@ class ParaRNN(nn.Module):
         solver = NewtonSolver(self.cell, self.newton_tol, self.newton_max_iters, damping=self.newton_damping,
                               iterations=self.newton_plan, **layout)
         states, needed = solver.solve(p, u)
-        with torch.no_grad():  # on the device: the metrics read them (newton_iterations)
-            stats = self.newton_stats
-            stats.copy_(torch.stack([needed, torch.maximum(stats[1], needed),
-                                     torch.maximum(stats[2], (~solver.converged).long())]))
+        stats = self.newton_stats  # on the device: the metrics read them (newton_iterations)
+        stats.copy_(torch.stack([needed, torch.maximum(stats[1], needed),
+                                 torch.maximum(stats[2], (~solver.converged).long())]))
         return states
 
     def adapt_plan(self, needed: int, unconverged: bool) -> None:

@@ -171,3 +171,46 @@ def test_damping_keeps_the_iterates_from_overshooting(monkeypatch):
         torch.testing.assert_close(states, solution, rtol=1e-5, atol=2e-4)
         overshoot = max(changes).item() / largest
         assert overshoot <= 1.05 if bounded else overshoot > 1e3, (damping, overshoot)
+
+
+# ---- one graph: torch.export on the GPU's path (traced, not run), a CUDA graph on a GPU ---------------------
+
+@pytest.mark.parametrize("lstm", ["peephole", "hc"])
+def test_a_layer_traces_as_one_graph_without_host_reads(make_lm, monkeypatch, lstm):
+    """Strict torch.export (dynamo, fullgraph) of a GRU/LSTM layer's forward on the Triton path (the scans as
+    opaque custom ops, traced with fake tensors): every Newton iteration in one graph, no host read in it
+    (a data-dependent branch or .item() would break the trace or leave a scalar read), and the iteration counts
+    written to the layer's buffer in place: what capturing it in a CUDA graph needs."""
+    from training.host_syncs import SYNC_OPS
+    monkeypatch.setenv("BATON_KERNELS", "triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mixer = make_lm("UL", pararnn=ParaRNNConfig(num_heads=2, width=32, lstm=lstm)).blocks[1].mixer
+    exported = torch.export.export(mixer, (torch.randn(2, 50, 64),), strict=True)
+    targets = [str(node.target) for module in exported.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+               for node in module.graph.nodes if node.op == "call_function"]
+    scan = "baton.block_diagonal_scan" if lstm == "hc" else "baton.diagonal_scan"
+    assert sum(t.startswith(scan) for t in targets) == mixer.newton_plan + 1 == 16
+    assert not [t for t in targets if t.startswith(SYNC_OPS)]
+    assert "aten.copy_.default" in targets  # newton_stats
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("lstm", ["peephole", "hc"])
+def test_a_layer_captures_in_a_cuda_graph(make_lm, lstm):
+    """Forward and backward of a layer captured once (torch.cuda.make_graphed_callables) and replayed on new
+    inputs give eager mode's outputs and gradients."""
+    mixer = make_lm("L", pararnn=ParaRNNConfig(num_heads=2, width=32, lstm=lstm)).blocks[0].mixer.cuda().train()
+    sample = torch.randn(2, 100, 64, device="cuda", requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(mixer, (sample,))
+    x = torch.randn(2, 100, 64, device="cuda", requires_grad=True)
+    cotangent = torch.randn(2, 100, 64, device="cuda")
+    results = []
+    for layer in (graphed, mixer):
+        out = layer(x)
+        grads = torch.autograd.grad(out, [x, *mixer.parameters()], cotangent)
+        results.append((out.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for graphed_grad, eager_grad in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(graphed_grad, eager_grad, rtol=1e-4, atol=1e-4)
