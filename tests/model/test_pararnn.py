@@ -173,6 +173,25 @@ def test_damping_keeps_the_iterates_from_overshooting(monkeypatch):
         assert overshoot <= 1.05 if bounded else overshoot > 1e3, (damping, overshoot)
 
 
+@pytest.mark.parametrize("lstm", ["hc", "cifg"])
+def test_lstm_through_h_and_c_decodes_like_teacher_forcing(make_lm, lstm):
+    """Its state (h, c) [B, H, D, 2] in the cache: token by token, and a prefill across two chunks then decode
+    steps, give the teacher-forced logits."""
+    lm = make_lm("UL", pararnn=ParaRNNConfig(num_heads=2, width=32, lstm=lstm))
+    ids = torch.randint(0, 97, (2, 72))
+    with torch.no_grad():
+        expected = lm(ids)
+        state = lm.init_state(2, max_len=80)
+        assert state.caches[1]["recurrent"].shape == (2, 2, 16, 2)
+        stepped = torch.stack([lm.step(ids[:, t], state) for t in range(12)], 1)
+        state = lm.init_state(2, max_len=80)
+        prefill = lm.step(ids[:, :67], state)
+        decoded = torch.stack([lm.step(ids[:, t], state) for t in range(67, 72)], 1)
+    torch.testing.assert_close(stepped, expected[:, :12], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(prefill, expected[:, :67], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(decoded, expected[:, 67:], atol=1e-5, rtol=1e-4)
+
+
 # ---- one graph: torch.export on the GPU's path (traced, not run), a CUDA graph on a GPU ---------------------
 
 @pytest.mark.parametrize("lstm", ["peephole", "hc"])
