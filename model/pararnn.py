@@ -195,15 +195,21 @@ def _along(mask: torch.Tensor, like: torch.Tensor, axis: int = 1) -> torch.Tenso
     return mask.view(*(1,) * axis, -1, *(1,) * (like.dim() - axis - 1))
 
 
-def damp(jacobian: torch.Tensor, bound: float, block: bool) -> torch.Tensor:
-    """The Jacobian with every block's spectral norm at most `bound`: a diagonal one clipped to [-bound, bound], a
-    2x2 block scaled down (its largest singular value, sqrt((|J|_F^2 + sqrt(|J|_F^4 - 4 det^2)) / 2))."""
+def damp(jacobian: torch.Tensor, bound: float, block: bool, damped: torch.Tensor) -> torch.Tensor:
+    """Where `damped` (a device flag), the Jacobian with every block's spectral norm at most `bound`: a diagonal
+    one clipped to [-bound, bound], a 2x2 block scaled down (its largest singular value is
+    sqrt((|J|_F^2 + sqrt(|J|_F^4 - 4 det^2)) / 2)); else the Jacobian itself."""
     if not block:
-        return jacobian.clamp(-bound, bound)
+        return torch.where(damped, jacobian.clamp(-bound, bound), jacobian)
     frobenius = jacobian.square().sum((-1, -2))
     det = jacobian[..., 0, 0] * jacobian[..., 1, 1] - jacobian[..., 0, 1] * jacobian[..., 1, 0]
     largest = ((frobenius + (frobenius.square() - 4 * det.square()).clamp_min(0).sqrt()) / 2).sqrt()
-    return jacobian * (bound / largest.clamp_min(bound))[..., None, None]
+    return jacobian * torch.where(damped, bound / largest.clamp_min(bound), 1.0)[..., None, None]
+
+
+def matvec(a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """a [..., 2, 2] times h [..., 2] per channel."""
+    return a[..., 0] * h[..., None, 0] + a[..., 1] * h[..., None, 1]
 
 
 class NewtonSolver:
@@ -254,9 +260,9 @@ class NewtonSolver:
         if differentiable:
             jacobian = jacobian.detach()
         elif damped is not None:
-            jacobian = torch.where(damped, damp(jacobian, self.damping, self.block), jacobian)
+            jacobian = damp(jacobian, self.damping, self.block, damped)
         if self.block:
-            residual = value - (jacobian * previous.unsqueeze(-2)).sum(-1)
+            residual = value - matvec(jacobian, previous)
             if self.sp is not None:
                 return self.sp.scan(BLOCK_DIAGONAL_SCAN_CORE, residual, residual, torch.ones_like(residual),
                                     a=jacobian)

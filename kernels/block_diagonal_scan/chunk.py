@@ -79,29 +79,45 @@ def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype)
 
 
-def _identity(like: torch.Tensor) -> torch.Tensor:
-    return torch.eye(2, dtype=like.dtype, device=like.device)
-
-
 def scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None,
          bounds: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """h [tokens, H, D, 2] and the final states [N, H, D, 2] of h_t = A_t h_{t-1} + b_t over the sequences
-    [bounds[n], bounds[n+1]) of a [tokens, H, D, 2, 2], b [tokens, H, D, 2]."""
+    [bounds[n], bounds[n+1]) of a [tokens, H, D, 2, 2], b [tokens, H, D, 2].
+
+    Each component is its own [C, chunks, H, D] tensor, the position within the chunk first, so that every step
+    of the loop below is a few multiply-adds on contiguous [chunks, H, D] slices (the 2x2 products written out)."""
     layout = chunk_layout(list(bounds), CHUNK_SIZE, b.device)
-    eye = _identity(b)
-    valid = layout.to_chunks(torch.ones(b.shape[0], 1, 1, 1, 1, dtype=torch.bool, device=b.device))
-    decay = torch.where(valid, layout.to_chunks(a), eye)  # [chunks, C, H, D, 2, 2]: A_t ... A_first below
-    h = layout.to_chunks(b)  # [chunks, C, H, D, 2], fresh: updated in place below
+    valid = layout.to_chunks(torch.ones(b.shape[0], 1, 1, dtype=torch.bool, device=b.device))  # [chunks, C, 1, 1]
+
+    def positions_first(x: torch.Tensor, pad: float) -> torch.Tensor:  # [tokens, H, D] -> [C, chunks, H, D]
+        return torch.where(valid, layout.to_chunks(x), pad).transpose(0, 1).contiguous()
+
+    a = [positions_first(a[..., i, j], float(i == j)) for i in range(2) for j in range(2)]  # past the end: I
+    h = [positions_first(b[..., i], 0.0) for i in range(2)]
+    decay = [torch.empty_like(x) for x in a]  # A_t ... A_first
+    for d, x in zip(decay, a):
+        d[0] = x[0]
+    a00, a01, a10, a11 = a
+    d00, d01, d10, d11 = decay
+    h0, h1 = h
     for t in range(1, CHUNK_SIZE):  # every chunk at once: position t from zero, and the product since the start
-        h[:, t] += matvec(decay[:, t], h[:, t - 1])
-        decay[:, t] = matmul(decay[:, t], decay[:, t - 1])
-    chunk_decay = layout.to_grid(decay[:, -1] - eye, 0.0) + eye  # [N, max_chunks, H, D, 2, 2]; I past the end
-    chunk_update = layout.to_grid(h[:, -1], 0.0)
+        h0[t].addcmul_(a00[t], h0[t - 1]).addcmul_(a01[t], h1[t - 1])
+        h1[t].addcmul_(a10[t], h0[t - 1]).addcmul_(a11[t], h1[t - 1])
+        torch.mul(a00[t], d00[t - 1], out=d00[t]).addcmul_(a01[t], d10[t - 1])
+        torch.mul(a00[t], d01[t - 1], out=d01[t]).addcmul_(a01[t], d11[t - 1])
+        torch.mul(a10[t], d00[t - 1], out=d10[t]).addcmul_(a11[t], d10[t - 1])
+        torch.mul(a10[t], d01[t - 1], out=d11[t]).addcmul_(a11[t], d11[t - 1])
+    eye = torch.eye(2, dtype=b.dtype, device=b.device)
+    chunk_decay = layout.to_grid(torch.stack([d[-1] for d in decay], -1).unflatten(-1, (2, 2)) - eye, 0.0) + eye
+    chunk_update = layout.to_grid(torch.stack([h0[-1], h1[-1]], -1), 0.0)  # [N, max_chunks, H, D, 2]
     state = initial_state if initial_state is not None else b.new_zeros(layout.num_seqs, *b.shape[1:])
     incoming = []
     for c in range(layout.max_chunks):
         incoming.append(state)
         state = matvec(chunk_decay[:, c], state) + chunk_update[:, c]
     if incoming:
-        h = h + matvec(decay, layout.from_grid(torch.stack(incoming, 1)).unsqueeze(1))
-    return layout.from_chunks(h), state
+        h_in = layout.from_grid(torch.stack(incoming, 1))  # [chunks, H, D, 2]
+        in0, in1 = h_in[..., 0], h_in[..., 1]
+        h0.addcmul_(d00, in0).addcmul_(d01, in1)
+        h1.addcmul_(d10, in0).addcmul_(d11, in1)
+    return layout.from_chunks(torch.stack([h0, h1], -1).transpose(0, 1)), state
