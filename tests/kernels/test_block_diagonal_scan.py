@@ -7,7 +7,8 @@ Blocks: random entries of either sign, scaled rotations and reflections (long me
 mix of zero, rank-one, tiny, triangular and growing blocks (inputs.block_diagonal_scan_inputs). Tolerances: fp64
 1e-10; fp32 2e-4 (chunked PyTorch, and Triton under TRITON_INTERPRET=1; the kernels have no dots). The Triton
 cases are kept small (the interpreter runs every program in turn): channel blocks of 16 over 20 channels (two
-blocks, the second ragged), 150 packed tokens. Every autotune candidate, and every kernel launched twice, are in
+blocks, the second ragged). Packed documents (this file's CU_SEQLENS, with mixed blocks and NaN-filled fresh
+buffers) through both Triton paths, for every autotune candidate, and every kernel launched twice, are in
 test_triton_launches.py.
 """
 import pytest
@@ -165,15 +166,6 @@ def test_triton_rows(path):
     """Two rows of 70 tokens (a chunk and a ragged one) side by side, 20 channels (a ragged channel block)."""
     inputs, upstream = make_inputs(2, 70, 1, 20, num_states=2, gates="signed", seed=3)
     assert_matches(run_scan(path, inputs, upstream, torch.float32, DEVICE), reference(inputs, upstream), 2e-4)
-
-
-@pytest.mark.gpu
-@pytest.mark.usefixtures("nan_buffers")
-@pytest.mark.parametrize("path", TRITON_PATHS)
-def test_triton_cu_seqlens(path):
-    inputs, upstream = make_inputs(1, 150, 1, 20, num_states=NUM_DOCS, gates="mixed")
-    expected = reference(inputs, upstream, CU_SEQLENS)
-    assert_matches(run_scan(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected, 2e-4)
 
 
 @pytest.mark.gpu

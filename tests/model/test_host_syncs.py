@@ -71,9 +71,9 @@ def test_newton_scans_read_nothing_with_the_bounds_attached(monkeypatch, op):
     """One Triton scan forward and backward (interpreted here) over the packed batch of step_syncs."""
     monkeypatch.setenv("BATON_KERNELS", "triton")
     block = (2,) if op is chunk_block_diagonal_scan else ()
-    b = torch.randn(1, CU_SEQLENS[-1], 2, 16, *block, requires_grad=True)
+    b = torch.randn(1, CU_SEQLENS[-1], 1, 16, *block, requires_grad=True)
     a = (0.5 * torch.randn(*b.shape, *block)).requires_grad_()
-    initial_state = torch.randn(len(CU_SEQLENS) - 1, 2, 16, *block, requires_grad=True)
+    initial_state = torch.randn(len(CU_SEQLENS) - 1, 1, 16, *block, requires_grad=True)
     cu_seqlens = attach_host_bounds(torch.tensor(CU_SEQLENS, dtype=torch.int32), torch.tensor(CU_SEQLENS))
     with HostSyncs() as syncs:
         h, final = op(a, b, initial_state, True, cu_seqlens)
