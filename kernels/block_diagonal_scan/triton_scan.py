@@ -296,8 +296,6 @@ def _no_state(x: torch.Tensor) -> torch.Tensor:
 
 def _forward_op(a, b, initial_state, cu_seqlens, output_final_state, recurrent):
     chunks = chunk_index(cu_seqlens, b.shape[0], b.shape[1], b.device)
-    if recurrent and ScanForwards.recurrent is None:
-        import kernels.block_diagonal_scan.fused_recurrent  # noqa: F401  (sets ScanForwards.recurrent)
     forward = ScanForwards.recurrent if recurrent else ScanForwards.chunk
     h, final = forward(a, b, initial_state, output_final_state, chunks)
     return h.contiguous(), _no_state(b) if final is None else final.contiguous()
