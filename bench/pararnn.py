@@ -85,7 +85,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the test machine shares 2 cores)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton scans)")
-    parser.add_argument("--out", default=None, help="the JSON's path (default bench/results/pararnn_<device>_<date>.json)")
+    parser.add_argument("--out", default=None,
+                        help="the JSON's path (default bench/results/pararnn_<device>_<date>.json)")
     args = parser.parse_args()
     if args.width % args.heads:
         parser.error(f"--heads {args.heads} must divide --width {args.width}")

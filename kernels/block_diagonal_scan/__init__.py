@@ -63,8 +63,9 @@ def block_diagonal_scan_state_summary(a: torch.Tensor, b: torch.Tensor, cu_seqle
                                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """chunk_block_diagonal_scan's state summary, for sequence parallelism: per sequence the final state from a
     zero start, h_local [N,H,D,2] fp32, and the transition M [N,H,D,2,2] fp32, the product A_last ... A_first of
-    its blocks (fp64 for fp64 inputs): the final state from h_0 is M h_0 + h_local. Both from one scan over three copies of the channels
-    (b from zero, and 0 from each unit vector: M's columns), so every device runs its own scan, differentiably."""
+    its blocks (fp64 for fp64 inputs): the final state from h_0 is M h_0 + h_local. Both from one scan over three
+    copies of the channels (b from zero, and 0 from each unit vector: M's columns), so every device runs its own
+    scan, differentiably."""
     check_block_scan_inputs(a, b, None, cu_seqlens)
     B, T, H, D = b.shape[:4]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
