@@ -189,6 +189,11 @@ class ParaRNNConfig:
     width: Optional[int] = None  # the recurrence's width; None: d_model
     newton_tol: float = 1e-5  # stop when no state moved by more than this (relative to the largest) in an iteration
     newton_max_iters: int = 16  # scans per forward at most, the last differentiable one included
+    # far from the solution each Jacobian block's norm is bounded by this (damped Newton); None: plain Newton
+    newton_damping: Optional[float] = 1.0
+    # the L cell: "peephole" (gates read c; diagonal Jacobian), "hc" (the paper's: gates read h, state (h, c), 2x2
+    # Jacobian blocks), "cifg" ("hc" with i = 1 - f)
+    lstm: str = "peephole"
 
     def recurrent_width(self, d_model: int) -> int:
         return self.width if self.width is not None else d_model
@@ -200,6 +205,10 @@ class ParaRNNConfig:
         if not self.newton_tol > 0 or self.newton_max_iters < 1:
             raise ConfigError(f"model.pararnn.newton_tol must be > 0 and newton_max_iters >= 1, got "
                               f"{self.newton_tol} and {self.newton_max_iters}")
+        if self.newton_damping is not None and not self.newton_damping > 0:
+            raise ConfigError(f"model.pararnn.newton_damping must be > 0 or null, got {self.newton_damping}")
+        if self.lstm not in ("peephole", "hc", "cifg"):
+            raise ConfigError(f"model.pararnn.lstm must be one of peephole, hc, cifg; got {self.lstm!r}")
 
 
 @dataclass

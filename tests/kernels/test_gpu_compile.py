@@ -38,6 +38,8 @@ KERNELS = {
                        "fused_recurrent_mlstm_fwd_kernel"},
     "diagonal_scan": {"scan_chunk_map_kernel", "scan_state_kernel", "scan_output_kernel", "scan_grad_kernel",
                       "fused_recurrent_scan_kernel"},
+    "block_diagonal_scan": {"block_scan_chunk_map_kernel", "block_scan_state_kernel", "block_scan_output_kernel",
+                            "block_scan_grad_kernel", "fused_recurrent_block_scan_kernel"},
     "conv": {"causal_conv_fwd_kernel", "causal_conv_bwd_kernel"},
     "norm": {"rms_norm_fwd_kernel"},
     "rotary": {"rotary_rows_kernel"},
