@@ -4,7 +4,7 @@
 
 The diagonal scan (kernels/diagonal_scan) with a 2x2 block per channel in place of a number: what a Newton step
 of a nonlinear RNN whose state is two numbers per channel solves (ParaRNN's LSTM, state (h, c): its Jacobian is
-block-diagonal with 2x2 blocks, model/pararnn.py). The state contract of DESIGN.md, the output being the state:
+block-diagonal with 2x2 blocks, model/pararnn.py). The state contract of ARCHITECTURE.md, the output being the state:
 
     h, final_state = op(a, b, initial_state=None, output_final_state=False, cu_seqlens=None)
     a: [B, T, H, D, 2, 2]    b, h: [B, T, H, D, 2]    states: [N, H, D, 2] fp32 (N = B, or cu_seqlens' sequences)
