@@ -2,7 +2,7 @@
 
 A model is a stack of pre-norm blocks; `pattern` names each block's token mixer with one letter
 (G=gla, M=mamba2, D=gated_deltanet, E=deltanet, P=gated_deltaproduct, R=rglru, U=pararnn_gru, L=pararnn_lstm,
-X=mlstm, Z=liger, A=attention, W=sliding-window attention: model/registry.py, where each mixer registers its letter and its
+X=mlstm, A=attention, W=sliding-window attention: model/registry.py, where each mixer registers its letter and its
 settings' key). A pattern shorter than `n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups.
 Impossible values raise a
 one-line ValueError naming the key, so a bad preset fails before any weight is built.
@@ -222,7 +222,7 @@ class MLSTMConfig:
             raise ConfigError("model.mlstm.gate_soft_cap must be > 0 and forget_gate_bias_min <= _max")
 
 
-# --- Liger (model/liger.py) and LoRA (model/lora.py) ---------------------------------------------------------
+# --- Liger (letter Z, model/liger.py) and LoRA (model/lora.py) ------------------------------------------------
 LIGER_GATES = ("gla", "scalar")
 LORA_MIXER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # of attention-family mixers (A, W, Z)
 LORA_MLP_TARGETS = ("gate_proj", "up_proj")

@@ -105,8 +105,8 @@ def linear_distillation_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     its own frozen base, model/liger.py), chunk by chunk as linear_cross_entropy does: no [tokens, vocab] tensor
     is kept. The teacher is a constant target (no gradient reaches teacher_hidden)."""
     if hidden.shape[:-1] != targets.shape or teacher_hidden.shape != hidden.shape:
-        raise ValueError(f"linear_distillation_loss: hidden {tuple(hidden.shape)}, teacher {tuple(teacher_hidden.shape)}"
-                         f" and targets {tuple(targets.shape)} do not match")
+        raise ValueError(f"linear_distillation_loss: hidden {tuple(hidden.shape)}, teacher "
+                         f"{tuple(teacher_hidden.shape)} and targets {tuple(targets.shape)} do not match")
     device_type = hidden.device.type
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else hidden.dtype)
