@@ -37,12 +37,11 @@ def open_weights(path: str | Path) -> ExportWeights | HFWeights:
     (checkpoints/hf/importer.py)."""
     path = Path(path)
     if is_export(path):
-        config = json.loads((path / MODEL_CONFIG).read_text())
-        if not is_hf_checkpoint(path):
-            return ExportWeights(path, config)
-        if config.get("model_type") == "baton":
-            return ExportWeights(path, config["baton"])
+        return ExportWeights(path, json.loads((path / MODEL_CONFIG).read_text()))
     if is_hf_checkpoint(path):
+        config = json.loads((path / MODEL_CONFIG).read_text())
+        if config.get("model_type") == "baton" and (path / WEIGHTS).is_file():  # Baton's remote-code export
+            return ExportWeights(path, config["baton"])
         return HFWeights(path)
     raise CheckpointError(f"init.from={path}: neither a Baton export (model.safetensors + config.json) nor a "
                           "Hugging Face model directory")
