@@ -151,6 +151,10 @@ class LM(nn.Module):
     def _hidden(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp,
                 caches: Optional[list[dict]]) -> torch.Tensor:
         x = self.embed(input_ids)
+        if self.config.lora.rank and torch.is_grad_enabled() and not x.requires_grad:
+            # LoRA freezes the embedding. Without a gradient to the first block's input, ZeRO-3's backward hook of
+            # that block fires at its output and frees its parameters before LoRA's gradients are accumulated
+            x.requires_grad_()
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, sp=sp, cache=None if caches is None else caches[i])
         return x

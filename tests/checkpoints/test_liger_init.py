@@ -115,25 +115,47 @@ def test_a_model_without_full_attention_is_refused(tmp_path):
     assert proc.returncode == 2 and "error: init.linearize=liger needs init.from=" in proc.stderr
 
 
-def falling(run_dir) -> tuple[float, float]:
-    history = [loss for _, loss in sorted(losses(run_dir).items())]
-    return sum(history[:3]) / 3, sum(history[-3:]) / 3
+ONE_PROCESS: dict[tuple, dict[int, float]] = {}  # settings -> the one-process run's losses, shared by the cases
+FINE_TUNE = ["model.lora.rank=8", "model.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj]",
+             "train.max_steps=12", "train.checkpoint_every=12", "optim.warmup_steps=0", "train.micro_batch_size=null",
+             "eval.tasks=[]", "eval.sample_tokens=0"]
+
+
+def one_process(teacher, root, *settings) -> dict[int, float]:
+    if settings not in ONE_PROCESS:
+        run_dir = root / f"one_process_{len(ONE_PROCESS)}"
+        linearize(teacher, run_dir, *FINE_TUNE, *settings)
+        ONE_PROCESS[settings] = losses(run_dir)
+    return ONE_PROCESS[settings]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", [["parallel=fsdp", "parallel.sp=2"], ["parallel=deepspeed_zero2"],
-                                    ["parallel=deepspeed_zero3", "train.distill=0.5"]],
-                         ids=["fsdp-sp2", "zero2", "zero3-distill"])
-def test_lora_fine_tuning_lowers_the_loss_under_every_engine(teacher, tmp_path, engine):
+@pytest.mark.parametrize("engine, settings", [
+    (["parallel=fsdp"], []),
+    (["parallel=fsdp", "parallel.sp=2"], ["train.seq_len=128"]),
+    (["parallel=deepspeed_zero2"], []),
+    (["parallel=deepspeed_zero3"], ["train.distill=0.5"]),
+], ids=["fsdp", "fsdp-sp2", "zero2", "zero3-distill"])
+def test_lora_fine_tuning_lowers_the_loss_under_every_engine(teacher, tmp_path, engine, settings):
+    """Two processes under each engine take the one-process run's steps (the same loss at every step: LoRA's
+    gradients and updates, the frozen base), and those steps lower the loss: each batch's loss against the same
+    batch's without learning (lr 1e-9; a paired comparison, since the batches' own spread is several times the
+    effect of 12 LoRA steps on a teacher this small), from the second step on."""
     run_dir = tmp_path / "run"
-    linearize(teacher, run_dir, *LORA, *engine, "train.max_steps=12", "train.checkpoint_every=12", "optim.lr=1e-2",
-              "train.micro_batch_size=null", "optim.warmup_steps=0", "eval.tasks=[]", "eval.sample_tokens=0",
-              launcher=torchrun(2))
-    first, last = falling(run_dir)
-    assert last < first - 0.05, (first, last)
+    linearize(teacher, run_dir, *FINE_TUNE, *settings, *engine, "optim.lr=1e-2", launcher=torchrun(2))
+    trained = losses(run_dir)
+    reference = one_process(teacher, teacher.parent, *settings, "optim.lr=1e-2")
+    assert sorted(trained) == sorted(reference) == list(range(1, 13))
+    for step, loss in reference.items():
+        assert trained[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), (step, trained, reference)
+    if "parallel.sp=2" not in engine:  # (at 128 tokens a row these 12 steps do not lower the loss reliably)
+        still = one_process(teacher, teacher.parent, *settings, "optim.lr=1e-9")
+        gains = [still[step] - trained[step] for step in range(2, 13)]
+        assert sum(gain > 0 for gain in gains) >= 9 and sum(gains) / len(gains) > 0.01, gains
     student, teacher_model = load_model(run_dir / "checkpoints" / "step_000012"), load_model(teacher)
-    for name, param in teacher_model.state_dict().items():  # every engine kept the base frozen
+    for name, param in teacher_model.state_dict().items():  # the base stayed frozen
         torch.testing.assert_close(student.state_dict()[name], param, rtol=0, atol=0, msg=name)
+    assert any(p.abs().amax() > 0 for n, p in student.named_parameters() if n.endswith("lora_B"))
 
 
 LOAD_AND_GENERATE = """
