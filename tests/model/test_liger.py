@@ -275,3 +275,37 @@ def test_bad_settings_are_one_line_config_errors():
         LM(small_config("G", lora=LoRAConfig(rank=4, targets=["o_proj"])))  # a GLA layer's o_proj bypasses LoRA
     with pytest.raises(ConfigError, match="num_kv_heads"):
         LM(small_config("Z", attention=AttentionConfig(num_heads=4, num_kv_heads=3)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels, FlexAttention and CUDA graphs need CUDA")
+def test_on_cuda_the_kernels_match_the_cpu_path_and_graphed_decoding_equals_eager():
+    """Liger on CUDA (Triton chunk_gla and fused recurrent steps, FlexAttention's window): the CPU path's logits and
+    gradients; one decode step captured as a CUDA graph gives eager decoding's greedy tokens."""
+    import warnings
+
+    from model.generation import GraphedDecodeStep
+
+    lm = liger_lm("ZAZ", lora=4).train()
+    ids = torch.randint(0, VOCAB, (2, 130))
+    lm(ids[:, :-1], labels=ids[:, 1:], distill=0.5).backward()
+    expected = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        logits = lm.eval()(ids)
+    lm.zero_grad()
+    lm = lm.cuda().train()
+    cuda_ids = ids.cuda()
+    lm(cuda_ids[:, :-1], labels=cuda_ids[:, 1:], distill=0.5).backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(lm.get_parameter(name).grad.cpu(), grad, atol=2e-3, rtol=2e-2, msg=name)
+    lm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lm(cuda_ids).cpu(), logits, atol=2e-3, rtol=2e-2)
+    prompts = torch.randint(0, VOCAB, (3, 40), device="cuda")
+    lengths = torch.tensor([40, 17, 29], device="cuda")
+    eager = lm.generate(prompts, max_new_tokens=24, prompt_lengths=lengths, cuda_graph=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture that falls back to eager decoding fails the test
+        graphed = lm.generate(prompts, max_new_tokens=24, prompt_lengths=lengths, cuda_graph=True)
+    assert isinstance(lm.__dict__["_decode_step"][1], GraphedDecodeStep)
+    assert torch.equal(graphed, eager)
