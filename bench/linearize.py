@@ -1,7 +1,7 @@
 """Liger linearization measured (model/liger.py, `init.linearize=liger`): how much of a pretrained Transformer a
 linearized model keeps, and at what cost in tokens.
 
-    python -m bench.linearize                              # the whole grid (about 1.5 h on 2 shared CPU cores)
+    python -m bench.linearize --grid 'scratch:0.05,0.1,0.25,1'   # the README's run (plus scratch at 100%)
     python -m bench.linearize --fractions 0.1 --variants liger_lora,scratch --skip-hf   # a part of it
     python -m bench.linearize --out runs/bench_linearize   # where the runs go (kept: a rerun reuses finished ones)
 
@@ -116,6 +116,12 @@ def score(export_dir: Path, out: Path, what: str) -> dict:
     return json.loads(result.read_text())
 
 
+def figures_of(figures: dict) -> dict:
+    """What a row keeps of a run's ppl figures."""
+    keys = ("held_out_bpb", "held_out_loss", "ppl_loss_within_train_len", "ppl_loss_beyond_train_len", "wall_s")
+    return {key: figures[key] for key in keys if figures.get(key) is not None}
+
+
 def decode_memory(teacher: Path) -> list[dict]:
     """Bytes of the preallocated decode state (batch 1, fp32) against the context, for the teacher and its Liger
     and Liger-H forms (same weights: the state does not depend on them)."""
@@ -195,7 +201,8 @@ def hf_path(out: Path) -> dict:
         import_export(hf_dir, imported)
     log("HF Llama imported")
     figures = train(out, "hf_liger", [f"init.from={imported}", "init.linearize=liger", "model.lora.rank=8",
-                                      "optim.lr=1e-3", f"train.max_steps={HF_STEPS}", f"train.checkpoint_every={HF_STEPS}",
+                                      "optim.lr=1e-3", f"train.max_steps={HF_STEPS}",
+                                      f"train.checkpoint_every={HF_STEPS}",
                                       "optim.warmup_steps=3", "eval.held_out_tokens=20000"],
                     "HF Llama linearized and fine-tuned")
     checkpoint = run_dir / "checkpoints" / f"step_{HF_STEPS:06d}"
@@ -223,18 +230,20 @@ def plot(rows: list[dict], teacher_bpb: float, fractions: list[float], memory: l
     from eval.results import plt, save_figure
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in {row["variant"] for row in rows}:
+    for name in dict.fromkeys(row["variant"] for row in rows if row["key"] not in ("teacher",)):
         points = sorted((row["fraction"], row["held_out_bpb"]) for row in rows if row["variant"] == name
-                        and row["fraction"] is not None)
+                        and row["fraction"])
         if points:
             left.plot([100 * f for f, _ in points], [b for _, b in points], marker="o", label=name)
-    before = [row["held_out_bpb"] for row in rows if row["variant"] == "linearized, no fine-tuning"]
-    left.axhline(teacher_bpb, color="black", linestyle="--", label="teacher")
+    before = [row["held_out_bpb"] for row in rows if row["key"] == "linearized"]
+    left.axhline(teacher_bpb, color="black", linestyle="--", label="teacher (100%)")
     if before:
         left.axhline(before[0], color="grey", linestyle=":", label="linearized, no fine-tuning")
-    left.set_xlabel("fine-tuning tokens (% of the teacher's)")
+    left.set_xlabel("training tokens (% of the teacher's)")
     left.set_ylabel("held-out bits per byte")
-    left.set_xticks([100 * f for f in fractions])
+    left.set_xscale("log")
+    ticks = sorted({100 * row["fraction"] for row in rows if row["fraction"]})
+    left.set_xticks(ticks, [f"{t:g}" for t in ticks])
     left.set_title("transformer_tiny linearized (stdlib held-out)")
     left.legend(fontsize=8)
     for name in [k for k in memory[0] if k != "context"]:
@@ -278,14 +287,13 @@ def main(argv=None) -> int:
     teacher = export(out / "teacher" / "checkpoints" / f"step_{args.teacher_steps:06d}", out / "teacher_export",
                      "teacher export")
     teacher_bpb = teacher_figures["held_out_bpb"]
-    rows = [{"variant": "teacher (AAAA)", "fraction": 1.0, "steps": args.teacher_steps, "tokens": teacher_tokens,
-             "held_out_bpb": teacher_bpb, "held_out_loss": teacher_figures["held_out_loss"],
-             "wall_s": teacher_figures["wall_s"]}]
+    rows = [{"variant": "teacher (AAAA)", "key": "teacher", "fraction": 1.0, "steps": args.teacher_steps,
+             "tokens": teacher_tokens, **figures_of(teacher_figures)}]
     for name, keep in (("linearized, no fine-tuning", None), ("Liger-H, no fine-tuning", 4)):
         directory = out / ("linearized" if keep is None else "linearized_h")
         figures = score(linearized_export(teacher, directory, keep), out / f"{directory.name}_eval", name)
-        rows.append({"variant": name, "fraction": 0.0, "steps": 0, "tokens": 0,
-                     "held_out_bpb": figures["held_out_bpb"], "held_out_loss": figures["held_out_loss"]})
+        rows.append({"variant": name, "key": directory.name, "fraction": 0.0, "steps": 0, "tokens": 0,
+                     **figures_of(figures)})
 
     for variant, variant_fractions in grid.items():
         what, overrides = VARIANTS[variant]
@@ -296,19 +304,21 @@ def main(argv=None) -> int:
                             [*start, *overrides, f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
                              f"optim.warmup_steps={max(1, steps // 10)}"], f"{what}, {fraction:.0%} ({steps} steps)")
             rows.append({"variant": what, "key": variant, "fraction": fraction, "steps": steps,
-                         "tokens": steps * BATCH * SEQ_LEN, "held_out_bpb": figures["held_out_bpb"],
-                         "held_out_loss": figures["held_out_loss"], "wall_s": figures["wall_s"]})
-    scratch = {row["fraction"]: row["held_out_bpb"] for row in rows if row.get("key") == "scratch"}
+                         "tokens": steps * BATCH * SEQ_LEN, **figures_of(figures)})
+    scratch = {row["fraction"]: row["held_out_bpb"] for row in rows if row["key"] == "scratch"}
+    before = {row["key"]: row["held_out_bpb"] for row in rows if row["fraction"] == 0.0}
     for row in rows:
         reference = scratch.get(row["fraction"]) if row["fraction"] else None
-        if reference is not None and row.get("key") != "scratch" and reference != teacher_bpb:
+        if reference is not None and row["key"] not in ("scratch", "teacher") and reference != teacher_bpb:
             row["recovery"] = (reference - row["held_out_bpb"]) / (reference - teacher_bpb)
-    # also against the teacher alone: how much of the teacher's bits per byte the linearized model keeps
-    for row in rows:
-        row["bpb_over_teacher"] = row["held_out_bpb"] / teacher_bpb
+        # the part of the linearization's loss that fine-tuning won back: (before - x) / (before - teacher)
+        start = before.get("linearized_h" if row["key"].startswith("liger_h") else "linearized")
+        if row["key"].startswith("liger") and start is not None and start != teacher_bpb:
+            row["gap_closed"] = (start - row["held_out_bpb"]) / (start - teacher_bpb)
 
     print_table("held-out bits per byte (stdlib held-out split); recovery = (scratch - x) / (scratch - teacher) at "
-                "the same tokens", [{k: v for k, v in row.items() if k != "key"} for row in rows])
+                "the same tokens; gap_closed = (linearized - x) / (linearized - teacher)",
+                [{k: v for k, v in row.items() if k != "key"} for row in rows])
     memory = decode_memory(teacher)
     print_table("decode state (batch 1, fp32, MiB) against context", memory)
     report = {"teacher": {"preset": "transformer_tiny", "steps": args.teacher_steps, "tokens": teacher_tokens,

@@ -86,6 +86,17 @@ def test_full_fine_tuning_trains_every_parameter(teacher, tmp_path):
     assert "blocks.0.mixer.q_proj.weight" in moved and "embed.weight" in moved
 
 
+def test_a_linearized_lora_run_resumes_exactly(teacher, tmp_path):
+    """Stopped after step 2 and resumed (LoRA's optimizer state, the frozen base, distillation): the losses of the
+    run that never stopped, bit for bit."""
+    run = [*LORA, "train.distill=0.5", "optim.schedule=constant", "optim.lr=1e-2", "train.checkpoint_every=2",
+           "eval.tasks=[]", "eval.sample_tokens=0"]
+    linearize(teacher, tmp_path / "straight", *run, "train.max_steps=4")
+    linearize(teacher, tmp_path / "stopped", *run, "train.max_steps=2")
+    linearize(teacher, tmp_path / "stopped", *run, "train.max_steps=4", "resume=auto")
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 4
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["init.linearize=lolcats"], "init.linearize: 'lolcats' is not one of liger"),
     (["init.keep_attention_every=1"], "init.keep_attention_every must be an integer >= 2"),
@@ -194,7 +205,8 @@ def test_an_imported_llama_is_linearized_fine_tuned_exported_and_generates_in_tr
     assert proc.returncode == 0, proc.stderr[-3000:]
     export = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "scripts.export", f"checkpoint={run_dir / 'checkpoints' / 'step_000002'}",
-                           f"out={export}", "format=hf"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                           f"out={export}", "format=hf"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((export / "config.json").read_text())["baton"]["pattern"] == "ZZ"
     student = load_model(run_dir / "checkpoints" / "step_000002").eval()

@@ -34,8 +34,9 @@ def liger_lm(pattern: str = "ZAZ", seed: int = 0, lora: int = 0, noise: float = 
     settings = dict(CASES[case])
     attention = settings.pop("attention", small_config("A").attention)
     torch.manual_seed(seed)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
     lm = LM(small_config(pattern, attention=attention, liger=LigerConfig(window=WINDOW, **settings),
-                         lora=LoRAConfig(rank=lora, targets=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]))).eval()
+                         lora=LoRAConfig(rank=lora, targets=targets))).eval()
     with torch.no_grad():
         for param in lm.parameters():
             param.add_(noise * torch.randn_like(param))
