@@ -204,12 +204,12 @@ def test_an_imported_llama_is_linearized_fine_tuned_exported_and_generates_in_tr
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     export = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-m", "scripts.export", f"checkpoint={run_dir / 'checkpoints' / 'step_000002'}",
-                           f"out={export}", "format=hf"], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    checkpoint = run_dir / "checkpoints" / "step_000002"
+    proc = subprocess.run([sys.executable, "-m", "scripts.export", f"checkpoint={checkpoint}", f"out={export}",
+                           "format=hf"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((export / "config.json").read_text())["baton"]["pattern"] == "ZZ"
-    student = load_model(run_dir / "checkpoints" / "step_000002").eval()
+    student = load_model(checkpoint).eval()
     prompt = torch.randint(3, 320, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = {"prompt": prompt.tolist(), "new_tokens": 12, "logits": student(prompt).tolist(),
