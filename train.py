@@ -152,7 +152,7 @@ def train_step(run: Run, stop: StopSignals) -> tuple[float, float, float, bool]:
     loss_sum = torch.zeros((), device=device)
     for _ in range(run.micro_per_step):
         batch = batch_to_device(next(run.loader), device)
-        loss = compute_loss(run.engine, batch, run.autocast_dtype) / run.micro_per_step
+        loss = compute_loss(run.engine, batch, run.autocast_dtype, run.cfg.train.distill) / run.micro_per_step
         run.engine.backward(loss)
         loss_sum += loss.detach()
     lr = lr_at(run.step, run.cfg.train.max_steps, run.cfg.optim)
@@ -163,13 +163,14 @@ def train_step(run: Run, stop: StopSignals) -> tuple[float, float, float, bool]:
     return loss_mean, grad_norm, lr, stop_requested
 
 
-def compute_loss(engine, batch: dict, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+def compute_loss(engine, batch: dict, autocast_dtype: torch.dtype | None, distill: float = 0.0) -> torch.Tensor:
     """The mean next-token cross-entropy of one micro-batch: the head and the loss fused (model/loss.py), so the
-    [tokens, vocab] logits never exist whole."""
+    [tokens, vocab] logits never exist whole; with distill, plus distill x KL to the frozen teacher's (model/lm.py)."""
     device_type = batch["input_ids"].device.type
+    extra = {"distill": distill} if distill else {}
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         return engine.model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], sp=engine.sequence_parallel(batch),
-                            labels=batch["labels"])
+                            labels=batch["labels"], **extra)
 
 
 def log_step(run: Run, loss: float, grad_norm: float, lr: float, seconds: float) -> None:
