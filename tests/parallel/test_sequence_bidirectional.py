@@ -66,3 +66,44 @@ def run_op_checks(rank: int, world_size: int) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_bidirectional_ops_match_single_process(spawn, world_size):
     spawn(run_op_checks, world_size)
+
+
+TINY = dict(vocab_size=VOCAB, d_model=32, bidirectional=True, gla=dict(num_heads=2, use_short_conv=True),
+            mamba2=dict(head_dim=16, d_state=8), attention=dict(num_heads=2), lion=dict(num_heads=2))
+ENCODER_PATTERNS = ["F", "N", "B", "G", "M", "A", "BGMA"]
+
+
+def run_model_checks(rank: int, world_size: int, sp_size: int) -> None:
+    """As test_sequence_model.py: the encoder under sp (its short convs take their halo, its recurrent layers both
+    combines, attention every rank's keys) == the encoder on full rows, logits and every parameter's gradient."""
+    groups = [dist.new_group(list(range(first, first + sp_size))) for first in range(0, world_size, sp_size)]
+    group, sp_rank = groups[rank // sp_size], rank % sp_size
+    for pattern in ENCODER_PATTERNS:
+        torch.manual_seed(0)
+        lm = LM.from_config(dict(TINY, pattern=pattern))
+        tokens, starts = batch_layout(sp_size)
+        T = tokens.shape[1]
+        logits = lm(tokens, cu_seqlens=cu_seqlens_of(starts, T))
+        weight = torch.randn_like(logits)
+        (logits * weight).sum().backward()
+        expected = {name: p.grad.clone() for name, p in lm.named_parameters()}
+        lm.zero_grad()
+        lo = sp_rank * LOCAL_LEN
+        sp = SequenceParallel(group, cu_seqlens_of(starts, LOCAL_LEN, lo), torch.tensor([lo in row for row in starts]))
+        local_logits = lm(tokens[:, lo:lo + LOCAL_LEN], cu_seqlens=sp.cu_seqlens, sp=sp)
+        torch.testing.assert_close(local_logits, logits[:, lo:lo + LOCAL_LEN].detach(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{pattern}: logits differ: {m}")
+        (local_logits * weight[:, lo:lo + LOCAL_LEN]).sum().backward()
+        for name, param in lm.named_parameters():
+            dist.all_reduce(param.grad, group=group)
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{pattern}: d{name} differs: {m}")
+    assert ROWS == tokens.shape[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sp_size", [2, 4])
+def test_encoder_under_sequence_parallel_matches_full_rows(spawn, sp_size):
+    """4 processes: two sp groups of 2, or one of 4."""
+    spawn(run_model_checks, 4, sp_size)
