@@ -60,18 +60,17 @@ class LION(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Per-head decays log-spaced over 1 - lambda in [1 - decay_max, 1 - decay_min] (RetNet's spread of
-        memories); in place, so also on sharded parameters after a meta-device build."""
+        """Per-head decays with 1 - lambda log-uniform in [1 - decay_max, 1 - decay_min] (a spread of memories, as
+        Mamba2's step sizes); in place only, so also on sharded parameters after a meta-device build."""
         if self.variant == "lit":
             return
         param = self.decay_logit if self.variant == "d" else self.a_bias
+        low, high = math.log(1 - self.decay_max), math.log(1 - self.decay_min)
         with torch.no_grad():
-            steps = torch.arange(self.num_heads, dtype=torch.float32, device=param.device) / max(self.num_heads - 1, 1)
-            forget = torch.exp(math.log(1 - self.decay_min) + steps * (math.log(1 - self.decay_max)
-                                                                       - math.log(1 - self.decay_min)))
-            lam = 1 - forget
+            log_forget = param.uniform_().mul_(high - low).add_(low)  # log(1 - lambda)
+            log_lambda = torch.log(-torch.expm1(log_forget))
             # LION-D: sigmoid(logit) = lambda; LION-S: 1 - sigmoid(bias) = lambda at a zero projection
-            param.copy_(torch.log(lam / forget) if self.variant == "d" else torch.log(forget / lam))
+            param.copy_(log_lambda - log_forget if self.variant == "d" else log_forget - log_lambda)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
                 cache: Optional[dict] = None) -> torch.Tensor:
