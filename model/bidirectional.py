@@ -16,11 +16,14 @@ recurrence with shifted gates; nor do RG-LRU, ParaRNN or the mLSTM (nonlinear or
 An encoder has no decoding: init_state, generation and the causal evaluation tasks refuse it.
 """
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from kernels.backend import use_triton
 from kernels.lion import combine_directions, lion, with_normalizer, zero_gate
 from model.registry import RecurrentCore
 
@@ -34,6 +37,7 @@ class BidirectionalCore:
     form: str = "chunk"
     normalize: bool = False  # LION: y / (row sum); bidirectional GLA / Mamba2: y
     chunk_vjp: Optional[Callable] = None  # plain autograd (model/recurrent.py mix: no recomputation around it)
+    recompute: bool = True  # the chunk form on the PyTorch path keeps only its inputs (False: the caller does)
     directions: int = 2  # FLOPs: twice the causal recurrence
 
     @property
@@ -50,10 +54,16 @@ class BidirectionalCore:
             forward = sp.scan(self.base, q, k, values, scale=scale, g=g)
             backward = sp.scan_reverse(self.base, q, k, values, scale=scale, g=g)
             return combine_directions(forward, backward, q, k, values, scale, self.normalize, EPS)
-        if cu_seqlens is None:
-            return lion(q, k, v, g, scale, None, self.normalize, EPS, self.form)
-        flat = [x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:]) for x in (q, k, v, g)]
-        return lion(*flat, scale, cu_seqlens, self.normalize, EPS, self.form).view(v.shape)
+        tensors = (q, k, v, g)
+        if cu_seqlens is not None:
+            tensors = [x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:]) for x in tensors]
+        op = partial(lion, scale=scale, cu_seqlens=cu_seqlens, normalize=self.normalize, eps=EPS, form=self.form)
+        if self.recompute and self.form == "chunk" and torch.is_grad_enabled() and not use_triton(q):
+            # The chunked PyTorch path would keep its intra-chunk matrices and chunk states for the backward (several
+            # times q, k, v): keep only its inputs and run it again in the backward, as attention's CPU path does.
+            # The Triton op keeps only its inputs anyway.
+            return checkpoint(op, *tensors, use_reentrant=False).view(v.shape)
+        return op(*tensors).view(v.shape)
 
 
 def encoder_only(what: str) -> None:

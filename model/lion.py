@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from kernels.backend import use_triton
 from model.bidirectional import BidirectionalCore, encoder_only
 from model.config import ModelConfig
 from model.flops import chunked_recurrence_flops
@@ -42,7 +44,7 @@ class LION(nn.Module):
         self.key_dim, self.value_dim = int(d * s.expand_k), int(d * s.expand_v)
         self.head_k_dim, self.head_v_dim = self.key_dim // s.num_heads, self.value_dim // s.num_heads
         self.decay_min, self.decay_max = s.decay_min, s.decay_max
-        self.core = BidirectionalCore(GLA_CORE, s.form, normalize=True)
+        self.core = BidirectionalCore(GLA_CORE, s.form, normalize=True, recompute=False)  # forward() recomputes
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d, self.key_dim, bias=False)
         self.v_proj = nn.Linear(d, self.value_dim, bias=False)
@@ -76,9 +78,21 @@ class LION(nn.Module):
                 cache: Optional[dict] = None) -> torch.Tensor:
         if cache is not None:
             encoder_only("a prefill")
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        mix = partial(self._mix, cu_seqlens=cu_seqlens, sp=sp)
+        if torch.is_grad_enabled() and sp is None and not use_triton(x):
+            # The PyTorch path keeps for the backward only the projections (and x, which they keep anyway): the short
+            # convs, feature maps, decays and both scans run again there, as attention's CPU path recomputes its
+            # blocks. (Triton's scan keeps only its inputs; under sp the collectives are not run twice.)
+            o = checkpoint(mix, x, q, k, v, use_reentrant=False)
+        else:
+            o = mix(x, q, k, v)
+        return self.o_proj(o)
+
+    def _mix(self, x, q, k, v, cu_seqlens, sp) -> torch.Tensor:
+        """The projections -> LION's output [B, T, value_dim], before o_proj."""
         B, T, _ = x.shape
         H = self.num_heads
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.convs is not None:
             q, k, v = (self.convs[name](t, cu_seqlens, sp) for name, t in zip("qkv", (q, k, v)))
         q, k, v = q.view(B, T, H, -1), k.view(B, T, H, -1), v.view(B, T, H, -1)
@@ -87,8 +101,7 @@ class LION(nn.Module):
         else:
             q, k = shifted_silu_features(q), shifted_silu_features(k)
             g = self._log_decay(x)
-        o = self.core.scan(q, k, v, scale=1.0, cu_seqlens=cu_seqlens, sp=sp, g=g)
-        return self.o_proj(o.reshape(B, T, -1))
+        return self.core.scan(q, k, v, scale=1.0, cu_seqlens=cu_seqlens, sp=sp, g=g).reshape(B, T, -1)
 
     def _log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """log lambda [B, T, H] in fp32 (fp64 in an fp64 model)."""
