@@ -44,6 +44,9 @@ class Mixer:
     flops: Callable[[nn.Module, int], float]  # forward FLOPs per token of its mixing (beyond projections) at T
     core: RecurrentCore | None = None  # recurrent mixers: the ops its scan runs (None: attention)
     head_dims: Callable[[ModelConfig], tuple[int, int]] | None = None  # recurrent: (K, V) per head of its state
+    # Whether it sees the whole sequence (an encoder, model.bidirectional; model/bidirectional.py): "never" (causal
+    # only), "optional" (causal, or bidirectional in an encoder: GLA, Mamba2, attention), "always" (LION).
+    bidirectional: str = "never"
 
     @property
     def recurrent(self) -> bool:
