@@ -100,15 +100,13 @@ def merge_lora(lm: nn.Module) -> nn.Module:
     replaced by W + (alpha / r) B A. `lm` is returned unchanged when it has no LoRA. Built on lm's device and dtype."""
     import dataclasses
 
-    from model.lm import LM
-
     if lm.config.lora.rank == 0:
         return lm
     merged_names = {name for name, module in lm.named_modules() if isinstance(module, LoRALinear)}
     config = dataclasses.replace(lm.config, lora=LoRAConfig())
     weight = lm.embed.weight
     with torch.device(weight.device):
-        merged = LM(config).to(weight.dtype)
+        merged = type(lm)(config).to(weight.dtype)  # the LM class, without importing model.lm (it imports this)
     state = {}
     for name, tensor in lm.state_dict().items():
         if is_lora_parameter(name):
