@@ -156,7 +156,7 @@ def train_step(run: Run, stop: StopSignals) -> tuple[float, float, float, bool]:
     loss_sum = torch.zeros((), device=device)
     for _ in range(run.micro_per_step):
         batch = batch_to_device(next(run.loader), device)
-        loss = compute_loss(run.engine, batch, run.autocast_dtype) / run.micro_per_step
+        loss = compute_loss(run.engine, batch, run.autocast_dtype, run.cfg.train.distill) / run.micro_per_step
         run.engine.backward(loss)
         loss_sum += loss.detach()
     lr = lr_at(run.step, run.cfg.train.max_steps, run.cfg.optim)
@@ -167,15 +167,17 @@ def train_step(run: Run, stop: StopSignals) -> tuple[float, float, float, bool]:
     return loss_mean, grad_norm, lr, stop_requested
 
 
-def compute_loss(engine, batch: dict, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+def compute_loss(engine, batch: dict, autocast_dtype: torch.dtype | None, distill: float = 0.0) -> torch.Tensor:
     """The mean next-token cross-entropy of one micro-batch: the head and the loss fused (model/loss.py), so the
-    [tokens, vocab] logits never exist whole. Masked LM (a batch with loss_divisor, data/mlm.py): the summed loss of
-    the masked tokens over loss_divisor, so that the step's loss is the mean over every masked token of it."""
+    [tokens, vocab] logits never exist whole; with distill, plus distill x KL to the frozen teacher's (model/lm.py).
+    Masked LM (a batch with loss_divisor, data/mlm.py): the summed loss of the masked tokens over loss_divisor, so
+    that the step's loss is the mean over every masked token of it."""
     device_type = batch["input_ids"].device.type
     mlm = "loss_divisor" in batch
+    extra = {"distill": distill} if distill else {}
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss = engine.model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], sp=engine.sequence_parallel(batch),
-                            labels=batch["labels"], reduction="sum" if mlm else "mean")
+                            labels=batch["labels"], reduction="sum" if mlm else "mean", **extra)
     return loss / batch["loss_divisor"] if mlm else loss
 
 

@@ -19,6 +19,7 @@ from checkpoints.hf.exporter import write_hf_export
 from configs.errors import ConfigError
 from data.tokenizer import tokenizer_file_name
 from model import LM
+from model.lora import merge_lora
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
@@ -64,11 +65,19 @@ def check_export_target(out: Path) -> None:
 def write_export(model: LM, out: Path, run_config: DictConfig | None, tokenizer, info: dict,
                  format: str = "baton") -> Path:
     """The export of `model` at `out` (format baton or hf), with the run's config (baton format) and the
-    tokenizer's files, written to a temporary directory renamed when complete."""
+    tokenizer's files, written to a temporary directory renamed when complete. A LoRA model is exported merged
+    (model/lora.py merge_lora: W + (alpha / r) B A, model.lora off), in the config.yaml too."""
     out = Path(out)
     check_export_target(out)
     if format not in FORMATS:
         raise ConfigError(f"format={format}: not one of {', '.join(FORMATS)}")
+    if model.config.lora.rank:
+        model = merge_lora(model)
+        info = {**info, "lora_merged": True}
+        if run_config is not None:  # the merged model, and no distillation (its teacher was the LoRA base)
+            run_config = run_config.copy()
+            run_config.model = OmegaConf.structured(model.config)
+            run_config.train.distill = 0.0
     if format == "hf":
         return write_hf_export(model, out, tokenizer, info)
     tmp = out.with_name(f".{out.name}.tmp")

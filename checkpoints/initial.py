@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from checkpoints.export import MODEL_CONFIG, WEIGHTS, is_export
 from checkpoints.hf.importer import HFWeights, is_hf_checkpoint
-from configs.errors import CheckpointError
+from configs.errors import CheckpointError, ConfigError
+from model.lora import is_lora_parameter
 
 
 class ExportWeights:
@@ -36,12 +37,11 @@ def open_weights(path: str | Path) -> ExportWeights | HFWeights:
     (checkpoints/hf/importer.py)."""
     path = Path(path)
     if is_export(path):
-        config = json.loads((path / MODEL_CONFIG).read_text())
-        if not is_hf_checkpoint(path):
-            return ExportWeights(path, config)
-        if config.get("model_type") == "baton":
-            return ExportWeights(path, config["baton"])
+        return ExportWeights(path, json.loads((path / MODEL_CONFIG).read_text()))
     if is_hf_checkpoint(path):
+        config = json.loads((path / MODEL_CONFIG).read_text())
+        if config.get("model_type") == "baton" and (path / WEIGHTS).is_file():  # Baton's remote-code export
+            return ExportWeights(path, config["baton"])
         return HFWeights(path)
     raise CheckpointError(f"init.from={path}: neither a Baton export (model.safetensors + config.json) nor a "
                           "Hugging Face model directory")
@@ -62,7 +62,8 @@ def copy_full(target: torch.Tensor, full: torch.Tensor) -> None:
 
 def load_weights(model: torch.nn.Module, source) -> None:
     """Fill every parameter of `model` (possibly sharded) from `source`; a CheckpointError names the first
-    tensor the model lacks, the first parameter the weights lack, or the first shape that differs."""
+    tensor the model lacks, the first parameter the weights lack, or the first shape that differs. LoRA's A and B
+    (model/lora.py) are not in a model's weights: they keep their init (B = 0, so the model is the weights')."""
     params = dict(model.named_parameters())
     by_identity = {id(param): name for name, param in params.items()}
     # A tied parameter's second name (lm_head.weight = embed.weight): an export may hold either.
@@ -81,7 +82,7 @@ def load_weights(model: torch.nn.Module, source) -> None:
                                   f"{tuple(params[name].shape)} in the model")
         copy_full(params[name], tensor)
         filled.add(name)
-    missing = [name for name in params if name not in filled]
+    missing = [name for name in params if name not in filled and not is_lora_parameter(name)]
     if missing:
         raise CheckpointError(f"{missing[0]}: a parameter of the model that the weights lack (the model config does "
                               "not match the weights)")
@@ -119,9 +120,12 @@ def import_export(source_dir: Path, out: Path) -> Path:
 def apply_init_from(raw_cfg, overrides: list[str]) -> None:
     """Point a run config with init.from at its weights, in place: unless the command line chose a model preset
     (model=...), the model is the weights' own config with the command line's model.* overrides on top; and
-    the stdlib corpus, unless told otherwise, is tokenized with the weights' tokenizer.json."""
+    the stdlib corpus, unless told otherwise, is tokenized with the weights' tokenizer.json. With init.linearize,
+    the model is then linearized (linearize_model_config)."""
+    from configs.schema import linearize_settings
     from model.config import ModelConfig
 
+    method, keep_attention_every = linearize_settings(raw_cfg.init)
     path = raw_cfg.init["from"]
     if not path:
         return
@@ -130,6 +134,29 @@ def apply_init_from(raw_cfg, overrides: list[str]) -> None:
         model_overrides = [o for o in overrides if o.startswith("model.")]
         raw_cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), source.model_config,
                                         OmegaConf.from_dotlist([o[len("model."):] for o in model_overrides]))
+    if method is not None:
+        linearize_model_config(raw_cfg.model, keep_attention_every)
     tokenizer = Path(path) / "tokenizer.json"
     if raw_cfg.data.source == "stdlib" and raw_cfg.data.get("tokenizer") is None and tokenizer.is_file():
         raw_cfg.data.tokenizer = str(tokenizer.resolve())
+
+
+def linearize_model_config(model_cfg, keep_attention_every: int | None) -> None:
+    """init.linearize=liger, in place on the run's model config: the teacher's with each full-attention layer (A) a
+    Liger layer (Z, model/liger.py), every keep_attention_every-th kept (Liger-H); the pattern spelled out per
+    layer. The weights load unchanged (a Liger layer has an attention layer's parameters); only LoRA's are new."""
+    from model.config import ModelConfig
+    from model.liger import linearized_pattern
+    from model.registry import MIXERS
+
+    typed_model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg))
+    letters = [MIXERS[name].letter for name in typed_model.layer_mixers()]
+    if "A" not in letters:
+        raise ConfigError(f"init.linearize=liger: the model ({''.join(letters)}) has no full-attention layer (A) to "
+                          "linearize")
+    pattern = linearized_pattern(letters, keep_attention_every)
+    if "Z" not in pattern:
+        raise ConfigError(f"init.keep_attention_every={keep_attention_every} keeps every attention layer of "
+                          f"{''.join(letters)}: nothing to linearize")
+    model_cfg.pattern, model_cfg.n_layers = pattern, len(pattern)
+    model_cfg.name, model_cfg.expected_params = f"{typed_model.name}_liger", None

@@ -86,6 +86,9 @@ class TrainConfig:
     spike_factor: float = 3.0
     compile: bool = False  # regional torch.compile of every block (parallel/compile.py)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # > 0: loss = cross entropy + distill x KL(teacher || model), the teacher being the frozen base model a LoRA
+    # run fine-tunes (a linearized model's Transformer: model/liger.py teacher_mode)
+    distill: float = 0.0
     # clm: next token (causal models); mlm: masked tokens (encoders, data/mlm.py); null: mlm for an encoder, else clm
     objective: Optional[str] = None
     mlm: MLMConfig = field(default_factory=MLMConfig)
@@ -104,6 +107,8 @@ class TrainConfig:
             raise ConfigError(f"train.dtype: '{self.dtype}' is not one of {', '.join(DTYPES)}")
         if self.spike_factor <= 1:
             raise ConfigError(f"train.spike_factor must be > 1, got {self.spike_factor}")
+        if self.distill < 0:
+            raise ConfigError(f"train.distill must be >= 0, got {self.distill}")
 
 
 @dataclass
@@ -136,7 +141,10 @@ class BatonConfig:
     resume: str = "none"
     # init.from: the weights a new run starts from (a Baton export or a Hugging Face model directory,
     # checkpoints/initial.py) instead of the seed's; a dict because `from` is a Python keyword.
-    init: Dict[str, Optional[str]] = field(default_factory=lambda: {"from": None})
+    # init.linearize=liger: those weights' attention layers become Liger layers (model/liger.py), but every Nth
+    # layer stays attention with init.keep_attention_every=N (Liger-H); see linearize_settings.
+    init: Dict[str, Optional[str]] = field(default_factory=lambda: {"from": None, "linearize": None,
+                                                                    "keep_attention_every": None})
 
     def __post_init__(self):
         # Each recurrent layer's slice (T / sp tokens) must be whole kernel chunks.
@@ -160,6 +168,37 @@ class BatonConfig:
         if self.train.micro_batch_size and self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} must be a multiple of "
                              f"train.micro_batch_size={self.train.micro_batch_size}")
+        linearize_settings(self.init)
+        if self.train.distill and not self.model.lora.rank:
+            raise ConfigError("train.distill needs LoRA (model.lora.rank > 0): the frozen base weights are the teacher")
+
+
+LINEARIZE_METHODS = ("liger",)
+
+
+def linearize_settings(init) -> tuple[Optional[str], Optional[int]]:
+    """(init.linearize, init.keep_attention_every as an int), checked: a known method, only with init.from, and
+    N >= 2 (a one-line ConfigError otherwise)."""
+    method, keep = init.get("linearize"), init.get("keep_attention_every")
+    if method is None:
+        if keep is not None:
+            raise ConfigError("init.keep_attention_every needs init.linearize=liger")
+        return None, None
+    if method not in LINEARIZE_METHODS:
+        raise ConfigError(f"init.linearize: '{method}' is not one of {', '.join(LINEARIZE_METHODS)}")
+    if not init.get("from"):
+        raise ConfigError(f"init.linearize={method} needs init.from=<a Transformer's weights: a Baton export or a "
+                          "Hugging Face model directory>")
+    if keep is None:
+        return method, None
+    try:
+        every = int(str(keep))
+    except ValueError:
+        every = 0
+    if every < 2:
+        raise ConfigError(f"init.keep_attention_every must be an integer >= 2 (every Nth layer stays attention), "
+                          f"got {keep}")
+    return method, every
 
 
 ConfigStore.instance().store(name="baton_schema", node=BatonConfig)

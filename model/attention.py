@@ -146,17 +146,24 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = self._norm_heads(q, k)
+        return self.o_proj(self._attend(q, k, v, cu_seqlens, sp, cache))
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp,
+                cache: Optional[dict]) -> torch.Tensor:
+        """Attention of the heads' queries q [B, T, H, D] over keys and values k, v [B, T, H_kv, D] (normed, not yet
+        rotated), within self.window: o [B, T, H * D], before o_proj."""
+        B, T = q.shape[:2]
+        device = q.device
         if sp is not None:
             q_pos, q_doc_start = sp.positions(), sp.doc_start()
         elif cache is not None:  # a prefill: these rows hold cache["start"] tokens already
-            q_pos = cache["start"] + torch.arange(T, device=x.device)
-            q_doc_start = torch.zeros(B, T, dtype=torch.long, device=x.device)
+            q_pos = cache["start"] + torch.arange(T, device=device)
+            q_doc_start = torch.zeros(B, T, dtype=torch.long, device=device)
         else:
-            q_pos = torch.arange(T, device=x.device)
-            q_doc_start = document_starts(cu_seqlens, B, T, x.device)
-        q, k = self._norm_heads(q, k)
-        inv_freq = self.inv_freq(x.device)
+            q_pos = torch.arange(T, device=device)
+            q_doc_start = document_starts(cu_seqlens, B, T, device)
+        inv_freq = self.inv_freq(device)
         q, k = apply_rotary(q, q_pos, inv_freq), apply_rotary(k, q_pos, inv_freq)
         if not self.causal:
             return self.o_proj(bidirectional_attention(q, k, v, cu_seqlens, sp).reshape(B, T, -1))
@@ -169,15 +176,15 @@ class Attention(nn.Module):
             key_pos = q_pos
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        layout = (cu_seqlens if sp is None else sp, B, T, key_pos.numel(), x.device)
-        if x.device.type in FLEX_DEVICE_TYPES and cache is None:
+        layout = (cu_seqlens if sp is None else sp, B, T, key_pos.numel(), device)
+        if device.type in FLEX_DEVICE_TYPES and cache is None:
             block_mask = shared_mask("flex", layout, q_pos, q_doc_start, key_pos, self.window)
             o = _compiled_flex()[0](q, k, v, block_mask=block_mask, enable_gqa=True)
         else:
             blocks = (query_blocks(q_pos, q_doc_start, key_pos, self.window) if cache is not None  # decode: new keys
                       else shared_mask("blocks", layout, q_pos, q_doc_start, key_pos, self.window))
             o = QueryBlockAttention.apply(q, k, v, q_pos, q_doc_start, key_pos, self.window, blocks)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return o.transpose(1, 2).reshape(B, T, -1)
 
     def _extend_cache(self, cache: dict, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):
         """A prefill: write this call's keys into the preallocated cache (slot = position, or position mod
@@ -201,24 +208,34 @@ class Attention(nn.Module):
     def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
         """One token per row, x [B, d_model] at row positions [B] (a tensor: rows may differ): write its key and
         value in place at their slot, attend over the whole preallocated cache with the slots past each row's
-        position masked, so the work and the operations do not depend on the context (no host sync, no copy).
-        Grouped heads: the G query heads of a KV head are G queries against it (no K/V expansion)."""
-        B = x.shape[0]
-        G, D = self.num_heads // self.num_kv_heads, self.head_dim
-        qk = torch.cat((self.q_proj(x), self.k_proj(x)), -1).view(B, -1, D)
+        position masked, so the work and the operations do not depend on the context (no host sync, no copy)."""
+        qk = self._decode_qk(x)
+        return self.o_proj(self._decode_attend(qk, self.v_proj(x), cache, positions).to(x.dtype))
+
+    def _decode_qk(self, x: torch.Tensor) -> torch.Tensor:
+        """The decode step's queries and keys [B, H + H_kv, D] (one matmul each, normed, not yet rotated)."""
+        qk = torch.cat((self.q_proj(x), self.k_proj(x)), -1).view(x.shape[0], -1, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat(self._norm_heads(*qk.split((self.num_heads, self.num_kv_heads), 1)), 1)
+        return qk
+
+    def _decode_attend(self, qk: torch.Tensor, v: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate the step's queries and keys qk [B, H + H_kv, D], write the key and value v [B, H_kv * D] at their
+        slot and attend over the cache: o [B, H * D] in the cache's dtype. Grouped heads: the G query heads of a
+        KV head are G queries against it (no K/V expansion)."""
+        B = qk.shape[0]
+        G, D = self.num_heads // self.num_kv_heads, self.head_dim
         constants = cache["constants"]
         qk = rotate_rows(qk, positions, constants["inv_freq"])
         q, k = qk.split((self.num_heads, self.num_kv_heads), 1)
         slot = positions if self.window is None else positions % cache["k"].shape[1]
         cache["k"].index_put_((constants["rows"], slot), k.to(cache["k"].dtype))
-        cache["v"].index_put_((constants["rows"], slot), self.v_proj(x).view(B, -1, D).to(cache["v"].dtype))
+        cache["v"].index_put_((constants["rows"], slot), v.view(B, -1, D).to(cache["v"].dtype))
         # Slot s holds a key of this row once written: s <= position (a window's ring is full from then on).
         mask = (constants["slot_ids"] <= positions[:, None]).view(B, 1, 1, -1)
         o = F.scaled_dot_product_attention(q.reshape(B, self.num_kv_heads, G, D).to(cache["k"].dtype),
                                            cache["k"].transpose(1, 2), cache["v"].transpose(1, 2), attn_mask=mask)
-        return self.o_proj(o.reshape(B, -1).to(x.dtype))
+        return o.reshape(B, -1)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """K and V [B, slots, H_kv, D], slots = max_len (a window: min(window, max_len), used as a ring), and

@@ -189,6 +189,11 @@ class ParaRNNConfig:
     width: Optional[int] = None  # the recurrence's width; None: d_model
     newton_tol: float = 1e-5  # stop when no state moved by more than this (relative to the largest) in an iteration
     newton_max_iters: int = 16  # scans per forward at most, the last differentiable one included
+    # far from the solution each Jacobian block's norm is bounded by this (damped Newton); None: plain Newton
+    newton_damping: Optional[float] = 1.0
+    # the L cell: "peephole" (gates read c; diagonal Jacobian), "hc" (the paper's: gates read h, state (h, c), 2x2
+    # Jacobian blocks), "cifg" ("hc" with i = 1 - f)
+    lstm: str = "peephole"
 
     def recurrent_width(self, d_model: int) -> int:
         return self.width if self.width is not None else d_model
@@ -200,6 +205,10 @@ class ParaRNNConfig:
         if not self.newton_tol > 0 or self.newton_max_iters < 1:
             raise ConfigError(f"model.pararnn.newton_tol must be > 0 and newton_max_iters >= 1, got "
                               f"{self.newton_tol} and {self.newton_max_iters}")
+        if self.newton_damping is not None and not self.newton_damping > 0:
+            raise ConfigError(f"model.pararnn.newton_damping must be > 0 or null, got {self.newton_damping}")
+        if self.lstm not in ("peephole", "hc", "cifg"):
+            raise ConfigError(f"model.pararnn.lstm must be one of peephole, hc, cifg; got {self.lstm!r}")
 
 
 @dataclass
@@ -222,6 +231,40 @@ class MLSTMConfig:
             raise ConfigError("model.mlstm.gate_soft_cap must be > 0 and forget_gate_bias_min <= _max")
 
 
+# --- Liger (letter Z, model/liger.py) and LoRA (model/lora.py) ------------------------------------------------
+LIGER_GATES = ("gla", "scalar")
+LORA_MIXER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # of attention-family mixers (A, W, Z)
+LORA_MLP_TARGETS = ("gate_proj", "up_proj")
+
+
+@dataclass
+class LigerConfig:
+    gate: str = "gla"  # gla: one decay per key channel; scalar: one per head
+    window: int = 64  # keys the window branch sees, the query's own included
+    mix: float = 0.5  # o = mix * recurrent + (1 - mix) * window attention
+    gate_logit_normalizer: float = 16.0  # log decays divided by it: decays near 1, a long memory
+
+    def check(self, d_model: int) -> None:
+        if self.gate not in LIGER_GATES:
+            raise ConfigError(f"model.liger.gate: '{self.gate}' is not one of {', '.join(LIGER_GATES)}")
+        if self.window < 1 or not 0 <= self.mix <= 1 or self.gate_logit_normalizer <= 0:
+            raise ConfigError(f"model.liger: need window >= 1, 0 <= mix <= 1 and gate_logit_normalizer > 0, got "
+                              f"{self.window}, {self.mix}, {self.gate_logit_normalizer}")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0  # 0: no LoRA, every parameter trains
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+    def check(self) -> None:
+        if self.rank < 0 or self.alpha <= 0:
+            raise ConfigError(f"model.lora: rank must be >= 0 (0: off) and alpha > 0, got {self.rank} and {self.alpha}")
+        unknown = [t for t in self.targets if t not in LORA_MIXER_TARGETS + LORA_MLP_TARGETS]
+        if self.rank and (unknown or not self.targets):
+            raise ConfigError(f"model.lora.targets: {unknown or 'empty'}; choose among "
+                              f"{', '.join(LORA_MIXER_TARGETS + LORA_MLP_TARGETS)}")
 LION_FORMS = ("full", "chunk", "rnn")  # kernels/lion: the full attention, chunkwise and RNN forms
 LION_VARIANTS = ("lit", "d", "s")
 
@@ -279,6 +322,8 @@ class ModelConfig:
     rglru: RGLRUConfig = field(default_factory=RGLRUConfig)
     pararnn: ParaRNNConfig = field(default_factory=ParaRNNConfig)
     mlstm: MLSTMConfig = field(default_factory=MLSTMConfig)
+    liger: LigerConfig = field(default_factory=LigerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank 0: off
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     # An encoder: every layer sees the whole sequence (LION; GLA, Mamba2 and attention in their bidirectional
     # form), trained with train.objective=mlm. null: true exactly when the pattern has a LION letter.
@@ -303,6 +348,7 @@ class ModelConfig:
         # Only the settings of the mixers the pattern uses: unused defaults never get in the way.
         for key in sorted({MIXERS[name].config_key for name in self.layer_mixers()}):
             getattr(self, key).check(self.d_model)
+        self.lora.check()
         self._check_bidirectional()
 
     @property

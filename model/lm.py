@@ -20,13 +20,15 @@ from configs.errors import ConfigError
 # The mixers register themselves (model/registry.py) when imported; the model builds them from the registry.
 # (this order: the pattern letters' listing)
 from model import gla, mamba2, gated_deltanet, rglru, pararnn, mlstm, attention  # noqa: F401
+from model import liger  # noqa: F401  (Z: Liger, an attention layer linearized; model/liger.py)
 from model import lion  # noqa: F401  (LION's encoder mixers: F, N, S)
 from model.bidirectional import encoder_only
 from model.config import ModelConfig
 from model.flops import forward_flops_per_token
 from model.layers import RMSNorm, SwiGLU
 from model.generation import DecodeState, decode_loop, prefill_groups
-from model.loss import linear_cross_entropy
+from model.loss import linear_cross_entropy, linear_distillation_loss
+from model.lora import LoRALinear, apply_lora
 from model.registry import MIXERS
 
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")  # write into the residual stream: init scaled by depth
@@ -63,7 +65,11 @@ class LMHead(nn.Linear):
         self.valid_vocab_size = valid_vocab_size
 
     def forward(self, hidden: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", teacher_hidden: Optional[torch.Tensor] = None,
+                distill: float = 0.0) -> torch.Tensor:
+        if targets is not None and teacher_hidden is not None:
+            return linear_distillation_loss(hidden, teacher_hidden, self.weight, targets, distill,
+                                            valid_vocab_size=self.valid_vocab_size)
         if targets is not None:
             return linear_cross_entropy(hidden, self.weight, targets, reduction=reduction,
                                         valid_vocab_size=self.valid_vocab_size)
@@ -87,6 +93,8 @@ class LM(nn.Module):
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.valid_vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if cfg.lora.rank:
+            apply_lora(self, cfg.lora)  # LoRA on its targets, every other parameter frozen (model/lora.py)
         self.init_weights()
 
     @classmethod
@@ -112,19 +120,30 @@ class LM(nn.Module):
                 nn.init.ones_(module.weight)
             elif hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+            if isinstance(module, LoRALinear):
+                module.reset_lora()
         for name, param in self.named_parameters():
             if name.rsplit(".", 2)[-2] in RESIDUAL_PROJECTIONS:
                 param.div_(math.sqrt(2 * len(self.blocks)))
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
-                labels: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, reduction: str = "mean", distill: float = 0.0) -> torch.Tensor:
         """Logits [B, T, vocab], padding ids (valid_vocab_size and up) at -inf; or, given labels [B, T] (-100:
         not scored), the cross entropy without the logits ever existing whole (model/loss.py): fp32, the
         mean or sum over scored tokens, or per token ([B, T], no gradient) with reduction='none'.
         cu_seqlens (int32 [N+1] over the flattened B*T tokens, every row start included) isolates packed
-        documents; sp is the sequence-parallel context of this batch."""
+        documents; sp is the sequence-parallel context of this batch. distill > 0 (with labels, and LoRA: the base
+        weights frozen) adds distill x KL(teacher || model) per token, the teacher being this model in teacher_mode
+        (the Transformer it was linearized from, model/liger.py), run first without gradients."""
         if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32):
             raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        if distill:
+            if labels is None or reduction != "mean" or not self.config.lora.rank:
+                raise ValueError("distill needs labels, reduction='mean' and LoRA (the frozen base is the teacher)")
+            with torch.no_grad(), liger.teacher_mode(self):
+                teacher_hidden = self.norm(self._hidden(input_ids, cu_seqlens, sp, None))
+            return self.lm_head(self.norm(self._hidden(input_ids, cu_seqlens, sp, None)), labels,
+                                teacher_hidden=teacher_hidden, distill=distill)
         return self._run(input_ids, cu_seqlens, sp, None, labels, reduction)
 
     def _run(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp, caches: Optional[list[dict]],
@@ -134,6 +153,10 @@ class LM(nn.Module):
     def _hidden(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor], sp,
                 caches: Optional[list[dict]]) -> torch.Tensor:
         x = self.embed(input_ids)
+        if self.config.lora.rank and torch.is_grad_enabled() and not x.requires_grad:
+            # LoRA freezes the embedding. Without a gradient to the first block's input, ZeRO-3's backward hook of
+            # that block fires at its output and frees its parameters before LoRA's gradients are accumulated
+            x.requires_grad_()
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, sp=sp, cache=None if caches is None else caches[i])
         return x

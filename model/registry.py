@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RecurrentCore:
-    """A recurrent core op family with the state contract of DESIGN.md ("the recurrent state"):
+    """A recurrent core op family with the state contract of ARCHITECTURE.md ("The recurrent state"):
     o, final_state = op(q, k, v, <gates>, initial_state=None, output_final_state=False, cu_seqlens=None)."""
     kernel: str  # its name among the kernels (bench/gpu_compile.py's ops): gla, gla_scalar, gated_delta_rule, ...
     chunk: Callable  # the chunked op: training, prefill, a sequence-parallel slice

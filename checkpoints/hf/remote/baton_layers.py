@@ -1,9 +1,9 @@
 """Token-local building blocks of the exported Baton model, in plain PyTorch (no Baton, no Triton): the norms,
-the SwiGLU MLP, the short causal convolution and L2 normalisation, each computing what Baton's layer computes
-(model/layers.py, model/recurrent.py, kernels/norm and kernels/conv naive paths) in the same precision.
+the SwiGLU MLP, the short causal convolution, rotary embeddings and L2 normalisation, each computing what Baton's
+layer computes (model/layers.py, model/recurrent.py, kernels/norm and kernels/conv naive paths) in the same precision.
 
 THE MIXER INTERFACE every exported token mixer (baton_linear_attention.py, baton_delta_rule.py, baton_rnn.py,
-modeling_baton.py's attention) follows:
+baton_liger.py, modeling_baton.py's attention) follows:
 
     class <Mixer>(nn.Module):
         def __init__(self, config: BatonConfig)          # (config, letter) where one class serves several letters
@@ -15,6 +15,7 @@ forwards of one token each gives the outputs of one forward over the whole seque
 names are exactly those of Baton's module for that mixer, so Baton's model.safetensors loads unchanged.
 Recurrences run as plain loops over time in fp32, as Baton's reference kernels (kernels/*/naive.py) do.
 """
+import math
 from typing import Optional
 
 import torch
@@ -93,6 +94,34 @@ class ShortConvolution(nn.Module):
         if self.activation == "silu":
             y = F.silu(y)
         return y.to(x.dtype), inputs[:, :, inputs.shape[2] - (W - 1):]
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict], device: torch.device) -> torch.Tensor:
+    """The rotary frequencies [head_dim // 2] fp32, theta^(-2i/D) as Baton computes them (model/layers.py); with
+    `scaling` (Llama 3's long-context rule: factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings) the long wavelengths divided by factor, the short ones kept and a smooth
+    ramp between, as transformers' _compute_llama3_parameters does."""
+    half = head_dim // 2
+    inv_freq = theta ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+    if scaling is None:
+        return inv_freq
+    context, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    ramped = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > context / low, inv_freq / factor, torch.where(wavelen < context / high, inv_freq,
+                                                                                ramped))
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, D] by its positions [T] in fp32, the two halves of each head as the pairs (Baton's
+    half-split layout, also Llama's)."""
+    half = x.shape[-1] // 2
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ from transformers import PretrainedConfig
 # Each mixer's pattern letter and name, as Baton's mixers register them (model/registry.py).
 MIXER_LETTERS = {"gla": "G", "mamba2": "M", "gated_deltanet": "D", "deltanet": "E", "gated_deltaproduct": "P",
                  "rglru": "R", "pararnn_gru": "U", "pararnn_lstm": "L", "mlstm": "X", "attention": "A",
-                 "sliding_window": "W"}
+                 "sliding_window": "W",
+                 "liger": "Z"}
 
 
 class BatonConfig(PretrainedConfig):

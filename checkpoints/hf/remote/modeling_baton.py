@@ -7,7 +7,6 @@ ties them). Each block's mixer is chosen by its pattern letter (MIXERS) and foll
 forward(x, state) -> (y, state). Generation carries those states as the cache (BatonCache): the prompt runs once
 as a whole, then one token per step from the states, as Baton's LM.generate does.
 """
-import math
 from functools import partial
 from typing import Optional
 
@@ -18,38 +17,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .baton_delta_rule import DeltaRuleMixer
-from .baton_layers import RMSNorm, SwiGLU
+from .baton_layers import RMSNorm, SwiGLU, apply_rotary, rope_frequencies
+from .baton_liger import Liger
 from .baton_linear_attention import GLA, MLSTM, Mamba2
 from .baton_rnn import ParaRNNMixer, RGLRUMixer
 from .configuration_baton import BatonConfig
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict], device: torch.device) -> torch.Tensor:
-    """The rotary frequencies [head_dim // 2] fp32, theta^(-2i/D) as Baton computes them (model/layers.py); with
-    `scaling` (Llama 3's long-context rule: factor, low_freq_factor, high_freq_factor,
-    original_max_position_embeddings) the long wavelengths divided by factor, the short ones kept and a smooth
-    ramp between, as transformers' _compute_llama3_parameters does."""
-    half = head_dim // 2
-    inv_freq = theta ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
-    if scaling is None:
-        return inv_freq
-    context, factor = scaling["original_max_position_embeddings"], scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (context / wavelen - low) / (high - low)
-    ramped = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return torch.where(wavelen > context / low, inv_freq / factor, torch.where(wavelen < context / high, inv_freq,
-                                                                                ramped))
-
-
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, H, D] by its positions [T] in fp32, the two halves of each head as the pairs (Baton's
-    half-split layout, also Llama's)."""
-    half = x.shape[-1] // 2
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -105,7 +77,8 @@ class Attention(nn.Module):
 MIXERS = {"G": GLA, "M": Mamba2, "X": MLSTM, "R": RGLRUMixer,
           **{letter: partial(DeltaRuleMixer, letter=letter) for letter in "DEP"},
           **{letter: partial(ParaRNNMixer, letter=letter) for letter in "UL"},
-          **{letter: partial(Attention, letter=letter) for letter in "AW"}}
+          **{letter: partial(Attention, letter=letter) for letter in "AW"},
+          "Z": Liger}
 
 
 class BatonBlock(nn.Module):
