@@ -7,8 +7,9 @@
 2. `lengths`: one forward + backward (the blocks and final norm, the head left out: it is the same for every
    model; batch 1, one document) of the tiny chunkwise LION-S against the tiny bidirectional attention model
    at each --lengths: time (median of
-   --repeats) and peak memory (CPU: the largest sum of live tensor storages created during the step, the
-   TorchDispatchMode of bench/loss_memory.py; CUDA: max_memory_allocated over what was allocated before).
+   --repeats) and peak memory (CPU: the largest sum of live tensor storages created during the step, parameters
+   left out, by a TorchDispatchMode as bench/loss_memory.py's; CUDA: max_memory_allocated over what was
+   allocated before).
 3. `rnn`: inference (no gradients, the blocks as in 2) of LION-S in its RNN form against its chunkwise and full
    (attention-matrix) forms and bidirectional attention at --rnn-lengths: peak memory and time (the full form up
    to --full-max-length).
@@ -26,13 +27,16 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from bench.common import REPO, RESULTS_DIR, print_table, write_results
-from bench.loss_memory import PeakLiveBytes
+from bench.common import REPO, print_table, write_results
 from checkpoints import load_model
 from model import LM
 
@@ -49,28 +53,104 @@ MODELS = {
 DATA_VOCAB = 8192  # the embedded corpus's tokenizer; the masked-LM model adds the mask id (8,320 ids)
 
 
+class PeakLiveBytes(TorchDispatchMode):
+    """The largest sum of the storages operations create (bench/loss_memory.py's measure), leaving out the storages
+    in `exclude` (the model's parameters: F.linear's weight.t() is a view on one, which would count a weight)."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude = exclude
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {ptr: (ref, size) for ptr, (ref, size) in self.live.items() if not ref.expired()}
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in self.live and storage.data_ptr() not in self.exclude:
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+class PeakLiveBytesCounted(TorchDispatchMode):
+    """PeakLiveBytes in O(1) per operation, for inference: a storage counts while a tensor an operation returned on
+    it lives (a count per storage, released by the tensors' finalizers). PeakLiveBytes sums every live storage at
+    every operation, which the RNN form's T steps (a few small tensors each, their outputs all kept) make
+    quadratic. Without gradients the two agree (checked at the start of the rnn part); under autograd a saved
+    output can outlive its Python tensor, so forward + backward is measured with PeakLiveBytes."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude = exclude
+        self.storages: dict[int, list[int]] = {}  # data_ptr -> [live tensors, bytes]
+        self.total = self.peak = 0
+
+    def _release(self, address: int) -> None:
+        entry = self.storages[address]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.total -= entry[1]
+            del self.storages[address]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                address = storage.data_ptr()
+                if address == 0 or address in self.exclude:
+                    continue
+                if address not in self.storages:
+                    self.storages[address] = [0, storage.nbytes()]
+                    self.total += storage.nbytes()
+                self.storages[address][0] += 1
+                weakref.finalize(tensor, self._release, address)
+        self.peak = max(self.peak, self.total)
+        return out
+
+
 def train_one(name: str, out: Path, args) -> dict:
     run_dir = out / name
-    shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [*MODELS[name], f"train.seq_len={args.seq_len}", f"train.global_batch_size={args.batch_size}",
                  f"train.micro_batch_size={args.batch_size}", f"train.max_steps={args.steps}",
                  f"train.checkpoint_every={args.steps}", f"train.log_every={max(args.steps // 10, 1)}",
                  f"optim.lr={args.lr}", f"train.mlm.mask_rate={args.mask_rate}", "eval.mlm.mask_rate=0.15",
                  "logging.wandb.mode=disabled", f"run.dir={run_dir}"]
     started = time.perf_counter()
+    if args.reuse and (run_dir / "results.json").exists() and _same_run(run_dir, overrides):
+        print(f"{name}: reusing the finished run in {run_dir}", flush=True)
+        return _summary(name, run_dir, args, None)
+    shutil.rmtree(run_dir, ignore_errors=True)
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
         sys.exit(f"error: training {name} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return _summary(name, run_dir, args, round(time.perf_counter() - started, 1))
+
+
+def _same_run(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether a finished run in run_dir was made with these overrides (its config.yaml holds them)."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key != "model" and str(OmegaConf.select(cfg, key)).lower() != value.lower():
+            return False
+    return True
+
+
+def _summary(name: str, run_dir: Path, args, train_s) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 5]
     model = load_model(run_dir / "checkpoints" / f"step_{args.steps:06d}")
     return {"model": name, "params": model.num_params(), "mlm_accuracy": results["mlm_accuracy"],
             "mlm_perplexity": results["mlm_perplexity"], "scored_tokens": results["mlm_scored_tokens"],
-            "final_train_loss": records[-1]["loss"] if "loss" in records[-1] else None,
+            "final_train_loss": [r["loss"] for r in records if "loss" in r][-1],
             "tokens_per_s": statistics.median(speeds) if speeds else None,
-            "train_s": round(time.perf_counter() - started, 1)}
+            "train_s": train_s}
 
 
 def build(name: str, device: torch.device, form: str = "chunk") -> LM:
@@ -106,7 +186,7 @@ def step(lm: LM, ids: torch.Tensor, grad: bool) -> None:
             hidden(lm, ids)
 
 
-def measure(lm: LM, length: int, device: torch.device, grad: bool, repeats: int) -> dict:
+def measure(lm: LM, length: int, device: torch.device, grad: bool, repeats: int, tracker=None) -> dict:
     """Median seconds of `repeats` steps (after one warm-up) and the peak memory of one."""
     ids = torch.randint(0, DATA_VOCAB, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
     step(lm, ids, grad)
@@ -124,9 +204,10 @@ def measure(lm: LM, length: int, device: torch.device, grad: bool, repeats: int)
         step(lm, ids, grad)
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        with PeakLiveBytes() as tracker:
+        parameters = {p.untyped_storage().data_ptr() for p in lm.parameters()}
+        with (tracker or PeakLiveBytes)(parameters | {ids.untyped_storage().data_ptr()}) as tracking:
             step(lm, ids, grad)
-        peak = tracker.peak
+        peak = tracking.peak
     lm.zero_grad(set_to_none=True)
     return {"seconds": statistics.median(times), "peak_mib": peak / MiB}
 
@@ -144,6 +225,11 @@ def lengths_part(args, device) -> list[dict]:
 
 
 def rnn_part(args, device) -> list[dict]:
+    lm = build("lion_s", device, "rnn").eval()
+    if device.type == "cpu":  # the O(1) tracker against the exact one, at a length where the exact one is quick
+        exact, counted = (measure(lm, 256, device, False, 1, tracker)["peak_mib"]
+                          for tracker in (PeakLiveBytes, PeakLiveBytesCounted))
+        assert abs(exact - counted) < 1e-6, (exact, counted)
     rows = []
     for name, form in (("lion_s", "rnn"), ("lion_s", "chunk"), ("lion_s", "full"), ("attention_bidirectional", "sdpa")):
         lm = build(name, device, form).eval()
@@ -151,7 +237,7 @@ def rnn_part(args, device) -> list[dict]:
             if form == "full" and length > args.full_max_length:
                 continue
             row = {"model": name, "form": form, "length": length,
-                   **measure(lm, length, device, grad=False, repeats=1)}
+                   **measure(lm, length, device, grad=False, repeats=1, tracker=PeakLiveBytesCounted)}
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -203,6 +289,7 @@ def main() -> None:
     parser.add_argument("--full-max-length", type=int, default=4096, help="the full form's O(L^2) matrix stops here")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="runs/bench_mlm", help="the training runs go here")
+    parser.add_argument("--reuse", action="store_true", help="take finished runs in --out made with the same settings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
