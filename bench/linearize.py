@@ -44,7 +44,12 @@ VARIANTS = {  # name: (what, overrides)
     "liger_lora_distill": ("Liger, LoRA r8 + distillation (w=1)", ["init.linearize=liger", "model.lora.rank=8",
                                                                  "optim.lr=1e-3", "train.distill=1.0"]),
     "scratch": ("the same shape (ZZZZ) from scratch", ["model=transformer_tiny", "model.pattern=Z"]),
+    # lower learning rates (the teacher's schedule ended at 8e-5): in the grid only when --grid names them
+    "liger_lora_lr3e-4": ("Liger, LoRA r8, lr 3e-4", ["init.linearize=liger", "model.lora.rank=8", "optim.lr=3e-4"]),
+    "liger_lora_lr1e-4": ("Liger, LoRA r8, lr 1e-4", ["init.linearize=liger", "model.lora.rank=8", "optim.lr=1e-4"]),
+    "liger_full_lr5e-5": ("Liger, full fine-tuning, lr 5e-5", ["init.linearize=liger", "optim.lr=5e-5"]),
 }
+DEFAULT_VARIANTS = ["liger_lora", "liger_h_lora", "liger_full", "liger_lora_distill", "scratch"]
 CONTEXTS = [256, 1024, 4096, 16384, 32768]
 HF_STEPS = 30
 EVAL: list[str] = []  # --eval-tokens: eval.held_out_tokens for every score (default: the whole held-out split)
@@ -226,6 +231,20 @@ def hf_path(out: Path) -> dict:
     return report
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as the README's table."""
+    fmt = lambda x, spec: "" if x is None else format(x, spec)
+    lines = ["| model | training tokens | steps | held-out bits/byte | recovery vs scratch | gap closed | "
+             "loss ≤ 256 / 257-1024 (nats) |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        share = "" if row["fraction"] is None else ("0" if row["fraction"] == 0 else f"{100 * row['fraction']:g}%")
+        lines.append(f"| {row['variant']} | {share} | {row['steps']} | {row['held_out_bpb']:.4f} | "
+                     f"{fmt(row.get('recovery'), '.3f')} | {fmt(row.get('gap_closed'), '.2f')} | "
+                     f"{fmt(row.get('ppl_loss_within_train_len'), '.3f')} / "
+                     f"{fmt(row.get('ppl_loss_beyond_train_len'), '.3f')} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], teacher_bpb: float, fractions: list[float], memory: list[dict], path: Path) -> None:
     from eval.results import plt, save_figure
 
@@ -263,7 +282,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_linearize")
     parser.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS)
     parser.add_argument("--fractions", default="0.05,0.1,0.25")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--grid", default="",
                         help="variant:fractions;... to run some variants at fewer fractions, e.g. "
                              "'liger_full:0.1;liger_lora_distill:0.1' (the others: --fractions)")
@@ -319,6 +338,7 @@ def main(argv=None) -> int:
     print_table("held-out bits per byte (stdlib held-out split); recovery = (scratch - x) / (scratch - teacher) at "
                 "the same tokens; gap_closed = (linearized - x) / (linearized - teacher)",
                 [{k: v for k, v in row.items() if k != "key"} for row in rows])
+    print("\n" + markdown(rows))
     memory = decode_memory(teacher)
     print_table("decode state (batch 1, fp32, MiB) against context", memory)
     report = {"teacher": {"preset": "transformer_tiny", "steps": args.teacher_steps, "tokens": teacher_tokens,
