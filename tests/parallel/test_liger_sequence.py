@@ -35,7 +35,7 @@ def run_checks(rank: int, world_size: int) -> None:
             with mode:
                 logits = lm(tokens, cu_seqlens=cu_seqlens_of(starts, T))
                 weight = torch.randn_like(logits)
-                trainable = logits.requires_grad  # not a LoRA model's teacher: its base is frozen, LoRA off
+                trainable = not (teacher and "lora" in settings)  # a LoRA model's teacher: frozen base, LoRA off
                 if trainable:
                     (logits * weight).sum().backward()
                 expected = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
