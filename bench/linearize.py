@@ -153,7 +153,10 @@ def decode_memory(teacher: Path) -> list[dict]:
 TOKENIZER_TEXT_FILES = 300  # stdlib files the tiny Llama's BPE tokenizer is trained on
 
 
-def tiny_llama(directory: Path) -> dict:
+LLAMA = {"layers": 4, "d_model": 128, "heads": "4 query / 2 KV", "d_ff": 352, "vocab": 4096, "tied": False}
+
+
+def tiny_llama(directory: Path) -> None:
     """A random LlamaForCausalLM (4 layers, d 128, 4 query / 2 KV heads, untied) and a byte-level BPE tokenizer
     (4,096 ids, trained on stdlib sources), saved as a Hugging Face model directory."""
     import transformers
@@ -177,7 +180,6 @@ def tiny_llama(directory: Path) -> dict:
                                       bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
-    return {"layers": 4, "d_model": 128, "heads": "4 query / 2 KV", "vocab": 4096}
 
 
 LOAD_AND_GENERATE = """
@@ -200,9 +202,9 @@ def hf_path(out: Path) -> dict:
     from checkpoints.initial import import_export
 
     hf_dir, imported, run_dir = out / "hf_llama", out / "hf_import", out / "hf_liger"
-    report = {}
+    report = {"llama": LLAMA}
     if not (imported / "config.json").exists():
-        report["llama"] = tiny_llama(hf_dir)
+        tiny_llama(hf_dir)
         import_export(hf_dir, imported)
     log("HF Llama imported")
     figures = train(out, "hf_liger", [f"init.from={imported}", "init.linearize=liger", "model.lora.rank=8",
@@ -246,25 +248,34 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], teacher_bpb: float, fractions: list[float], memory: list[dict], path: Path) -> None:
+    """Held-out bits per byte against training tokens (every model; then the fine-tuned ones close up) and the
+    decode state against context."""
     from eval.results import plt, save_figure
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in dict.fromkeys(row["variant"] for row in rows if row["key"] not in ("teacher",)):
-        points = sorted((row["fraction"], row["held_out_bpb"]) for row in rows if row["variant"] == name
-                        and row["fraction"])
-        if points:
-            left.plot([100 * f for f, _ in points], [b for _, b in points], marker="o", label=name)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.8))
     before = [row["held_out_bpb"] for row in rows if row["key"] == "linearized"]
-    left.axhline(teacher_bpb, color="black", linestyle="--", label="teacher (100%)")
-    if before:
-        left.axhline(before[0], color="grey", linestyle=":", label="linearized, no fine-tuning")
-    left.set_xlabel("training tokens (% of the teacher's)")
-    left.set_ylabel("held-out bits per byte")
-    left.set_xscale("log")
-    ticks = sorted({100 * row["fraction"] for row in rows if row["fraction"]})
-    left.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    left.set_title("transformer_tiny linearized (stdlib held-out)")
-    left.legend(fontsize=8)
+    names = list(dict.fromkeys(row["variant"] for row in rows if row["fraction"] and row["key"] != "teacher"))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one color per model in both panels
+    for axis, keys in ((left, None), (middle, "liger")):
+        for name in names:
+            points = sorted((row["fraction"], row["held_out_bpb"]) for row in rows if row["variant"] == name
+                            and row["fraction"] and (keys is None or row["key"].startswith(keys)))
+            if points:
+                axis.plot([100 * f for f, _ in points], [b for _, b in points], marker="o", label=name,
+                          color=colors[name])
+        axis.axhline(teacher_bpb, color="black", linestyle="--", label="teacher (100%)")
+        if before:
+            axis.axhline(before[0], color="grey", linestyle=":", label="linearized, no fine-tuning")
+        axis.set_xlabel("training tokens (% of the teacher's)")
+        axis.set_ylabel("held-out bits per byte")
+        axis.set_xscale("log")
+        ticks = sorted({100 * row["fraction"] for row in rows if row["fraction"]
+                        and (keys is None or row["key"].startswith(keys))})
+        axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        axis.minorticks_off()
+    left.set_title("transformer_tiny linearized vs from scratch")
+    left.legend(fontsize=7)
+    middle.set_title("the linearized models, close up")
     for name in [k for k in memory[0] if k != "context"]:
         right.plot([m["context"] for m in memory], [m[name] for m in memory], marker="o", label=name)
     right.set_xscale("log", base=2)
