@@ -26,6 +26,7 @@ from configs.errors import ConfigError, run_cli
 from configs.schema import BatonConfig, compose_config, load_config, typed
 from data import prepare_dataset
 from data.loader import batch_to_device
+from data.mlm import MaskedLoader, mlm_vocab
 from eval import run_tasks
 from model.config import vocab_for_data
 from model.pararnn import newton_iterations
@@ -114,7 +115,8 @@ def setup(raw_cfg: DictConfig) -> Run:
     dataset = prepare_dataset(cfg.data)
     # What follows the run goes into the one resolved config, which config.yaml, the checkpoints' model config
     # and (typed again) cfg all come from.
-    raw_cfg.model.update(vocab_for_data(cfg.model, dataset.vocab_size))  # null: the data's, rounded up
+    mlm = cfg.train.objective == "mlm"  # the mask id is one past the data's ids (data/mlm.py)
+    raw_cfg.model.update((mlm_vocab if mlm else vocab_for_data)(cfg.model, dataset.vocab_size))  # null: the data's
     raw_cfg.train.micro_batch_size = micro_batch
     cfg = typed(raw_cfg)
     # A resumed run continues its checkpoint: the weights it started from are not read again.
@@ -122,6 +124,8 @@ def setup(raw_cfg: DictConfig) -> Run:
     engine = build_engine(cfg, topo, initial_weights)  # builds the model, sharded as the engine holds it
     loader = dataset.loader(cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_size, topo.dp_rank,
                             topo.dp_size, topo.sp_rank, topo.sp_size, seed=cfg.run.seed)
+    if mlm:
+        loader = MaskedLoader(loader, cfg.train.mlm, dataset.vocab_size, dataset.vocab_size, cfg.run.seed)
     step, tokens_seen = 0, 0
     if resume_from is not None:
         state = checkpointer.load(resume_from, engine, OmegaConf.to_container(raw_cfg.model))
@@ -165,12 +169,16 @@ def train_step(run: Run, stop: StopSignals) -> tuple[float, float, float, bool]:
 
 def compute_loss(engine, batch: dict, autocast_dtype: torch.dtype | None, distill: float = 0.0) -> torch.Tensor:
     """The mean next-token cross-entropy of one micro-batch: the head and the loss fused (model/loss.py), so the
-    [tokens, vocab] logits never exist whole; with distill, plus distill x KL to the frozen teacher's (model/lm.py)."""
+    [tokens, vocab] logits never exist whole; with distill, plus distill x KL to the frozen teacher's (model/lm.py).
+    Masked LM (a batch with loss_divisor, data/mlm.py): the summed loss of the masked tokens over loss_divisor, so
+    that the step's loss is the mean over every masked token of it."""
     device_type = batch["input_ids"].device.type
+    mlm = "loss_divisor" in batch
     extra = {"distill": distill} if distill else {}
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        return engine.model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], sp=engine.sequence_parallel(batch),
-                            labels=batch["labels"], **extra)
+        loss = engine.model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], sp=engine.sequence_parallel(batch),
+                            labels=batch["labels"], reduction="sum" if mlm else "mean", **extra)
+    return loss / batch["loss_divisor"] if mlm else loss
 
 
 def log_step(run: Run, loss: float, grad_norm: float, lr: float, seconds: float) -> None:
@@ -263,7 +271,7 @@ def evaluate(run: Run, plot_dir: Path | None = None) -> dict:
 def generate_sample(cfg, model, tokenizer, device) -> str | None:
     """A short continuation of eval.sample_prompt (None without a tokenizer, e.g. data=mqar); a failure is
     reported in one line, never fatal."""
-    if tokenizer is None or cfg.eval.sample_tokens == 0:
+    if tokenizer is None or cfg.eval.sample_tokens == 0 or cfg.model.is_encoder:  # an encoder does not generate
         return None
     try:
         prompt = [tokenizer.eos_id] + tokenizer.encode(cfg.eval.sample_prompt)

@@ -46,7 +46,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The recurrent mixers' kernel ops (model/registry.py: 'gla_scalar' is chunk_gla with a [B, T, H] gate, Mamba2's),
 # the short convolution every recurrent mixer runs ('conv', whose shape is (channels, width)), the RMSNorm of
 # every block ('norm', shape (width, 1)) and a decode step's rotary embedding ('rotary', shape (heads, head dim)).
-OPS = sorted({*(mixer.core.kernel for mixer in MIXERS.values() if mixer.recurrent), "conv", "norm", "rotary"})
+# 'block_diagonal_scan' is the ParaRNN LSTM's through (h, c) (model.pararnn.lstm = hc or cifg), shape (channels, 2).
+OPS = sorted({*(mixer.core.kernel for mixer in MIXERS.values() if mixer.recurrent), "block_diagonal_scan", "conv",
+              "norm", "rotary"})
 CONV_CHANNELS = 1024  # the kernels block channels by 32-128 and are keyed on (channels, width): any size will do
 
 
@@ -66,6 +68,8 @@ def preset_shapes() -> dict[str, list[tuple[int, int]]]:
                 if mixer.name == "mlstm":  # its state (C | n | m) has V + 2 columns: the op's V is the values'
                     V -= 2
                 shapes[mixer.core.kernel].add((K, V))
+                if mixer.name == "pararnn_lstm":  # the presets' LSTM width, as the (h, c) cell would run it
+                    shapes["block_diagonal_scan"].add((K, 2))
                 settings = getattr(c, mixer.config_key)
                 if hasattr(settings, "conv_size"):  # ParaRNN's cells have no short convolution
                     shapes["conv"].add((CONV_CHANNELS, settings.conv_size))
@@ -87,6 +91,10 @@ def _inputs(op: str, K: int, V: int, dtype: torch.dtype, B: int = 1, T: int = 64
         inputs = dict(a=torch.tanh(rand(B, T, H, K)).to(dtype).requires_grad_(),
                       b=rand(B, T, H, K).to(dtype).requires_grad_())
         return dict(inputs, initial_state=torch.randn(B, H, K, requires_grad=True))
+    if op == "block_diagonal_scan":  # (h, c) per channel: K channels per head, 2x2 blocks
+        inputs = dict(a=(0.5 * torch.tanh(rand(B, T, H, K, 2, 2))).to(dtype).requires_grad_(),
+                      b=rand(B, T, H, K, 2).to(dtype).requires_grad_())
+        return dict(inputs, initial_state=torch.randn(B, H, K, 2, requires_grad=True))
     q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
     if op == "gated_delta_rule":
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
@@ -110,6 +118,10 @@ def _entry_points(op: str):
         from kernels.diagonal_scan.fused_recurrent import fused_recurrent_diagonal_scan_triton
         from kernels.diagonal_scan.triton_scan import chunk_diagonal_scan_triton
         return chunk_diagonal_scan_triton, fused_recurrent_diagonal_scan_triton
+    if op == "block_diagonal_scan":
+        from kernels.block_diagonal_scan.fused_recurrent import fused_recurrent_block_diagonal_scan_triton
+        from kernels.block_diagonal_scan.triton_scan import chunk_block_diagonal_scan_triton
+        return chunk_block_diagonal_scan_triton, fused_recurrent_block_diagonal_scan_triton
     if op == "mlstm":  # GLA's chunk kernels on the stabilised gates, and the mLSTM's own step (forward only)
         from kernels.mlstm import chunk_mlstm
         from kernels.mlstm.fused_recurrent import fused_recurrent_mlstm_triton

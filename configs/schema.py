@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from configs.errors import ConfigError
 
 from data.config import DataConfig
+from data.mlm import MLMConfig
 from eval.config import EvalConfig
 from kernels.common import CHUNK_SIZE
 from model.config import ModelConfig
@@ -24,6 +25,7 @@ from parallel.config import ParallelConfig
 CONFIG_DIR = Path(__file__).resolve().parent
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16")
+OBJECTIVES = ("clm", "mlm")  # next-token prediction (causal models); masked tokens (encoders: data/mlm.py)
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -87,8 +89,13 @@ class TrainConfig:
     # > 0: loss = cross entropy + distill x KL(teacher || model), the teacher being the frozen base model a LoRA
     # run fine-tunes (a linearized model's Transformer: model/liger.py teacher_mode)
     distill: float = 0.0
+    # clm: next token (causal models); mlm: masked tokens (encoders, data/mlm.py); null: mlm for an encoder, else clm
+    objective: Optional[str] = None
+    mlm: MLMConfig = field(default_factory=MLMConfig)
 
     def __post_init__(self):
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective: '{self.objective}' is not one of {', '.join(OBJECTIVES)}")
         for name in ("seq_len", "global_batch_size", "max_steps", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -148,6 +155,16 @@ class BatonConfig:
                                  f"(kernel chunk {CHUNK_SIZE} x parallel.sp {self.parallel.sp})")
         elif self.train.seq_len % self.parallel.sp:
             raise ConfigError(f"train.seq_len={self.train.seq_len} must be divisible by parallel.sp={self.parallel.sp}")
+        # An encoder sees the token it would predict next: it trains on masked tokens, a causal model on the next.
+        if self.train.objective is None:
+            self.train.objective = "mlm" if self.model.is_encoder else "clm"
+        if self.model.is_encoder and self.train.objective != "mlm":
+            raise ConfigError("the model is an encoder (bidirectional: a LION letter or model.bidirectional=true): "
+                              "train it with train.objective=mlm")
+        if self.train.objective == "mlm" and not self.model.is_encoder:
+            raise ConfigError("train.objective=mlm needs an encoder (a LION letter F/N/B, or model.bidirectional=true)")
+        if self.train.objective == "mlm" and self.data.source not in ("stdlib", "shards"):
+            raise ConfigError(f"train.objective=mlm needs text data (stdlib or shards), not data.source={self.data.source}")
         if self.train.micro_batch_size and self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} must be a multiple of "
                              f"train.micro_batch_size={self.train.micro_batch_size}")

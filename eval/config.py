@@ -6,7 +6,8 @@ from typing import List, Optional
 
 from configs.errors import ConfigError
 
-TASKS = ("ppl", "passkey", "mqar", "state_tracking")
+TASKS = ("ppl", "passkey", "mqar", "state_tracking", "mlm")
+ENCODER_TASKS = ("mlm",)  # what an encoder (model.is_encoder) runs; the others are causal-LM tasks
 # by data.source; text data: ["ppl"]
 DEFAULT_TASKS = {"mqar": ["mqar"], "passkey": ["passkey"], "state_tracking": ["state_tracking"]}
 
@@ -50,8 +51,14 @@ class StateTrackingConfig:
 
 
 @dataclass
+class MLMEvalConfig:
+    mask_rate: float = 0.15             # share of each held-out row's positions masked and scored (data/mlm.py)
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
-    tasks: Optional[List[str]] = None   # null: what the data is for: ppl (text), mqar (data=mqar), passkey
+    tasks: Optional[List[str]] = None   # null: what the data is for: ppl (text; mlm for an encoder), mqar, passkey
     held_out_tokens: int = 150_000
     batch_size: int = 8
     sample_prompt: str = "def "
@@ -61,6 +68,7 @@ class EvalConfig:
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     mqar: MQARConfig = field(default_factory=MQARConfig)
     state_tracking: StateTrackingConfig = field(default_factory=StateTrackingConfig)
+    mlm: MLMEvalConfig = field(default_factory=MLMEvalConfig)
 
     def __post_init__(self):
         if self.held_out_tokens < 1 or self.batch_size < 1 or self.sample_tokens < 0 or self.sample_temperature < 0:
@@ -82,3 +90,5 @@ class EvalConfig:
         st = self.state_tracking
         if (st.lengths is not None and (not st.lengths or min(st.lengths) < 1)) or st.num_examples < 1:
             raise ConfigError("eval.state_tracking: lengths must be >= 1 (and not empty), num_examples >= 1")
+        if not 0 < self.mlm.mask_rate < 1:
+            raise ConfigError(f"eval.mlm.mask_rate must be in (0, 1), got {self.mlm.mask_rate}")

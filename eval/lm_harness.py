@@ -32,6 +32,9 @@ class BatonLM(TemplateLM):
         loaded = load_checkpoint(checkpoint, device=torch.device(device) if device else None)
         if loaded.dataset.tokenizer is None:
             raise ConfigError(f"{checkpoint}: trained on data.source={loaded.cfg.data.source}, which has no tokenizer")
+        if loaded.cfg.model.is_encoder:
+            raise ConfigError(f"{checkpoint}: an encoder (bidirectional) has no causal scores or generation for "
+                              "lm-eval; evaluate it with python -m eval tasks=[mlm]")
         self.model, self.tokenizer, self._device = loaded.model, loaded.dataset.tokenizer, loaded.device
         self.autocast_dtype = loaded.autocast_dtype
         self.chunk_len = int(chunk_len or loaded.cfg.train.seq_len)

@@ -8,24 +8,39 @@ from typing import Optional
 
 import torch
 
-from eval import mqar, passkey, perplexity, state_tracking
-from eval.config import DEFAULT_TASKS
+from configs.errors import ConfigError
+from eval import mlm, mqar, passkey, perplexity, state_tracking
+from eval.config import DEFAULT_TASKS, ENCODER_TASKS
 from eval.results import TaskResult, flat_figures
 
-TASK_RUNNERS = {"ppl": perplexity.run, "passkey": passkey.run, "mqar": mqar.run, "state_tracking": state_tracking.run}
+TASK_RUNNERS = {"ppl": perplexity.run, "passkey": passkey.run, "mqar": mqar.run, "state_tracking": state_tracking.run,
+                "mlm": mlm.run}
 TASK_CHECKS = {"ppl": perplexity.check, "passkey": passkey.check, "mqar": mqar.mqar_settings,
-               "state_tracking": state_tracking.state_tracking_settings}
+               "state_tracking": state_tracking.state_tracking_settings, "mlm": mlm.check}
 
 
 def configured_tasks(cfg) -> list[str]:
-    """eval.tasks, or what the data is for: ppl for text, else the generated task's own (mqar, passkey,
-    state_tracking)."""
-    return list(cfg.eval.tasks) if cfg.eval.tasks is not None else DEFAULT_TASKS.get(cfg.data.source, ["ppl"])
+    """eval.tasks, or what the data is for: ppl for text (mlm for an encoder), else the generated task's own (mqar,
+    passkey, state_tracking)."""
+    if cfg.eval.tasks is not None:
+        return list(cfg.eval.tasks)
+    return list(ENCODER_TASKS) if cfg.model.is_encoder else DEFAULT_TASKS.get(cfg.data.source, ["ppl"])
+
+
+def check_model_kind(cfg, names: list[str]) -> None:
+    """An encoder runs only the encoder tasks (mlm), a causal model only the others: one line otherwise."""
+    encoder = cfg.model.is_encoder
+    wrong = [name for name in names if (name in ENCODER_TASKS) != encoder]
+    if wrong:
+        kind = ("an encoder (bidirectional), which has no decoding and sees the tokens these tasks predict; "
+                f"its task is {', '.join(ENCODER_TASKS)}") if encoder else "causal; mlm needs an encoder"
+        raise ConfigError(f"eval.tasks: {', '.join(wrong)}: the model is {kind}")
 
 
 def evaluate_tasks(cfg, model, dataset, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
                    progress: bool = True) -> list[TaskResult]:
     names = configured_tasks(cfg)
+    check_model_kind(cfg, names)
     for name in names:  # every task's settings are checked before the first one runs
         TASK_CHECKS[name](cfg, dataset)
     return [TASK_RUNNERS[name](cfg, model, dataset, device, autocast_dtype, progress) for name in names]

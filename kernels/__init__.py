@@ -1,9 +1,11 @@
-"""Recurrent core ops behind one entry point each (see DESIGN.md, "the recurrent state").
+"""Recurrent core ops behind one entry point each (see ARCHITECTURE.md, "The recurrent state").
 
 Every op takes and returns the recurrent state, so packed documents (cu_seqlens), decoding (T=1 with a
 cached state) and sequence parallelism (an initial state from earlier ranks) all use the same call.
 CUDA tensors take the Triton kernels, CPU tensors the chunked PyTorch path (see kernels/backend.py).
 """
+from kernels.block_diagonal_scan import (block_diagonal_scan_state_summary, chunk_block_diagonal_scan,
+                                         combine_block_diagonal_states, fused_recurrent_block_diagonal_scan)
 from kernels.conv import causal_conv1d
 from kernels.diagonal_scan import (chunk_diagonal_scan, diagonal_scan_state_summary,
                                    fused_recurrent_diagonal_scan)
@@ -20,7 +22,9 @@ from kernels.norm import rms_norm
 from kernels.rotary import rotate_rows
 
 __all__ = [
+    "block_diagonal_scan_state_summary",
     "causal_conv1d",
+    "chunk_block_diagonal_scan",
     "chunk_gated_delta_product",
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_vjp",
@@ -31,8 +35,10 @@ __all__ = [
     "chunk_gla_vjp",
     "chunk_mlstm",
     "chunk_mlstm_vjp",
+    "combine_block_diagonal_states",
     "combine_mlstm_states",
     "diagonal_scan_state_summary",
+    "fused_recurrent_block_diagonal_scan",
     "fused_recurrent_diagonal_scan",
     "fused_recurrent_gated_delta_product",
     "fused_recurrent_gated_delta_rule",

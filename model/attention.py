@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from kernels import rotate_rows
 from model.attention_mask import attention_mask, flex_block_mask, query_blocks
+from model.bidirectional import bidirectional_attention
 from model.config import ModelConfig
 from model.flops import attention_flops
 from model.layers import RMSNorm, apply_rotary, rope_frequencies
@@ -122,6 +123,7 @@ class Attention(nn.Module):
         self.head_dim = a.head_dim or cfg.d_model // a.num_heads
         self.rope_theta, self.rope_scaling = a.rope_theta, a.rope_scaling
         self.window = window
+        self.causal = not cfg.is_encoder  # an encoder's attention sees its whole document (model/bidirectional.py)
         self.q_proj = nn.Linear(cfg.d_model, self.num_heads * self.head_dim, bias=a.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, self.num_kv_heads * self.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.num_kv_heads * self.head_dim, bias=a.qkv_bias)
@@ -163,6 +165,8 @@ class Attention(nn.Module):
             q_doc_start = document_starts(cu_seqlens, B, T, device)
         inv_freq = self.inv_freq(device)
         q, k = apply_rotary(q, q_pos, inv_freq), apply_rotary(k, q_pos, inv_freq)
+        if not self.causal:
+            return self.o_proj(bidirectional_attention(q, k, v, cu_seqlens, sp).reshape(B, T, -1))
 
         if sp is not None:
             k, v, key_pos = sp.gather_kv(k, v, self.window)
@@ -251,6 +255,7 @@ class Attention(nn.Module):
                               "inv_freq": torch.cat((inv_freq, inv_freq))}}
 
 
-register(Mixer("attention", "A", config_key="attention", build=Attention, flops=attention_flops))
+register(Mixer("attention", "A", config_key="attention", build=Attention, flops=attention_flops,
+               bidirectional="optional"))
 register(Mixer("sliding_window", "W", config_key="attention", flops=attention_flops,
                build=lambda cfg: Attention(cfg, window=cfg.attention.window)))

@@ -2,8 +2,8 @@
 
 A model is a stack of pre-norm blocks; `pattern` names each block's token mixer with one letter
 (G=gla, M=mamba2, D=gated_deltanet, E=deltanet, P=gated_deltaproduct, R=rglru, U=pararnn_gru, L=pararnn_lstm,
-X=mlstm, A=attention, W=sliding-window attention: model/registry.py, where each mixer registers its letter and its
-settings' key). A pattern shorter than `n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups.
+X=mlstm, A=attention, W=sliding-window attention, F/N/B=LION-LIT/-D/-S: model/registry.py, where each mixer registers
+its letter and its settings' key). `bidirectional` makes the model an encoder (model/bidirectional.py). A pattern shorter than `n_layers` repeats, so `pattern: GGGA, n_layers: 24` is six GGGA groups.
 Impossible values raise a
 one-line ValueError naming the key, so a bad preset fails before any weight is built.
 
@@ -189,6 +189,11 @@ class ParaRNNConfig:
     width: Optional[int] = None  # the recurrence's width; None: d_model
     newton_tol: float = 1e-5  # stop when no state moved by more than this (relative to the largest) in an iteration
     newton_max_iters: int = 16  # scans per forward at most, the last differentiable one included
+    # far from the solution each Jacobian block's norm is bounded by this (damped Newton); None: plain Newton
+    newton_damping: Optional[float] = 1.0
+    # the L cell: "peephole" (gates read c; diagonal Jacobian), "hc" (the paper's: gates read h, state (h, c), 2x2
+    # Jacobian blocks), "cifg" ("hc" with i = 1 - f)
+    lstm: str = "peephole"
 
     def recurrent_width(self, d_model: int) -> int:
         return self.width if self.width is not None else d_model
@@ -200,6 +205,10 @@ class ParaRNNConfig:
         if not self.newton_tol > 0 or self.newton_max_iters < 1:
             raise ConfigError(f"model.pararnn.newton_tol must be > 0 and newton_max_iters >= 1, got "
                               f"{self.newton_tol} and {self.newton_max_iters}")
+        if self.newton_damping is not None and not self.newton_damping > 0:
+            raise ConfigError(f"model.pararnn.newton_damping must be > 0 or null, got {self.newton_damping}")
+        if self.lstm not in ("peephole", "hc", "cifg"):
+            raise ConfigError(f"model.pararnn.lstm must be one of peephole, hc, cifg; got {self.lstm!r}")
 
 
 @dataclass
@@ -256,6 +265,38 @@ class LoRAConfig:
         if self.rank and (unknown or not self.targets):
             raise ConfigError(f"model.lora.targets: {unknown or 'empty'}; choose among "
                               f"{', '.join(LORA_MIXER_TARGETS + LORA_MLP_TARGETS)}")
+LION_FORMS = ("full", "chunk", "rnn")  # kernels/lion: the full attention, chunkwise and RNN forms
+LION_VARIANTS = ("lit", "d", "s")
+
+
+@dataclass
+class LIONConfig:
+    """LION (model/lion.py; letters F = LION-LIT, N = LION-D, B = LION-S), and the form every bidirectional
+    recurrent layer runs in (LION's and, in an encoder, GLA's and Mamba2's)."""
+    num_heads: int = 4
+    expand_k: float = 1.0  # query/key width = expand_k * d_model (as attention's)
+    expand_v: float = 1.0
+    form: str = "chunk"  # full: the masked attention matrix (short inputs); chunk: linear (training); rnn: a constant state
+    use_short_conv: bool = True  # a causal conv on q, k, v: LION's masks are symmetric, this tells left from right
+    conv_size: int = 4
+    # LION-D and LION-S start with per-head decays log-spaced over 1 - lambda in [1 - decay_max, 1 - decay_min]
+    decay_min: float = 0.9
+    decay_max: float = 0.999
+
+    def check(self, d_model: int) -> None:
+        key_dim, value_dim = int(d_model * self.expand_k), int(d_model * self.expand_v)
+        if self.num_heads < 1 or key_dim % self.num_heads or value_dim % self.num_heads or key_dim == 0:
+            raise ConfigError(f"model.lion.num_heads={self.num_heads} must divide the key dim {key_dim} and the "
+                              f"value dim {value_dim} (d_model * expand_k / expand_v)")
+        self.check_form()
+        if self.use_short_conv and self.conv_size < 2:
+            raise ConfigError(f"model.lion.conv_size must be >= 2, got {self.conv_size}")
+        if not 0 < self.decay_min <= self.decay_max < 1:
+            raise ConfigError(f"model.lion: need 0 < decay_min <= decay_max < 1, got {self.decay_min}, {self.decay_max}")
+
+    def check_form(self) -> None:
+        if self.form not in LION_FORMS:
+            raise ConfigError(f"model.lion.form: '{self.form}' is not one of {', '.join(LION_FORMS)}")
 
 
 @dataclass
@@ -284,6 +325,10 @@ class ModelConfig:
     liger: LigerConfig = field(default_factory=LigerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank 0: off
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    # An encoder: every layer sees the whole sequence (LION; GLA, Mamba2 and attention in their bidirectional
+    # form), trained with train.objective=mlm. null: true exactly when the pattern has a LION letter.
+    bidirectional: Optional[bool] = None
+    lion: LIONConfig = field(default_factory=LIONConfig)
 
     def __post_init__(self):
         for key in ("vocab_size", "d_model"):
@@ -304,6 +349,31 @@ class ModelConfig:
         for key in sorted({MIXERS[name].config_key for name in self.layer_mixers()}):
             getattr(self, key).check(self.d_model)
         self.lora.check()
+        self._check_bidirectional()
+
+    @property
+    def is_encoder(self) -> bool:
+        """Whether every layer sees the whole sequence (model.bidirectional, or null and a LION letter)."""
+        if self.bidirectional is not None:
+            return self.bidirectional
+        return any(MIXERS[name].bidirectional == "always" for name in self.layer_mixers())
+
+    def _check_bidirectional(self) -> None:
+        modes = {name: MIXERS[name].bidirectional for name in self.layer_mixers()}
+        if not self.is_encoder:
+            always = sorted(name for name, mode in modes.items() if mode == "always")
+            if always:
+                raise ConfigError(f"model.bidirectional=false, but {', '.join(always)} only exists bidirectional "
+                                  "(an encoder): leave model.bidirectional null or set it true")
+            return
+        never = sorted(name for name, mode in modes.items() if mode == "never")
+        if never:
+            able = ", ".join(f"{m.letter}={m.name}" for m in MIXERS.values() if m.bidirectional != "never")
+            raise ConfigError(f"model.bidirectional: {', '.join(never)} has no bidirectional form (an encoder can "
+                              f"use {able})")
+        if "mamba2" in modes and self.mamba2.allow_neg_eigval:
+            raise ConfigError("model.mamba2.allow_neg_eigval has no bidirectional form (model.bidirectional=true)")
+        self.lion.check_form()
 
     def layer_mixers(self) -> list[str]:
         """The mixer name of every layer, the pattern repeated to n_layers."""

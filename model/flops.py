@@ -34,8 +34,9 @@ def chunked_recurrence_flops(num_heads: int, k_dim: int, v_dim: int, delta_rule:
 
 
 def attention_flops(mixer: nn.Module, seq_len: int) -> float:
-    """q k^T and scores @ v over the keys a query sees (full or windowed)."""
-    return 4 * mixer.num_heads * mixer.head_dim * mean_context(seq_len, mixer.window)
+    """q k^T and scores @ v over the keys a query sees (full or windowed; an encoder's: all of them)."""
+    keys = mean_context(seq_len, mixer.window) if getattr(mixer, "causal", True) else seq_len
+    return 4 * mixer.num_heads * mixer.head_dim * keys
 
 
 def projection_flops_per_token(model: nn.Module) -> float:

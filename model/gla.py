@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from kernels import chunk_gla, chunk_gla_vjp, fused_recurrent_gla, gla_state_summary
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm, RMSNorm
+from model.bidirectional import BidirectionalCore
 from model.flops import chunked_recurrence_flops
 from model.recurrent import (ShortConvolution, fused_conv_cache, fused_conv_decode, mix, output_gate,
                              recurrent_step)
@@ -31,7 +32,7 @@ class GLA(nn.Module):
         self.key_dim, self.value_dim = int(d * g.expand_k), int(d * g.expand_v)
         self.head_k_dim, self.head_v_dim = self.key_dim // g.num_heads, self.value_dim // g.num_heads
         self.gate_logit_normalizer = g.gate_logit_normalizer
-        self.core = GLA_CORE
+        self.core = BidirectionalCore(GLA_CORE, cfg.lion.form) if cfg.is_encoder else GLA_CORE
 
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d, self.key_dim, bias=False)
@@ -107,5 +108,6 @@ def _head_dims(cfg: ModelConfig) -> tuple[int, int]:
     return int(cfg.d_model * g.expand_k) // g.num_heads, int(cfg.d_model * g.expand_v) // g.num_heads
 
 
-register(Mixer("gla", "G", config_key="gla", build=GLA, core=GLA_CORE, head_dims=_head_dims,
-               flops=lambda m, seq_len: chunked_recurrence_flops(m.num_heads, m.head_k_dim, m.head_v_dim)))
+register(Mixer("gla", "G", config_key="gla", build=GLA, core=GLA_CORE, head_dims=_head_dims, bidirectional="optional",
+               flops=lambda m, seq_len: getattr(m.core, "directions", 1) * chunked_recurrence_flops(
+                   m.num_heads, m.head_k_dim, m.head_v_dim)))

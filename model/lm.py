@@ -21,6 +21,8 @@ from configs.errors import ConfigError
 # (this order: the pattern letters' listing)
 from model import gla, mamba2, gated_deltanet, rglru, pararnn, mlstm, attention  # noqa: F401
 from model import liger  # noqa: F401  (Z: Liger, an attention layer linearized; model/liger.py)
+from model import lion  # noqa: F401  (LION's encoder mixers: F, N, S)
+from model.bidirectional import encoder_only
 from model.config import ModelConfig
 from model.flops import forward_flops_per_token
 from model.layers import RMSNorm, SwiGLU
@@ -164,6 +166,8 @@ class LM(nn.Module):
         """A generation state for batch_size rows of up to max_len tokens, allocated once: each attention
         layer's KV cache [B, max_len (a window: min(window, max_len)), H_kv, D], each recurrent layer's state
         and conv window (independent of max_len), and the rows' lengths (all 0)."""
+        if self.config.is_encoder:
+            encoder_only("init_state (decoding, generation)")
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"init_state: need batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
         caches = [block.mixer.init_cache(batch_size, max_len) for block in self.blocks]

@@ -104,7 +104,7 @@ def merge_lora(lm: nn.Module) -> nn.Module:
     config = dataclasses.replace(lm.config, lora=LoRAConfig())
     weight = lm.embed.weight
     with torch.device(weight.device):
-        merged = type(lm)(config).to(weight.dtype)
+        merged = type(lm)(config).to(weight.dtype)  # the LM class, without importing model.lm (it imports this)
     state = {}
     for name, tensor in lm.state_dict().items():
         if is_lora_parameter(name):

@@ -14,6 +14,7 @@ from kernels import (chunk_gla, chunk_gla_signed, chunk_gla_signed_vjp, chunk_gl
                      fused_recurrent_gla_signed, gla_signed_state_summary, gla_state_summary)
 from model.config import ModelConfig
 from model.layers import GatedRMSNorm
+from model.bidirectional import BidirectionalCore
 from model.flops import chunked_recurrence_flops
 from model.recurrent import ShortConvolution, init_dt_bias_, mix, output_gate, recurrent_step
 from model.registry import Mixer, RecurrentCore, register
@@ -36,6 +37,8 @@ class Mamba2(nn.Module):
         self.num_heads = self.d_inner // m.head_dim
         self.allow_neg_eigval = m.allow_neg_eigval
         self.core = SIGNED_MAMBA2_CORE if m.allow_neg_eigval else MAMBA2_CORE
+        if cfg.is_encoder:  # bidirectional (model/bidirectional.py; the signed transition has no such form)
+            self.core = BidirectionalCore(MAMBA2_CORE, cfg.lion.form)
         conv_dim = self.d_inner + 2 * m.n_groups * m.d_state
         # One projection for z (gate), x|B|C (convolved together) and dt, as in the reference code.
         self.in_proj = nn.Linear(cfg.d_model, self.d_inner + conv_dim + self.num_heads, bias=False)
@@ -112,6 +115,7 @@ class Mamba2(nn.Module):
                 "conv": self.conv.init_cache(batch_size)}
 
 
-register(Mixer("mamba2", "M", config_key="mamba2", build=Mamba2, core=MAMBA2_CORE,
+register(Mixer("mamba2", "M", config_key="mamba2", build=Mamba2, core=MAMBA2_CORE, bidirectional="optional",
                head_dims=lambda cfg: (cfg.mamba2.d_state, cfg.mamba2.head_dim),
-               flops=lambda m, seq_len: chunked_recurrence_flops(m.num_heads, m.d_state, m.head_dim)))
+               flops=lambda m, seq_len: getattr(m.core, "directions", 1) * chunked_recurrence_flops(
+                   m.num_heads, m.d_state, m.head_dim)))

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import causal_conv1d
+from model.bidirectional import BidirectionalCore, encoder_only
 from model.registry import RecurrentCore
 
 
@@ -38,6 +39,10 @@ def recurrent_scan(core: RecurrentCore, q: torch.Tensor, k: torch.Tensor, v: tor
                    **gates: torch.Tensor) -> torch.Tensor:
     """Run a recurrent core's chunked op and return o [B, T, H, V]. With a cache (a prefill), cache["recurrent"]
     holds the state [B, H, K, V] and is overwritten by the final one."""
+    if isinstance(core, BidirectionalCore):  # an encoder's layer: both ways (model/bidirectional.py)
+        if cache is not None:
+            encoder_only("a prefill")
+        return core.scan(q, k, v, scale=scale, cu_seqlens=cu_seqlens, sp=sp, **gates)
     if sp is not None:
         return sp.scan(core, q, k, v, scale=scale, **gates)
     if cache is not None:

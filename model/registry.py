@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RecurrentCore:
-    """A recurrent core op family with the state contract of DESIGN.md ("the recurrent state"):
+    """A recurrent core op family with the state contract of ARCHITECTURE.md ("The recurrent state"):
     o, final_state = op(q, k, v, <gates>, initial_state=None, output_final_state=False, cu_seqlens=None)."""
     kernel: str  # its name among the kernels (bench/gpu_compile.py's ops): gla, gla_scalar, gated_delta_rule, ...
     chunk: Callable  # the chunked op: training, prefill, a sequence-parallel slice
@@ -44,6 +44,9 @@ class Mixer:
     flops: Callable[[nn.Module, int], float]  # forward FLOPs per token of its mixing (beyond projections) at T
     core: RecurrentCore | None = None  # recurrent mixers: the ops its scan runs (None: attention)
     head_dims: Callable[[ModelConfig], tuple[int, int]] | None = None  # recurrent: (K, V) per head of its state
+    # Whether it sees the whole sequence (an encoder, model.bidirectional; model/bidirectional.py): "never" (causal
+    # only), "optional" (causal, or bidirectional in an encoder: GLA, Mamba2, attention), "always" (LION).
+    bidirectional: str = "never"
 
     @property
     def recurrent(self) -> bool:

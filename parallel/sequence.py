@@ -7,6 +7,9 @@ Each rank of an sp group holds the same rows, rank r the contiguous slice [r*T, 
   so a state-only summary of the slice gives its (M, S_local) (M diagonal for GLA and Mamba2), a
   differentiable all_gather gives every rank's, a prefix combine gives this slice's incoming state, and the
   op run from it gives the outputs. Communication per layer is O(H K V) per row, independent of T.
+- bidirectional layers (LION, bidirectional GLA / Mamba2: kernels/lion) add the backward direction
+  (`scan_reverse`): the same summaries of each slice's reversed first segment and a suffix combine give the state
+  every later rank leaves, and the op runs on the reversed slice from it.
 - short causal convolutions take the (W-1)-token halo of the previous rank(s) as their initial state;
 - attention all-gathers K and V (full attention), or takes only the previous rank's last window-1 keys.
 
@@ -26,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kernels import causal_conv1d
+from kernels.lion.sequences import backward_gates, reverse_sequences
 from model.attention import document_starts
 from model.registry import RecurrentCore
 
@@ -171,6 +175,15 @@ class SequenceParallel:
         self.tail_cu_seqlens = torch.cat([tail_lengths.new_zeros(1), tail_lengths.cumsum(0)]).to(torch.int32)
         tail_offsets = torch.repeat_interleave(tail_starts - self.tail_cu_seqlens[:-1], tail_lengths)
         self.tail_tokens = tail_offsets + torch.arange(tail_offsets.numel(), device=device)
+        # The backward direction (scan_reverse) mirrors this: each row's first segment hands its state to the
+        # previous rank, each row's last segment receives the following rank's.
+        self.row_starts = row_starts
+        head_lengths = self.cu_seqlens.long()[self.first_segment + 1] - row_starts
+        self.head_cu_seqlens = torch.cat([head_lengths.new_zeros(1), head_lengths.cumsum(0)]).to(torch.int32)
+        head_offsets = torch.repeat_interleave(row_starts - self.head_cu_seqlens[:-1], head_lengths)
+        self.head_tokens = head_offsets + torch.arange(head_offsets.numel(), device=device)
+        self.segment_is_last = torch.zeros(num_segments, dtype=torch.bool, device=device)
+        self.segment_is_last[self.last_segment] = True
         self._doc_start = self._global_document_starts()
 
     @classmethod
@@ -248,6 +261,55 @@ class SequenceParallel:
         o, _ = core.chunk(q, k, v, scale=scale, **gates, initial_state=initial_state, cu_seqlens=self.cu_seqlens)
         return o.reshape(out_shape)
 
+    def scan_reverse(self, core: RecurrentCore, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
+                     g: Tensor) -> Tensor:
+        """The backward direction over this slice, given the states every later rank leaves: o_i = scale q_i^T S^B_i
+        with S^B_i = diag(exp(g_{i+1})) S^B_{i+1} + k_i v_i^T within each document (kernels/lion). For a core with
+        GLA's diagonal gate g (vector or scalar), whose ops run on the reversed slice (kernels/lion/sequences.py).
+
+        The mirror of scan: each row's first segment, reversed, is summarised (its state at the slice's first
+        token and its transition), multiplied by that token's decay exp(g_first) so the previous rank receives
+        S^B already decayed into its last token; a suffix combine over the gathered summaries gives the state
+        entering each row's last segment from the ranks after, and the reversed op runs from it. A summary passes
+        on only when the row continues a document from the previous rank, its transition only when the row's
+        first segment is all of it."""
+        out_shape = q.shape[:-1] + v.shape[-1:]
+        q, k, v, g = self._flat(q), self._flat(k), self._flat(v), self._flat(g)
+        rev = lambda x: reverse_sequences(x, self.cu_seqlens)  # noqa: E731
+        q_r, k_r, v_r, h_r = rev(q), rev(k), rev(v), rev(backward_gates(g, self.cu_seqlens))
+
+        # 1. each row's first segment, reversed: (S_local, M) into its first token, then decayed by that token.
+        head = lambda x: x.index_select(1, self.head_tokens)  # noqa: E731
+        local_state, transition = core.state_summary(head(k_r), head(v_r), g=head(h_r),
+                                                     cu_seqlens=self.head_cu_seqlens)
+        first_decay = g[0].index_select(0, self.row_starts).float().exp()  # [B, H, K] or [B, H]
+        local_state = local_state.float() * (first_decay.unsqueeze(-1) if first_decay.dim() == 3
+                                             else first_decay[..., None, None])
+        passes = self.continues.to(local_state.dtype)
+        whole_row = (self.first_segment == self.last_segment).to(local_state.dtype)
+        local_state = local_state * passes.view(-1, 1, 1, 1)
+        transition = transition.float() * first_decay * (passes * whole_row).view(-1, *(1,) * (first_decay.dim() - 1))
+        if transition.dim() == 2:  # a scalar gate per head: the diagonal is one value
+            transition = transition.unsqueeze(-1)
+
+        # 2. every rank's summary, then the suffix combine S_in(j-1) = M_j S_in(j) + S_local(j) from the last rank.
+        state_size = local_state[0].numel()
+        summary = torch.cat([local_state.flatten(1), transition.flatten(1)], dim=1)
+        gathered = _AllGather.apply(summary, self.group)
+        incoming = [torch.zeros_like(local_state)]  # into the last rank
+        with torch.autocast(v.device.type, enabled=False):
+            for rank_summary in gathered.flip(0)[:-1]:  # ranks size-1 .. 1, each into the rank before it
+                state_j, transition_j = rank_summary.split([state_size, rank_summary.shape[1] - state_size], dim=1)
+                incoming.append(transition_j.view(transition.shape).unsqueeze(-1) * incoming[-1]
+                                + state_j.view(local_state.shape))
+        state_in = torch.stack(incoming)[self.size - 1 - self.rank]
+
+        # 3. the reversed op from it, at each row's last segment (where the reversed segment starts).
+        last = self.segment_is_last.view(-1, 1, 1, 1).to(state_in.dtype)
+        o_r, _ = core.chunk(q_r, k_r, v_r, scale=scale, g=h_r, initial_state=state_in[self.segment_row] * last,
+                            cu_seqlens=self.cu_seqlens)
+        return rev(o_r).reshape(out_shape)
+
     def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
         """Depthwise causal conv over this slice, its left context taken from the previous rank(s)."""
         out_shape = x.shape
@@ -277,6 +339,16 @@ class SequenceParallel:
         key_pos = torch.arange(key_start, start + self.seq_len, device=k.device)
         k_all, v_all = kv_all.split([k.shape[-1], v.shape[-1]], dim=-1)
         return k_all, v_all, key_pos
+
+    def gather_all_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Bidirectional attention: every rank's keys and values [B, size * T, H, D] (one all_gather) and each
+        key's document start [B, size * T] in global row positions; a query attends the keys of its own document
+        (the same start)."""
+        kv = _AllGather.apply(torch.cat([k, v], dim=-1), self.group).transpose(0, 1).flatten(1, 2)
+        starts = [torch.empty_like(self._doc_start) for _ in range(self.size)]
+        dist.all_gather(starts, self._doc_start.contiguous(), group=self.group)
+        k_all, v_all = kv.split([k.shape[-1], v.shape[-1]], dim=-1)
+        return k_all, v_all, torch.cat(starts, dim=1)
 
     def halo(self, x: Tensor, length: int) -> Tensor:
         """[B, length, ...]: the `length` tokens before this slice in each row, zero where they lie before

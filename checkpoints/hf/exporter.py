@@ -118,6 +118,9 @@ def write_sentencepiece_as_hf(tokenizer, directory: Path) -> None:
 
 def write_hf_export(model, out: Path, tokenizer, info: dict) -> Path:
     """Export `model` (whole, in this process) to `out` in Hugging Face form; the caller checked `out` is new."""
+    if model.config.is_encoder:  # both export forms are causal LMs; a masked-LM export is not built
+        raise CheckpointError("format=hf: the model is an encoder (bidirectional, trained with train.objective=mlm), "
+                              "which has no Hugging Face export yet; format=baton exports it")
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

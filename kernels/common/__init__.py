@@ -1,4 +1,4 @@
-"""What every recurrent op shares (see DESIGN.md, "Kernels").
+"""What every recurrent op shares (see ARCHITECTURE.md, "Kernels").
 
 - contract.py: the state contract's input checks, and the PyTorch paths' numerics helpers;
 - chunks.py: CHUNK_SIZE, the sequence bounds, the chunked layout of the PyTorch paths and the chunk index of

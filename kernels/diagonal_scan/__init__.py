@@ -4,7 +4,7 @@
 
 Hawk/Griffin's RG-LRU runs on it (model/rglru.py), and so can a Newton step of a nonlinear RNN trained in
 parallel (ParaRNN: h_t = J_t h_{t-1} + r_t with diagonal Jacobians J_t, of either sign). Nothing is taken in log
-space. The state contract of DESIGN.md with the output being the state itself:
+space. The state contract of ARCHITECTURE.md with the output being the state itself:
 
     h, final_state = op(a, b, initial_state=None, output_final_state=False, cu_seqlens=None)
     a, b, h: [B, T, H, D]    states: [N, H, D] fp32 (N = B, or the number of sequences of cu_seqlens)

@@ -31,6 +31,8 @@ CASES = {
     "R": ("R", dict(rglru=dict(num_heads=2, width=48))),
     "U": ("U", dict(pararnn=dict(num_heads=2, width=32))),
     "L": ("L", dict(pararnn=dict(num_heads=2, width=32))),
+    "L-hc": ("L", dict(pararnn=dict(num_heads=2, width=32, lstm="hc"))),
+    "L-cifg": ("L", dict(pararnn=dict(num_heads=2, width=32, lstm="cifg"))),
 }
 EXPORTED = {"D": DeltaRuleMixer, "E": DeltaRuleMixer, "P": DeltaRuleMixer, "R": RGLRUMixer, "U": ParaRNNMixer,
             "L": ParaRNNMixer}

@@ -1,16 +1,6 @@
-"""Shared setup of the kernel tests.
-
-Without a GPU the Triton kernels run in Triton's interpreter: TRITON_INTERPRET=1 has to be in the
-environment before any kernel is decorated, i.e. before the first import of a Triton kernel module
-(the kernels' packages import them lazily, so setting it here, at collection, is early enough).
-"""
-import os
-
+"""Shared setup of the kernel tests (Triton's interpreter without a GPU: tests/conftest.py)."""
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

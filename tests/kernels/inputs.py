@@ -140,6 +140,45 @@ def diagonal_scan_triton_fused_recurrent(*args, **kwargs):
     return fused_recurrent_diagonal_scan_triton(*args, **kwargs)
 
 
+def block_diagonal_scan_inputs(B, T, H, D, num_states, gates="signed", seed=0):
+    """fp64 inputs (a [B, T, H, D, 2, 2], b [B, T, H, D, 2], initial state [N, H, D, 2]) of the block-diagonal scan
+    and upstream gradients. gates: 'signed' (entries uniform in (-0.7, 0.7)); 'long' (a rotation, or a reflection,
+    scaled by 0.97 to 1: long memory that turns and flips); 'mixed' (zero blocks, which cut the state, rank-one
+    blocks, tiny ones ~ 1e-30, next to rotations scaled up to 1.05, which grow it, and triangular blocks as
+    the LSTM's Jacobian has)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    uniform = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    shape = (B, T, H, D)
+    angle = 2 * torch.pi * uniform(*shape)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    flip = torch.where(uniform(*shape) < 0.5, -1.0, 1.0)  # a reflection: det -1
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([flip * sin, flip * cos], -1)], -2)
+    if gates == "signed":
+        a = 1.4 * uniform(*shape, 2, 2) - 0.7
+    elif gates == "long":
+        a = (0.97 + 0.03 * uniform(*shape))[..., None, None] * rotation
+    else:
+        choice = uniform(*shape)[..., None, None]
+        grows = (0.9 + 0.15 * uniform(*shape))[..., None, None] * rotation
+        rank_one = rand(*shape, 2, 1) * rand(*shape, 1, 2) / 2
+        triangular = (1.4 * uniform(*shape, 2, 2) - 0.7) * torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+        a = torch.where(choice < 0.05, 0.0, torch.where(choice < 0.1, 1e-30 * rotation, torch.where(
+            choice < 0.2, rank_one, torch.where(choice < 0.4, triangular, grows))))
+    inputs = dict(a=a, b=rand(*shape, 2), initial_state=rand(num_states, H, D, 2))
+    return inputs, dict(h=rand(*shape, 2), final_state=rand(num_states, H, D, 2))
+
+
+def block_diagonal_scan_triton_chunk(*args, **kwargs):
+    from kernels.block_diagonal_scan.triton_scan import chunk_block_diagonal_scan_triton
+    return chunk_block_diagonal_scan_triton(*args, **kwargs)
+
+
+def block_diagonal_scan_triton_fused_recurrent(*args, **kwargs):
+    from kernels.block_diagonal_scan.fused_recurrent import fused_recurrent_block_diagonal_scan_triton
+    return fused_recurrent_block_diagonal_scan_triton(*args, **kwargs)
+
+
 def mlstm_inputs(B, T, H, K, V, num_states, input_gates=3.0, seed=0):
     """fp64 leaves and upstream gradients; input gate logs ~ N(0, input_gates^2), forget gates ~ 0.9."""
     gen = torch.Generator().manual_seed(seed)

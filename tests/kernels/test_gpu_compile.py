@@ -35,9 +35,11 @@ KERNELS = {
     # GLA's scalar-gate chunk kernels (on V + 1 value columns) and the mLSTM's own decode step
     "mlstm": SHARED | {"chunk_cumsum_kernel", "chunk_scalar_fwd_A_kernel", "chunk_bwd_dA_kernel",
                        "chunk_gla_bwd_dv_kernel", "chunk_scalar_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel",
-                       "fused_recurrent_mlstm_fwd_kernel"},
+                       "fused_recurrent_mlstm_fwd_kernel", "fused_recurrent_block_scan_kernel"},
     "diagonal_scan": {"scan_chunk_map_kernel", "scan_state_kernel", "scan_output_kernel", "scan_grad_kernel",
                       "fused_recurrent_scan_kernel"},
+    "block_diagonal_scan": {"block_scan_chunk_map_kernel", "block_scan_state_kernel", "block_scan_output_kernel",
+                            "block_scan_grad_kernel", "fused_recurrent_block_scan_kernel"},
     "conv": {"causal_conv_fwd_kernel", "causal_conv_bwd_kernel"},
     "norm": {"rms_norm_fwd_kernel"},
     "rotary": {"rotary_rows_kernel"},
@@ -74,7 +76,7 @@ def test_first_call_compiles_few_variants(tmp_path):
     assert {(r["target"], r["op"]) for r in rows} == {(t, op) for t in ("sm_80", "sm_90", "sm_100") for op in KERNELS}
     for r in rows:
         decode_only = {"fused_recurrent_gla_fwd_kernel", "_fused_recurrent_kernel", "fused_recurrent_scan_kernel",
-                       "fused_recurrent_mlstm_fwd_kernel"}
+                       "fused_recurrent_mlstm_fwd_kernel", "fused_recurrent_block_scan_kernel"}
         assert set(r["per_kernel"]) == KERNELS[r["op"]] - decode_only, r
         assert 0 < r["variants"] <= 40, r
         if r["target"] == "sm_90":  # one config per kernel: a variant per specialisation launched (at most two:

@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from compare import assert_matches, run
-from inputs import (conv_inputs, diagonal_scan_inputs, diagonal_scan_triton_chunk,
+from inputs import (block_diagonal_scan_inputs, block_diagonal_scan_triton_chunk,
+                    block_diagonal_scan_triton_fused_recurrent, conv_inputs, diagonal_scan_inputs, diagonal_scan_triton_chunk,
                     diagonal_scan_triton_fused_recurrent, gated_delta_rule_inputs, gated_delta_rule_triton_chunk,
                     gated_delta_rule_triton_fused_recurrent, gla_inputs, gla_triton_chunk, gla_triton_fused_recurrent,
                     mlstm_inputs, run_conv, run_scan)
 from kernels import causal_conv1d, rms_norm, rotate_rows
 from kernels.conv.naive import naive_causal_conv1d
+from kernels.block_diagonal_scan.naive import naive_block_diagonal_scan
 from kernels.diagonal_scan.naive import naive_diagonal_scan
 from kernels.norm import naive_rms_norm
 from kernels.rotary import naive_rotate_rows
@@ -47,6 +49,10 @@ OPS = {
                          gated_delta_rule_triton_fused_recurrent),
     "diagonal_scan": (lambda: diagonal_scan_inputs(1, T, 1, 40, num_states=NUM_DOCS, gates="mixed"),
                       naive_diagonal_scan, diagonal_scan_triton_chunk, diagonal_scan_triton_fused_recurrent),
+    # a 2x2 block per channel: 12 channels, one ragged block of the first two candidates, two of the third
+    "block_diagonal_scan": (lambda: block_diagonal_scan_inputs(1, T, 1, 12, num_states=NUM_DOCS, gates="mixed"),
+                            naive_block_diagonal_scan, block_diagonal_scan_triton_chunk,
+                            block_diagonal_scan_triton_fused_recurrent),
     # GLA's scalar-gate kernels on the mLSTM's stabilised gates, over V + 1 = 17 value columns (ragged blocks)
     "mlstm": (lambda: mlstm_inputs(1, T, 1, 16, 16, num_states=NUM_DOCS), naive_recurrent_mlstm, chunk_mlstm,
               fused_recurrent_mlstm),
@@ -55,6 +61,7 @@ OPS = {
 
 def _import_kernels():
     """Import every Triton kernel module, so that AUTOTUNERS lists them all."""
+    import kernels.block_diagonal_scan.fused_recurrent  # noqa: F401
     import kernels.conv.triton_conv  # noqa: F401
     import kernels.diagonal_scan.fused_recurrent  # noqa: F401
     import kernels.gated_delta_rule.fused_recurrent  # noqa: F401
@@ -119,7 +126,7 @@ def run_op(op: str, index: int | None = None) -> tuple[dict, dict]:
         return {name: x.cpu() for name, x in actual.items()}, expected
     make, reference, *paths = OPS[op]
     inputs, upstream = make()
-    runner = run_scan if op == "diagonal_scan" else run  # the scan's inputs are a, b, not q, k, v
+    runner = run_scan if op.endswith("diagonal_scan") else run  # the scans' inputs are a, b, not q, k, v
     expected = runner(reference, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
     with pinned:
         actual = {f"{i}:{name}": x for i, path in enumerate(paths)
@@ -171,7 +178,7 @@ def every_launch_twice():
 
 @pytest.mark.usefixtures("triton_paths")
 @pytest.mark.parametrize("op,kernels", [("gla", 10), ("gla_scalar", 10), ("gated_delta_rule", 9),
-                                        ("diagonal_scan", 5), ("conv", 2), ("norm", 1), ("rotary", 1)])
+                                        ("diagonal_scan", 5), ("block_diagonal_scan", 5), ("conv", 2), ("norm", 1), ("rotary", 1)])
 def test_every_kernel_gives_the_same_result_when_launched_twice(op, kernels):
     with every_launch_twice() as differences:
         assert_matches(*run_op(op), TOL)

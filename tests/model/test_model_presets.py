@@ -14,6 +14,7 @@ TINY = ("hybrid_tiny", "transformer_tiny")
 # What the counts in the presets and the README's table assume: the tiny ones the embedded data's tokenizer
 # (what `make train` trains on), the 125M-7B ones a 32,000-token vocabulary.
 COUNTED_AT_VOCAB = {name: DataConfig().vocab_size for name in TINY}
+COUNTED_AT_VOCAB.update({path.stem: DataConfig().vocab_size for path in PRESETS if path.stem.endswith("_tiny")})
 LARGE_VOCAB = 32000
 
 

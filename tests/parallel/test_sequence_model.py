@@ -18,6 +18,9 @@ TINY = dict(vocab_size=VOCAB, d_model=32, gla=dict(num_heads=2, use_short_conv=T
             attention=dict(num_heads=2, window=5))
 PATTERNS = ["G", "M", "D", "E", "P", "R", "U", "L", "X", "A", "W", "GMDAW"]
 SIGNED_MAMBA2 = dict(TINY["mamba2"], allow_neg_eigval=True)  # Mamba2 with negative eigenvalues
+# The LSTM through (h, c) and its CIFG variant: Newton steps on the block-diagonal scan (2x2 transitions)
+VARIANTS = [("M", {"mamba2": SIGNED_MAMBA2}), ("L", {"pararnn": dict(TINY["pararnn"], lstm="hc")}),
+            ("L", {"pararnn": dict(TINY["pararnn"], lstm="cifg")})]
 
 
 def batch_layout(sp_size: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -41,7 +44,7 @@ def run_checks(rank: int, world_size: int, sp_size: int) -> None:
     # sp groups of consecutive ranks, as on the mesh; subgroups (not the world) when sp < world size.
     groups = [dist.new_group(list(range(first, first + sp_size))) for first in range(0, world_size, sp_size)]
     group, sp_rank = groups[rank // sp_size], rank % sp_size
-    for pattern, overrides in [(pattern, {}) for pattern in PATTERNS] + [("M", {"mamba2": SIGNED_MAMBA2})]:
+    for pattern, overrides in [(pattern, {}) for pattern in PATTERNS] + VARIANTS:
         torch.manual_seed(0)  # same weights and tokens on every rank
         lm = LM.from_config(dict(TINY, pattern=pattern, **overrides))
         tokens, starts = batch_layout(sp_size)

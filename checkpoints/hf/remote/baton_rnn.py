@@ -1,5 +1,6 @@
 """The elementwise recurrent mixers of an exported Baton model: the RG-LRU (letter R, model/rglru.py) and the
-ParaRNN GRU and LSTM cells (letters U and L, model/pararnn.py), each as the plain loop over time in fp32.
+ParaRNN GRU and LSTM cells (letters U and L, model/pararnn.py; the LSTM in its three forms), each as the plain loop
+over time in fp32.
 
 Baton trains the ParaRNN cells by solving their T nonlinear steps together with Newton's method; the fixed
 point it converges to is the cell stepped token by token, which is what runs here (and what Baton's own
@@ -82,19 +83,40 @@ def lstm_step(c: torch.Tensor, p: torch.Tensor, u: torch.Tensor) -> tuple[torch.
     return c, torch.sigmoid(p_o + u_o * c) * torch.tanh(c)
 
 
+def lstm_hc_step(state: torch.Tensor, p: torch.Tensor, u: torch.Tensor,
+                 coupled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSTM through h and c (model.pararnn.lstm = "hc"; state [..., 2] = (h, c)): f, i, o = sigmoid(p + u h),
+    g = tanh(p_g + u_g h), c_t = f c + i g, h_t = o tanh(c_t); coupled ("cifg"): gates f, g, o and i = 1 - f.
+    ((h_t, c_t), the output y_t = h_t)."""
+    h, c = state.unbind(-1)
+    if coupled:
+        (p_f, p_g, p_o), (u_f, u_g, u_o) = p.unbind(-2), u.unbind(0)
+    else:
+        (p_f, p_i, p_g, p_o), (u_f, u_i, u_g, u_o) = p.unbind(-2), u.unbind(0)
+    f = torch.sigmoid(p_f + u_f * h)
+    i = 1 - f if coupled else torch.sigmoid(p_i + u_i * h)
+    c = f * c + i * torch.tanh(p_g + u_g * h)
+    h = torch.sigmoid(p_o + u_o * h) * torch.tanh(c)
+    return torch.stack([h, c], -1), h
+
+
 CELLS = {"U": (3, gru_step), "L": (4, lstm_step)}  # letter: (gates, step)
+# model.pararnn.lstm other than "peephole" (state (h, c)): (gates, step)
+LSTM_HC_CELLS = {"hc": (4, lstm_hc_step), "cifg": (3, lambda s, p, u: lstm_hc_step(s, p, u, coupled=True))}
 
 
 class ParaRNNMixer(nn.Module):
     """A diagonal GRU (letter U) or LSTM (letter L) cell between in_proj (the gates' input terms p = W x + b for
     every gate) and o_proj; u = recurrent_weight holds one diagonal recurrent weight vector per gate. Its state
-    is {"recurrent": h (GRU) or c (LSTM) [B, width] fp32}."""
+    is {"recurrent": h (GRU) or c (LSTM) [B, width] fp32}, or (h, c) [B, width, 2] for the LSTM through h and c."""
 
     def __init__(self, config, letter: str):
         super().__init__()
         baton = config.baton
         c, d = baton["pararnn"], baton["d_model"]
-        self.num_gates, self.step = CELLS[letter]
+        lstm = c.get("lstm", "peephole")
+        self.num_gates, self.step = LSTM_HC_CELLS[lstm] if letter == "L" and lstm != "peephole" else CELLS[letter]
+        self.state_shape = (2,) if letter == "L" and lstm != "peephole" else ()
         self.width = c["width"] if c["width"] is not None else d  # ParaRNNConfig.recurrent_width
         self.in_proj = nn.Linear(d, self.num_gates * self.width, bias=False)
         self.recurrent_weight = nn.Parameter(torch.zeros(self.num_gates, self.width))
@@ -107,7 +129,7 @@ class ParaRNNMixer(nn.Module):
         p = self.in_proj(x).float().unflatten(-1, (self.num_gates, self.width)) + self.gate_bias.float()
         u = self.recurrent_weight.float()
         h = state.get("recurrent")
-        h = x.new_zeros(B, self.width, dtype=torch.float32) if h is None else h.float()
+        h = x.new_zeros(B, self.width, *self.state_shape, dtype=torch.float32) if h is None else h.float()
         outputs = []
         for t in range(T):
             h, y_t = self.step(h, p[:, t], u)

@@ -1,0 +1,24 @@
+"""Setup shared by the whole suite.
+
+Without a GPU the Triton kernels run in Triton's interpreter: TRITON_INTERPRET=1 has to be in the environment
+before `triton` is first imported (triton.language's own @jit helpers are decorated then) and before any kernel
+is decorated. Other packages import triton too (transformers does, for the Hugging Face tests), so it is set
+here, before any test module is collected. On CPU it changes nothing else: the kernels' entry points take the
+PyTorch path unless a test forces Triton (kernels/backend.py).
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A one-process training checkpoint of a tiny data=passkey model (tests/eval/tiny_checkpoints.py)."""
+    from tests.eval.tiny_checkpoints import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("eval") / "run")
