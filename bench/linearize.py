@@ -44,7 +44,12 @@ VARIANTS = {  # name: (what, overrides)
     "liger_lora_distill": ("Liger, LoRA r8 + distillation (w=1)", ["init.linearize=liger", "model.lora.rank=8",
                                                                  "optim.lr=1e-3", "train.distill=1.0"]),
     "scratch": ("the same shape (ZZZZ) from scratch", ["model=transformer_tiny", "model.pattern=Z"]),
+    # lower learning rates (the teacher's schedule ended at 8e-5): in the grid only when --grid names them
+    "liger_lora_lr3e-4": ("Liger, LoRA r8, lr 3e-4", ["init.linearize=liger", "model.lora.rank=8", "optim.lr=3e-4"]),
+    "liger_lora_lr1e-4": ("Liger, LoRA r8, lr 1e-4", ["init.linearize=liger", "model.lora.rank=8", "optim.lr=1e-4"]),
+    "liger_full_lr5e-5": ("Liger, full fine-tuning, lr 5e-5", ["init.linearize=liger", "optim.lr=5e-5"]),
 }
+DEFAULT_VARIANTS = ["liger_lora", "liger_h_lora", "liger_full", "liger_lora_distill", "scratch"]
 CONTEXTS = [256, 1024, 4096, 16384, 32768]
 HF_STEPS = 30
 EVAL: list[str] = []  # --eval-tokens: eval.held_out_tokens for every score (default: the whole held-out split)
@@ -148,7 +153,10 @@ def decode_memory(teacher: Path) -> list[dict]:
 TOKENIZER_TEXT_FILES = 300  # stdlib files the tiny Llama's BPE tokenizer is trained on
 
 
-def tiny_llama(directory: Path) -> dict:
+LLAMA = {"layers": 4, "d_model": 128, "heads": "4 query / 2 KV", "d_ff": 352, "vocab": 4096, "tied": False}
+
+
+def tiny_llama(directory: Path) -> None:
     """A random LlamaForCausalLM (4 layers, d 128, 4 query / 2 KV heads, untied) and a byte-level BPE tokenizer
     (4,096 ids, trained on stdlib sources), saved as a Hugging Face model directory."""
     import transformers
@@ -172,7 +180,6 @@ def tiny_llama(directory: Path) -> dict:
                                       bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
-    return {"layers": 4, "d_model": 128, "heads": "4 query / 2 KV", "vocab": 4096}
 
 
 LOAD_AND_GENERATE = """
@@ -195,9 +202,9 @@ def hf_path(out: Path) -> dict:
     from checkpoints.initial import import_export
 
     hf_dir, imported, run_dir = out / "hf_llama", out / "hf_import", out / "hf_liger"
-    report = {}
+    report = {"llama": LLAMA}
     if not (imported / "config.json").exists():
-        report["llama"] = tiny_llama(hf_dir)
+        tiny_llama(hf_dir)
         import_export(hf_dir, imported)
     log("HF Llama imported")
     figures = train(out, "hf_liger", [f"init.from={imported}", "init.linearize=liger", "model.lora.rank=8",
@@ -226,26 +233,49 @@ def hf_path(out: Path) -> dict:
     return report
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as the README's table."""
+    fmt = lambda x, spec: "" if x is None else format(x, spec)
+    lines = ["| model | training tokens | steps | held-out bits/byte | recovery vs scratch | gap closed | "
+             "loss ≤ 256 / 257-1024 (nats) |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        share = "" if row["fraction"] is None else ("0" if row["fraction"] == 0 else f"{100 * row['fraction']:g}%")
+        lines.append(f"| {row['variant']} | {share} | {row['steps']} | {row['held_out_bpb']:.4f} | "
+                     f"{fmt(row.get('recovery'), '.3f')} | {fmt(row.get('gap_closed'), '.2f')} | "
+                     f"{fmt(row.get('ppl_loss_within_train_len'), '.3f')} / "
+                     f"{fmt(row.get('ppl_loss_beyond_train_len'), '.3f')} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], teacher_bpb: float, fractions: list[float], memory: list[dict], path: Path) -> None:
+    """Held-out bits per byte against training tokens (every model; then the fine-tuned ones close up) and the
+    decode state against context."""
     from eval.results import plt, save_figure
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in dict.fromkeys(row["variant"] for row in rows if row["key"] not in ("teacher",)):
-        points = sorted((row["fraction"], row["held_out_bpb"]) for row in rows if row["variant"] == name
-                        and row["fraction"])
-        if points:
-            left.plot([100 * f for f, _ in points], [b for _, b in points], marker="o", label=name)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.8))
     before = [row["held_out_bpb"] for row in rows if row["key"] == "linearized"]
-    left.axhline(teacher_bpb, color="black", linestyle="--", label="teacher (100%)")
-    if before:
-        left.axhline(before[0], color="grey", linestyle=":", label="linearized, no fine-tuning")
-    left.set_xlabel("training tokens (% of the teacher's)")
-    left.set_ylabel("held-out bits per byte")
-    left.set_xscale("log")
-    ticks = sorted({100 * row["fraction"] for row in rows if row["fraction"]})
-    left.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    left.set_title("transformer_tiny linearized (stdlib held-out)")
-    left.legend(fontsize=8)
+    names = list(dict.fromkeys(row["variant"] for row in rows if row["fraction"] and row["key"] != "teacher"))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one color per model in both panels
+    for axis, keys in ((left, None), (middle, "liger")):
+        for name in names:
+            points = sorted((row["fraction"], row["held_out_bpb"]) for row in rows if row["variant"] == name
+                            and row["fraction"] and (keys is None or row["key"].startswith(keys)))
+            if points:
+                axis.plot([100 * f for f, _ in points], [b for _, b in points], marker="o", label=name,
+                          color=colors[name])
+        axis.axhline(teacher_bpb, color="black", linestyle="--", label="teacher (100%)")
+        if before:
+            axis.axhline(before[0], color="grey", linestyle=":", label="linearized, no fine-tuning")
+        axis.set_xlabel("training tokens (% of the teacher's)")
+        axis.set_ylabel("held-out bits per byte")
+        axis.set_xscale("log")
+        ticks = sorted({100 * row["fraction"] for row in rows if row["fraction"]
+                        and (keys is None or row["key"].startswith(keys))})
+        axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        axis.minorticks_off()
+    left.set_title("transformer_tiny linearized vs from scratch")
+    left.legend(fontsize=7)
+    middle.set_title("the linearized models, close up")
     for name in [k for k in memory[0] if k != "context"]:
         right.plot([m["context"] for m in memory], [m[name] for m in memory], marker="o", label=name)
     right.set_xscale("log", base=2)
@@ -263,7 +293,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_linearize")
     parser.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS)
     parser.add_argument("--fractions", default="0.05,0.1,0.25")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--grid", default="",
                         help="variant:fractions;... to run some variants at fewer fractions, e.g. "
                              "'liger_full:0.1;liger_lora_distill:0.1' (the others: --fractions)")
@@ -319,6 +349,7 @@ def main(argv=None) -> int:
     print_table("held-out bits per byte (stdlib held-out split); recovery = (scratch - x) / (scratch - teacher) at "
                 "the same tokens; gap_closed = (linearized - x) / (linearized - teacher)",
                 [{k: v for k, v in row.items() if k != "key"} for row in rows])
+    print("\n" + markdown(rows))
     memory = decode_memory(teacher)
     print_table("decode state (batch 1, fp32, MiB) against context", memory)
     report = {"teacher": {"preset": "transformer_tiny", "steps": args.teacher_steps, "tokens": teacher_tokens,

@@ -19,9 +19,9 @@ sequence parallelism (sp.scan + the window's halo) and decoding (the recurrent s
 the preallocated decode state, no host sync) are theirs. Liger-H keeps some layers as full attention (the
 pattern; `init.keep_attention_every`).
 
-`init.linearize=liger` (checkpoints/initial.py) makes a run's model the teacher's with A layers turned into Z
-layers (`linearized_config`); `teacher_mode(model)` runs a model as that teacher: Z layers as full attention,
-LoRA updates off (model/lora.py), for the distillation loss (`train.distill`).
+`init.linearize=liger` makes a run's model the teacher's with A layers turned into Z layers (`linearized_pattern`,
+called by checkpoints/initial.py's `linearize_model_config`); `teacher_mode(model)` runs a model as that teacher: Z
+layers as full attention, LoRA updates off (model/lora.py), for the distillation loss (`train.distill`).
 """
 from __future__ import annotations
 
@@ -31,18 +31,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import chunk_gla, chunk_gla_vjp, fused_recurrent_gla, gla_state_summary
 from model.attention import Attention
 from model.config import ModelConfig
 from model.flops import attention_flops, chunked_recurrence_flops
+from model.gla import GLA_CORE  # a [K] log decay per head and step
+from model.lora import LoRALinear
+from model.mamba2 import MAMBA2_CORE  # one per head
 from model.recurrent import recurrent_scan, recurrent_step
-from model.registry import Mixer, RecurrentCore, register
-
-# GLA's core with a [K] log decay per head and step, and with one per head (model/gla.py, model/mamba2.py).
-VECTOR_CORE = RecurrentCore("gla", chunk=chunk_gla, chunk_vjp=chunk_gla_vjp, decode=fused_recurrent_gla,
-                            state_summary=gla_state_summary)
-SCALAR_CORE = RecurrentCore("gla_scalar", chunk=chunk_gla, chunk_vjp=chunk_gla_vjp, decode=fused_recurrent_gla,
-                            state_summary=gla_state_summary)
+from model.registry import Mixer, register
 
 
 class Liger(Attention):
@@ -54,7 +50,7 @@ class Liger(Attention):
         self.teacher = False
         super().__init__(cfg, window=settings.window)
         self.gate, self.mix, self.gate_logit_normalizer = settings.gate, settings.mix, settings.gate_logit_normalizer
-        self.core = VECTOR_CORE if settings.gate == "gla" else SCALAR_CORE
+        self.core = GLA_CORE if settings.gate == "gla" else MAMBA2_CORE
         self.groups = self.num_heads // self.num_kv_heads
 
     # The window branch's keys; in teacher mode the teacher's full attention (None) through Attention's code.
@@ -129,8 +125,6 @@ class Liger(Attention):
 def teacher_mode(model: torch.nn.Module):
     """Run `model` as the Transformer it was linearized from: Liger layers as full attention on their (frozen)
     projections, every LoRA update off. With LoRA the base weights never change, so this is the teacher exactly."""
-    from model.lora import LoRALinear
-
     switched = [m for m in model.modules() if isinstance(m, (Liger, LoRALinear))]
     for module in switched:
         module.teacher = True
@@ -159,6 +153,6 @@ def _head_dims(cfg: ModelConfig) -> tuple[int, int]:
     return d, d
 
 
-register(Mixer("liger", "Z", config_key="liger", build=Liger, core=VECTOR_CORE, head_dims=_head_dims,
+register(Mixer("liger", "Z", config_key="liger", build=Liger, core=GLA_CORE, head_dims=_head_dims,
                flops=lambda m, seq_len: attention_flops(m, seq_len)
                + chunked_recurrence_flops(m.num_heads, m.head_dim, m.head_dim)))

@@ -17,6 +17,7 @@ MLP's down projection is fused with the SiLU product, so a LoRA there would be b
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs.errors import ConfigError
+from model.attention import Attention  # the attention family: A, W and Liger (its subclass)
 from model.config import LORA_MIXER_TARGETS, LORA_MLP_TARGETS, LoRAConfig
 
 LORA_PARAMETERS = ("lora_A", "lora_B")
@@ -68,8 +70,6 @@ def is_lora_parameter(name: str) -> bool:
 def apply_lora(lm: nn.Module, cfg: LoRAConfig) -> None:
     """Replace the targeted projections of `lm` (freshly built, before init_weights) by LoRALinears and freeze
     every other parameter. A target that names no projection of this model is a ConfigError."""
-    from model.attention import Attention  # the attention family: A, W and Liger (its subclass)
-
     replaced = set()
     for block in lm.blocks:
         owners = [(block.mlp, LORA_MLP_TARGETS)]
@@ -98,8 +98,6 @@ def lora_modules(lm: nn.Module) -> list[LoRALinear]:
 def merge_lora(lm: nn.Module) -> nn.Module:
     """The same model without LoRA (model.lora.rank 0, every parameter trainable): each LoRALinear's weight
     replaced by W + (alpha / r) B A. `lm` is returned unchanged when it has no LoRA. Built on lm's device and dtype."""
-    import dataclasses
-
     if lm.config.lora.rank == 0:
         return lm
     merged_names = {name for name, module in lm.named_modules() if isinstance(module, LoRALinear)}
