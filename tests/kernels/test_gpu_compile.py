@@ -35,7 +35,7 @@ KERNELS = {
     # GLA's scalar-gate chunk kernels (on V + 1 value columns) and the mLSTM's own decode step
     "mlstm": SHARED | {"chunk_cumsum_kernel", "chunk_scalar_fwd_A_kernel", "chunk_bwd_dA_kernel",
                        "chunk_gla_bwd_dv_kernel", "chunk_scalar_bwd_dqk_intra_kernel", "chunk_gla_bwd_dqkg_kernel",
-                       "fused_recurrent_mlstm_fwd_kernel", "fused_recurrent_block_scan_kernel"},
+                       "fused_recurrent_mlstm_fwd_kernel"},
     "diagonal_scan": {"scan_chunk_map_kernel", "scan_state_kernel", "scan_output_kernel", "scan_grad_kernel",
                       "fused_recurrent_scan_kernel"},
     "block_diagonal_scan": {"block_scan_chunk_map_kernel", "block_scan_state_kernel", "block_scan_output_kernel",
