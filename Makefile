@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# The suite runs in one pytest worker per core (pytest-xdist), a test module per worker at a time so that its
+# module-scoped fixtures (built models, prepared runs) are built once; JOBS=0 runs it in this process.
+JOBS ?= $(shell nproc)
+PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadscope
 
 .PHONY: train test test-fast setup clean
 
@@ -21,11 +25,11 @@ train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=20 $(ARGS)
+	$(PYTEST) --durations=20 $(ARGS)
 
 # Leaves out the end-to-end and multi-process tests and the GPU-target compile check (minutes each).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu_compile" $(ARGS)
+	$(PYTEST) -m "not slow and not gpu_compile" $(ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

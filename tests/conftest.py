@@ -5,6 +5,8 @@ before `triton` is first imported (triton.language's own @jit helpers are decora
 is decorated. Other packages import triton too (transformers does, for the Hugging Face tests), so it is set
 here, before any test module is collected. On CPU it changes nothing else: the kernels' entry points take the
 PyTorch path unless a test forces Triton (kernels/backend.py).
+
+`make test` runs the suite in one pytest-xdist worker per core; each worker then uses one intra-op thread.
 """
 import os
 from pathlib import Path
@@ -14,6 +16,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test`: a worker per core, so one intra-op thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
