@@ -4,9 +4,15 @@ import torch
 import torch.nn.functional as F
 
 # Uneven documents, none aligned with the 64-token chunks: one shorter than a 16-token sub-chunk, an empty
-# one (its final state is its initial state), a single token, and two spanning several chunks.
-CU_SEQLENS = torch.tensor([0, 7, 70, 70, 71, 200, 333], dtype=torch.int32)
+# one (its final state is its initial state), a single token, one over three chunks (the last of one token) and
+# a short one after it; as few tokens as that takes, since the interpreter runs every chunk's program in turn.
+CU_SEQLENS = torch.tensor([0, 7, 70, 70, 71, 200, 213], dtype=torch.int32)
 NUM_DOCS = len(CU_SEQLENS) - 1
+PACKED_T = int(CU_SEQLENS[-1])  # the tokens of a packed row
+# Row lengths of the Triton tests: one token, one whole chunk, and two chunks the second ragged (down to a
+# partial 16-token sub-chunk). On a GPU also a partial sub-chunk alone and five chunks; in the interpreter the
+# packed rows above cover a row of three chunks.
+TRITON_LENGTHS = [1, 15, 64, 100, 257] if torch.cuda.is_available() else [1, 64, 100]
 
 
 def gla_inputs(B, T, H, K, V, scalar_gate, num_states, gates="normal", seed=0):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from compare import assert_matches
-from inputs import (CU_SEQLENS, NUM_DOCS, diagonal_scan_inputs as make_inputs,
+from inputs import (CU_SEQLENS, PACKED_T, TRITON_LENGTHS, NUM_DOCS, diagonal_scan_inputs as make_inputs,
                     diagonal_scan_triton_chunk as triton_chunk,
                     diagonal_scan_triton_fused_recurrent as triton_fused_recurrent, run_scan)
 from kernels import chunk_diagonal_scan, diagonal_scan_state_summary, fused_recurrent_diagonal_scan
@@ -44,7 +44,7 @@ def test_chunk_torch_fp64(T, gates):
 def test_chunk_torch_fp32_cu_seqlens(gates):
     """Packed documents: one shorter than a chunk, an empty one (final state = initial state), a single token,
     two over several chunks."""
-    inputs, upstream = make_inputs(1, 333, 2, 16, num_states=NUM_DOCS, gates=gates)
+    inputs, upstream = make_inputs(1, PACKED_T, 2, 16, num_states=NUM_DOCS, gates=gates)
     expected = reference(inputs, upstream, CU_SEQLENS)
     assert_matches(run_scan(chunk_diagonal_scan_torch, inputs, upstream, torch.float32, cu_seqlens=CU_SEQLENS),
                    expected, 2e-4)
@@ -104,7 +104,7 @@ def test_bad_input_is_a_clear_error(bad, message):
 @pytest.mark.parametrize("gates", GATES)
 def test_summary_gives_the_final_state_from_any_initial_state(cu_seqlens, gates):
     """A * h_0 + h_local is the final state from h_0 (and h_local the one from zero), forward and every gradient."""
-    B, T = (2, 131) if cu_seqlens is None else (1, 333)
+    B, T = (2, 131) if cu_seqlens is None else (1, PACKED_T)
     N = B if cu_seqlens is None else NUM_DOCS
     inputs, _ = make_inputs(B, T, 2, 8, num_states=N, gates=gates)
     gen = torch.Generator().manual_seed(1)
@@ -144,7 +144,7 @@ TRITON_PATHS = [pytest.param(triton_chunk, id="triton_chunk"),
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("nan_buffers")
-@pytest.mark.parametrize("T", [1, 15, 64, 100, 257])
+@pytest.mark.parametrize("T", TRITON_LENGTHS)
 @pytest.mark.parametrize("path", TRITON_PATHS)
 def test_triton(path, T):
     D = 24 if T % 2 else 80  # a ragged channel block, and more than one block
@@ -159,7 +159,7 @@ def test_triton(path, T):
 @pytest.mark.parametrize("path", TRITON_PATHS)
 def test_triton_cu_seqlens(path, gates):
     heads = 2 if gates == "mixed" else 1  # two heads once: the interpreter runs every program in turn
-    inputs, upstream = make_inputs(1, 333, heads, 16, num_states=NUM_DOCS, gates=gates)
+    inputs, upstream = make_inputs(1, PACKED_T, heads, 16, num_states=NUM_DOCS, gates=gates)
     expected = reference(inputs, upstream, CU_SEQLENS)
     assert_matches(run_scan(path, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected, 2e-4)
 
@@ -205,7 +205,7 @@ def test_core_form_is_the_scan_of_k_times_v_with_column_states():
     (a diagonal transition [N, H, D] scaling the state's rows) to its final state from any initial state."""
     from kernels.diagonal_scan.core_form import (chunk_diagonal_scan_kv, diagonal_scan_kv_state_summary,
                                                  fused_recurrent_diagonal_scan_kv)
-    inputs, _ = make_inputs(1, 333, 2, 8, num_states=NUM_DOCS, gates="long")
+    inputs, _ = make_inputs(1, PACKED_T, 2, 8, num_states=NUM_DOCS, gates="long")
     a, v, h0 = inputs["a"], inputs["b"], inputs["initial_state"].unsqueeze(-1)
     k = torch.rand_like(v)
     o, final = chunk_diagonal_scan_kv(None, k, v, a, initial_state=h0, output_final_state=True, cu_seqlens=CU_SEQLENS)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from compare import assert_matches, run
-from inputs import CU_SEQLENS
+from inputs import CU_SEQLENS, PACKED_T
 from kernels import (chunk_gated_delta_product, chunk_gated_delta_rule, fused_recurrent_gated_delta_product,
                      gated_delta_product_state_summary)
 from kernels.gated_delta_product import naive_gated_delta_product
@@ -46,7 +46,7 @@ def test_naive_is_the_product_of_householder_transitions():
 
 @pytest.mark.parametrize("op", [chunk_gated_delta_product, fused_recurrent_gated_delta_product],
                          ids=["chunk", "fused_recurrent"])
-@pytest.mark.parametrize("T,n_h,packed", [(1, 2, False), (37, 2, False), (45, 3, False), (333, 2, True)])
+@pytest.mark.parametrize("T,n_h,packed", [(1, 2, False), (37, 2, False), (45, 3, False), (PACKED_T, 2, True)])
 def test_matches_the_naive_loop_forward_and_backward(op, T, n_h, packed):
     cu_seqlens = CU_SEQLENS if packed else None
     B = 1 if packed else 2
@@ -83,7 +83,7 @@ def test_one_householder_step_is_the_gated_delta_rule():
 
 def test_state_summary_is_the_final_state_map():
     """S_local and M of each packed document: final state from S_0 = M S_0 + S_local."""
-    inputs, _ = product_inputs(1, 333, 2, 2, 8, 4, num_states=len(CU_SEQLENS) - 1)
+    inputs, _ = product_inputs(1, PACKED_T, 2, 2, 8, 4, num_states=len(CU_SEQLENS) - 1)
     q, k, v, g, beta, state = (inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state"))
     _, final = naive_gated_delta_product(q, k, v, g, beta, initial_state=state, output_final_state=True,
                                          cu_seqlens=CU_SEQLENS)

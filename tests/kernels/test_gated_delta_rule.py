@@ -8,7 +8,7 @@ state). Tolerances:
 - fp64 chunked PyTorch: 1e-10. Both paths are exact in fp64; only the summation order differs.
 - fp32 (chunked PyTorch, and Triton under TRITON_INTERPRET=1): 2e-4; measured worst 8e-5 (dg with extreme
   gates), 2.5e-5 otherwise. fp32 rounding (~6e-8) grows through the triangular solve of the WY form (with
-  nearly parallel keys and beta near 2, (I + A)^{-1} is far from the identity), through sums over up to 333
+  nearly parallel keys and beta near 2, (I + A)^{-1} is far from the identity), through sums over up to 129
   steps, and through cumulative gates: exp(gamma_t - gamma_s) is computed from within-chunk cumulative sums
   that reach -2500 with extreme gates, whose rounding (|gamma| * 6e-8) is a relative error of every decay;
   with such gates dg is itself made only of those tiny decays.
@@ -26,7 +26,7 @@ from kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from kernels.gated_delta_rule.chunk import chunk_gated_delta_rule_torch
 from kernels.gated_delta_rule.naive import naive_gated_delta_rule
 from compare import assert_matches, run
-from inputs import CU_SEQLENS, gated_delta_rule_inputs as make_inputs
+from inputs import CU_SEQLENS, PACKED_T, TRITON_LENGTHS, gated_delta_rule_inputs as make_inputs
 from inputs import gated_delta_rule_triton_chunk as triton_chunk
 from inputs import gated_delta_rule_triton_fused_recurrent as triton_fused_recurrent
 
@@ -78,15 +78,18 @@ def test_chunk_torch_fp64(T, K, V):
                          + [("triton_fused_recurrent", gates) for gates in ("mixed", "none")])
 @pytest.mark.gpu
 def test_fp32_cu_seqlens(path, gates, nan_buffers):
-    inputs, upstream, cu_seqlens, expected = case(1, 333, 1, 16, 32, gates, packed=True)
+    inputs, upstream, cu_seqlens, expected = case(1, PACKED_T, 1, 16, 32, gates, packed=True)
     device = "cpu" if path == "torch" else DEVICE
     assert_matches(run(PATHS[path], inputs, upstream, torch.float32, device, cu_seqlens), expected, FP32_TOL)
 
 
-# K = 96 and 200: the kernels' 64-wide key blocks, two and four of them, the last one partial.
+# (K, V) by length; then K = 96 and 200: the kernels' 64-wide key blocks, two and four of them, the last partial.
+HEAD_DIMS = {1: (16, 16), 15: (32, 16), 64: (16, 32), 100: (16, 16), 257: (16, 16)}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,K,V", [(1, 16, 16), (15, 32, 16), (64, 16, 32), (100, 16, 16), (257, 16, 16),
-                                   (70, 64, 64), (70, 96, 80), (70, 200, 24)])
+@pytest.mark.parametrize("T,K,V", [(T, *HEAD_DIMS[T]) for T in TRITON_LENGTHS]
+                         + [(70, 64, 64), (70, 96, 80), (70, 200, 24)])
 def test_chunk_triton_fp32(T, K, V, nan_buffers):
     inputs, upstream, _, expected = case(2, T, 1, K, V, seed=T)
     assert_matches(run(triton_chunk, inputs, upstream, torch.float32, DEVICE), expected, FP32_TOL)

@@ -20,7 +20,7 @@ from kernels import chunk_gla, fused_recurrent_gla
 from kernels.gla.chunk import chunk_gla_torch
 from kernels.gla.naive import naive_recurrent_gla
 from compare import assert_matches, run
-from inputs import CU_SEQLENS, NUM_DOCS, gla_inputs as make_inputs, gla_triton_chunk as triton_chunk
+from inputs import CU_SEQLENS, PACKED_T, TRITON_LENGTHS, NUM_DOCS, gla_inputs as make_inputs, gla_triton_chunk as triton_chunk
 from inputs import gla_triton_fused_recurrent as triton_fused_recurrent
 
 CUDA = torch.cuda.is_available()
@@ -53,7 +53,7 @@ def test_chunk_torch_fp64_blocked_path():
 @pytest.mark.parametrize("gates", ["normal", "strong", "extreme", "mixed"])
 @pytest.mark.parametrize("scalar_gate", [False, True], ids=["vector", "scalar"])
 def test_chunk_torch_fp32_cu_seqlens(gates, scalar_gate):
-    inputs, upstream = make_inputs(1, 333, 2, 32, 32, scalar_gate, num_states=NUM_DOCS, gates=gates)
+    inputs, upstream = make_inputs(1, PACKED_T, 2, 32, 32, scalar_gate, num_states=NUM_DOCS, gates=gates)
     expected = reference(inputs, upstream, CU_SEQLENS)
     assert_matches(run(chunk_gla_torch, inputs, upstream, torch.float32, "cpu", CU_SEQLENS), expected, 2e-4)
 
@@ -131,7 +131,7 @@ def tolerance(dtype):
 @pytest.mark.gpu
 @pytest.mark.usefixtures("nan_buffers")
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
-@pytest.mark.parametrize("T", [1, 15, 64, 100, 257])
+@pytest.mark.parametrize("T", TRITON_LENGTHS)
 @pytest.mark.parametrize("scalar_gate", [False, True], ids=["vector", "scalar"])
 @pytest.mark.parametrize("path", TRITON_PATHS)
 def test_triton(path, scalar_gate, T, dtype):
@@ -146,7 +146,7 @@ def test_triton(path, scalar_gate, T, dtype):
 @pytest.mark.parametrize("gates", ["normal", "extreme", "mixed"])
 @pytest.mark.parametrize("scalar_gate", [False, True], ids=["vector", "scalar"])
 def test_triton_chunk_cu_seqlens(scalar_gate, gates):
-    inputs, upstream = make_inputs(1, 333, 1, 16, 32, scalar_gate, num_states=NUM_DOCS, gates=gates)
+    inputs, upstream = make_inputs(1, PACKED_T, 1, 16, 32, scalar_gate, num_states=NUM_DOCS, gates=gates)
     expected = reference(inputs, upstream, CU_SEQLENS)
     assert_matches(run(triton_chunk, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected, FP32_TOL)
 
@@ -155,7 +155,7 @@ def test_triton_chunk_cu_seqlens(scalar_gate, gates):
 @pytest.mark.usefixtures("nan_buffers")
 @pytest.mark.parametrize("scalar_gate", [False, True], ids=["vector", "scalar"])
 def test_triton_fused_recurrent_cu_seqlens(scalar_gate):
-    inputs, upstream = make_inputs(1, 333, 1, 16, 16, scalar_gate, num_states=NUM_DOCS, gates="mixed")
+    inputs, upstream = make_inputs(1, PACKED_T, 1, 16, 16, scalar_gate, num_states=NUM_DOCS, gates="mixed")
     expected = reference(inputs, upstream, CU_SEQLENS)
     assert_matches(run(triton_fused_recurrent, inputs, upstream, torch.float32, DEVICE, CU_SEQLENS), expected,
                    FP32_TOL)

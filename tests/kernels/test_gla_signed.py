@@ -9,7 +9,7 @@ from kernels.common import sequence_bounds
 from kernels.gla.signed import (chunk_gla_signed, chunk_gla_signed_vjp, fused_recurrent_gla_signed,
                                 gla_signed_state_summary)
 from compare import assert_matches, run
-from inputs import CU_SEQLENS, NUM_DOCS
+from inputs import CU_SEQLENS, PACKED_T, NUM_DOCS
 
 
 def naive_signed(q, k, v, a, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -57,7 +57,7 @@ def test_chunk_torch_fp64(T):
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_chunk_fp32_cu_seqlens(kernels, monkeypatch, nan_buffers):
     monkeypatch.setenv("BATON_KERNELS", kernels)
-    inputs, upstream = signed_inputs(1, 333, 2, 16, 16, num_states=NUM_DOCS)
+    inputs, upstream = signed_inputs(1, PACKED_T, 2, 16, 16, num_states=NUM_DOCS)
     expected = run(naive_signed, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
     assert_matches(run(through_log(chunk_gla_signed), inputs, upstream, torch.float32, "cpu", CU_SEQLENS),
                    expected, 2e-4)
@@ -66,7 +66,7 @@ def test_chunk_fp32_cu_seqlens(kernels, monkeypatch, nan_buffers):
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_fused_recurrent_cu_seqlens(kernels, monkeypatch):
     monkeypatch.setenv("BATON_KERNELS", kernels)
-    inputs, upstream = signed_inputs(1, 333, 2, 16, 16, num_states=NUM_DOCS, seed=1)
+    inputs, upstream = signed_inputs(1, PACKED_T, 2, 16, 16, num_states=NUM_DOCS, seed=1)
     expected = run(naive_signed, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
     assert_matches(run(through_log(fused_recurrent_gla_signed), inputs, upstream, torch.float32, "cpu",
                        CU_SEQLENS), expected, 2e-4)
@@ -74,7 +74,7 @@ def test_fused_recurrent_cu_seqlens(kernels, monkeypatch):
 
 def test_state_summary_composes_with_any_initial_state():
     """final(S_0) = transition * S_0 + S_local per sequence: what sequence parallelism combines."""
-    inputs, _ = signed_inputs(1, 333, 2, 16, 8, num_states=NUM_DOCS, seed=2)
+    inputs, _ = signed_inputs(1, PACKED_T, 2, 16, 8, num_states=NUM_DOCS, seed=2)
     q, k, v, a, s0 = (inputs[name] for name in ("q", "k", "v", "a", "initial_state"))
     g, sign = a.abs().log(), torch.where(a < 0, -1.0, 1.0).double()
     state, transition = gla_signed_state_summary(k, v, g, sign, CU_SEQLENS)
@@ -87,7 +87,7 @@ def test_state_summary_composes_with_any_initial_state():
 def test_vjp_is_autograds(kernels, monkeypatch):
     """The gradients recomputation around the scan takes from chunk_gla_signed_vjp, without the forward."""
     monkeypatch.setenv("BATON_KERNELS", kernels)
-    inputs, upstream = signed_inputs(1, 333, 2, 16, 16, num_states=1, seed=3)
+    inputs, upstream = signed_inputs(1, PACKED_T, 2, 16, 16, num_states=1, seed=3)
     q, k, v = (inputs[name].float().requires_grad_() for name in "qkv")
     g = inputs["a"].abs().log().float().requires_grad_()
     sign = torch.where(inputs["a"] < 0, -1.0, 1.0).float()

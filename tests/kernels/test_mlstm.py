@@ -12,7 +12,7 @@ from kernels.mlstm import (chunk_mlstm, combine_mlstm_states, fused_recurrent_ml
                            naive_recurrent_mlstm, split_state)
 from kernels.tuning import pinned_config
 from compare import assert_matches, run
-from inputs import CU_SEQLENS, NUM_DOCS, mlstm_inputs
+from inputs import CU_SEQLENS, PACKED_T, NUM_DOCS, mlstm_inputs
 
 
 def true_units(state: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def test_chunk_torch_fp64(T):
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_chunk_fp32_cu_seqlens(kernels, monkeypatch, nan_buffers):
     monkeypatch.setenv("BATON_KERNELS", kernels)
-    inputs, upstream = mlstm_inputs(1, 333, 2, 16, 16, num_states=NUM_DOCS)
+    inputs, upstream = mlstm_inputs(1, PACKED_T, 2, 16, 16, num_states=NUM_DOCS)
     expected = run(naive_recurrent_mlstm, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
     assert_matches(run(chunk_mlstm, inputs, upstream, torch.float32, "cpu", CU_SEQLENS), expected, 2e-4)
 
@@ -54,7 +54,7 @@ def test_chunk_fp32_cu_seqlens(kernels, monkeypatch, nan_buffers):
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_fused_recurrent_cu_seqlens(kernels, monkeypatch):
     monkeypatch.setenv("BATON_KERNELS", kernels)
-    inputs, upstream = mlstm_inputs(1, 333, 2, 16, 16, num_states=NUM_DOCS, seed=1)
+    inputs, upstream = mlstm_inputs(1, PACKED_T, 2, 16, 16, num_states=NUM_DOCS, seed=1)
     expected = run(naive_recurrent_mlstm, inputs, upstream, torch.float64, "cpu", CU_SEQLENS)
     assert_matches(run(fused_recurrent_mlstm, inputs, upstream, torch.float32, "cpu", CU_SEQLENS), expected, 2e-4)
 
@@ -63,7 +63,7 @@ def test_input_gates_past_fp32s_range_stay_finite_and_exact():
     """exp(i) up to e^150 (fp32 overflows at e^88): the stabilised fp32 op still matches fp64, and the final
     state's stabiliser is the largest log-weight, so its memory is O(1). Positive q and k: with signed ones n . q
     may cancel to far below its terms, and h = C^T q / (n . q) is then ill-conditioned in any precision."""
-    inputs, upstream = mlstm_inputs(1, 333, 2, 16, 16, num_states=NUM_DOCS, input_gates=60.0, seed=2)
+    inputs, upstream = mlstm_inputs(1, PACKED_T, 2, 16, 16, num_states=NUM_DOCS, input_gates=60.0, seed=2)
     inputs["i"] = inputs["i"].clamp(-50, 150)
     inputs["q"], inputs["k"] = inputs["q"].abs(), inputs["k"].abs()
     inputs["initial_state"][..., :-1] = inputs["initial_state"][..., :-1].abs()
@@ -76,7 +76,7 @@ def test_input_gates_past_fp32s_range_stay_finite_and_exact():
 def test_state_summary_composes_with_any_initial_state():
     """final(S_0) == combine(transition, S_local, S_0) per sequence in true units (what sequence parallelism
     chains), the empty document's included; and the combine's gradients are the chain's."""
-    inputs, _ = mlstm_inputs(1, 333, 2, 16, 8, num_states=NUM_DOCS, seed=3)
+    inputs, _ = mlstm_inputs(1, PACKED_T, 2, 16, 8, num_states=NUM_DOCS, seed=3)
     q, k, v, i, f, s0 = inputs.values()
     local, transition = mlstm_state_summary(k, v, i, f, CU_SEQLENS)
     _, final = naive_recurrent_mlstm(q, k, v, i, f, initial_state=s0, output_final_state=True, cu_seqlens=CU_SEQLENS)
