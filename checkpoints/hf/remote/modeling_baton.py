@@ -31,8 +31,9 @@ class Attention(nn.Module):
     """Causal grouped-query attention with RoPE (model/attention.py): full (letter A) or a sliding window of
     `window` keys, the query's own included (W). Options Baton's imported checkpoints carry: biases on q/k/v
     (qkv_bias) and o (out_bias), each head's query and key RMS-normed before RoPE (qk_norm), Llama 3's rope_scaling.
-    In an encoder every query sees every key (model/bidirectional.py; full attention only). State: {"k", "v": the rotated keys and values [B, S, H_kv, D] a next query may see (all of them, or a window's
-    last window - 1), "length": the tokens seen}."""
+    In an encoder every query sees every key (model/bidirectional.py; full attention only). State: {"k", "v": the
+    rotated keys and values [B, S, H_kv, D] a next query may see (all of them, or a window's last window - 1),
+    "length": the tokens seen}."""
 
     def __init__(self, config, letter: str):
         super().__init__()
