@@ -65,8 +65,8 @@ def convolve(convs: nn.ModuleDict, inputs: dict, state: dict, new_state: dict) -
 class GLA(nn.Module):
     """Gated Linear Attention: a per-key decay exp(logsigmoid(gk_proj x) / gate_logit_normalizer), optional short
     convs on q, k and v, the output normed per head (gated by silu(g_proj x) when use_output_gate). State:
-    {"recurrent": S [B, H, K, V] fp32, and with short convs the windows "q_conv", "k_conv", "v_conv"}; none in an
-    encoder (both ways)."""
+    {"recurrent": S [B, H, K, V] fp32, and with short convs the windows "q_conv", "k_conv", "v_conv"}; only the
+    windows in an encoder (both ways)."""
 
     def __init__(self, config):
         super().__init__()
