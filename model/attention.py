@@ -166,7 +166,7 @@ class Attention(nn.Module):
         inv_freq = self.inv_freq(device)
         q, k = apply_rotary(q, q_pos, inv_freq), apply_rotary(k, q_pos, inv_freq)
         if not self.causal:
-            return self.o_proj(bidirectional_attention(q, k, v, cu_seqlens, sp).reshape(B, T, -1))
+            return bidirectional_attention(q, k, v, cu_seqlens, sp).reshape(B, T, -1)
 
         if sp is not None:
             k, v, key_pos = sp.gather_kv(k, v, self.window)

@@ -7,7 +7,8 @@ format=baton (the default) writes out/model.safetensors, out/config.json (the mo
 run's config, so `python -m eval checkpoint=out` scores it on the same data), the tokenizer and out/export.json
 (the step and the checkpoint it came from); `checkpoints.load_model(out)` loads it. format=hf writes a
 directory `transformers` loads without Baton (checkpoints/hf/exporter.py): a plain Llama / Mistral / Qwen
-model for pure attention, Baton's self-contained modeling code (trust_remote_code=True) for anything else.
+model for pure attention, Baton's self-contained modeling code (trust_remote_code=True) for anything else (a
+masked LM for an encoder).
 The checkpoint may also be an export. The export is written to a temporary directory renamed when complete;
 an existing non-empty `out` is never overwritten.
 """

@@ -1,7 +1,8 @@
 """The masked-LM objective (data/mlm.py, train.objective=mlm) and encoders end to end: the masks are exact and do
 not depend on the layout (data-parallel ranks, sequence-parallel slices); an encoder trains, resumes to the same
 losses, trains under sp=2 to the same losses, and evaluates from its checkpoint (held-out MLM accuracy and
-perplexity); what it cannot do is one line and exit 2."""
+perplexity) and exports as a Hugging Face masked LM with the checkpoint's logits and its mask token; what it
+cannot do is one line and exit 2."""
 import json
 import subprocess
 import sys
@@ -10,17 +11,31 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoints import load_model
 from configs.errors import ConfigError
 from configs.schema import load_config
 from data import prepare_dataset
 from data.config import DataConfig
 from data.mlm import MaskedLoader, MLMConfig, mask_tokens, mlm_vocab, scored_per_row
 from model.config import ModelConfig
+from tests.checkpoints.hf_models import run_without_baton
 from tests.training_runs import ENV, REPO, losses, run_train, torchrun
 
 ENCODER = ["model=lion_s_tiny", "model.vocab_size=8320", "model.d_model=64", "model.lion.num_heads=2",
            "train.mlm.mask_rate=0.3", "eval.mlm.mask_rate=0.15", "train.seq_len=128"]
 MASK_ID, VOCAB = 8192, 8192
+# In a process without Baton: the export's masked LM and tokenizer on a text with a <mask>; prints [ids, logits].
+LOAD_MASKED_LM = """
+import json, sys, torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert tokenizer.mask_token_id == model.config.mask_token_id, (tokenizer.mask_token_id, model.config.mask_token_id)
+ids = tokenizer("def main():" + tokenizer.mask_token + "return 0")["input_ids"]
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits[0, :, :tokenizer.mask_token_id]
+print(json.dumps([ids, logits.tolist()]))
+"""
 
 
 def test_every_row_scores_the_same_count_whatever_the_slicing():
@@ -112,7 +127,16 @@ def test_an_encoder_trains_resumes_and_evaluates(tmp_path):
         assert proc.returncode == 2 and last.startswith("error: eval.tasks") and "encoder" in last
     export = subprocess.run([sys.executable, "-m", "scripts.export", f"checkpoint={checkpoint}",
                              f"out={tmp_path / 'hf'}", "format=hf"], cwd=REPO, env=ENV, capture_output=True, text=True)
-    assert export.returncode == 2 and "encoder" in export.stderr
+    assert export.returncode == 0, export.stderr[-2000:]
+    # The Hugging Face export is a masked LM whose tokenizer's <mask> is the id training masked with, and which
+    # gives the checkpoint's logits (tests/checkpoints/test_hf_encoder_export.py checks every mixer)
+    loaded = run_without_baton(LOAD_MASKED_LM, tmp_path, str(tmp_path / "hf"))
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    ids, logits = json.loads(loaded.stdout.splitlines()[-1])
+    assert MASK_ID in ids  # the text's <mask>
+    with torch.no_grad():
+        expected = load_model(checkpoint)(torch.tensor([ids]))[0, :, :VOCAB]
+    assert (torch.tensor(logits) - expected).abs().amax() <= 1e-5
 
 
 @pytest.mark.slow

@@ -7,7 +7,11 @@
   only: every mixer's PyTorch reference path, the recurrent state as generate's cache), config.json with
   `auto_map` so AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True) finds it, and Baton's own
   weights under Baton's names.
-Both carry the tokenizer files and export.json; the directory is written beside `out` and renamed when whole.
+- An encoder (model.bidirectional, LION) is the same remote code as a masked LM, attention-only ones included:
+  AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True); its mask id (data/mlm.py: the first id past
+  the tokenizer's) is the config's mask_token_id and the tokenizer's `<mask>`.
+All carry the tokenizer files and export.json; the directory is written beside `out` and renamed when whole (a
+failure removes it: nothing is left behind).
 """
 from __future__ import annotations
 
@@ -21,12 +25,15 @@ from safetensors.torch import save_file, save_model
 
 from checkpoints.hf.architectures import hf_architecture, hf_config_dict, to_hf_name
 from configs.errors import CheckpointError
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, tokenizer_file_name
 
 REMOTE_CODE = Path(__file__).resolve().parent / "remote"
-AUTO_MAP = {"AutoConfig": "configuration_baton.BatonConfig",
-            "AutoModelForCausalLM": "modeling_baton.BatonForCausalLM"}
+AUTO_CONFIG = {"AutoConfig": "configuration_baton.BatonConfig"}
+CAUSAL_LM, MASKED_LM = "BatonForCausalLM", "BatonForMaskedLM"
+AUTO_CLASS = {CAUSAL_LM: "AutoModelForCausalLM", MASKED_LM: "AutoModelForMaskedLM"}
 WEIGHTS, CONFIG, INFO = "model.safetensors", "config.json", "export.json"
+TOKENIZER, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+MASK_TOKEN = "<mask>"
 
 
 def is_plain_attention(model_config) -> bool:
@@ -36,6 +43,18 @@ def is_plain_attention(model_config) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def encoder_mask_id(model_config, tokenizer) -> int | None:
+    """The id masked-LM training replaced tokens by (data/mlm.py mlm_vocab): the first past the data's vocabulary,
+    which the model config records as valid_vocab_size; None without either (an encoder not trained by train.py).
+    A tokenizer with another vocabulary is not the model's: a one-line CheckpointError."""
+    mask_id = model_config.valid_vocab_size
+    if tokenizer is not None and tokenizer.vocab_size != mask_id:
+        raise CheckpointError(f"format=hf: the tokenizer has {tokenizer.vocab_size} ids but the encoder's mask id "
+                              f"(model.valid_vocab_size, the first id past its training data's) is {mask_id}: not "
+                              "the tokenizer it was trained with")
+    return mask_id
 
 
 def special_token_ids(tokenizer) -> dict:
@@ -67,19 +86,22 @@ def write_plain(model, directory: Path, tokenizer) -> str:
     return arch.hf_class
 
 
-def write_remote(model, directory: Path, tokenizer) -> str:
-    """Baton's weights under Baton's names with the remote modeling code; returns the class."""
+def write_remote(model, directory: Path, tokenizer, mask_id: int | None) -> str:
+    """Baton's weights under Baton's names with the remote modeling code; returns the class (the masked LM for an
+    encoder, whose mask_id the config records)."""
     for source in sorted(REMOTE_CODE.glob("*.py")):
         if source.name != "__init__.py":
             shutil.copyfile(source, directory / source.name)
     save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
-    config = {"architectures": ["BatonForCausalLM"], "model_type": "baton", "auto_map": AUTO_MAP,
+    hf_class = MASKED_LM if model.config.is_encoder else CAUSAL_LM
+    config = {"architectures": [hf_class], "model_type": "baton",
+              "auto_map": AUTO_CONFIG | {AUTO_CLASS[hf_class]: f"modeling_baton.{hf_class}"},
               "baton": dataclasses.asdict(model.config), "vocab_size": model.config.vocab_size,
               "hidden_size": model.config.d_model, "num_hidden_layers": len(model.config.layer_mixers()),
               "tie_word_embeddings": model.config.tie_embeddings, "dtype": "float32",
-              **special_token_ids(tokenizer)}
+              **special_token_ids(tokenizer), **({} if mask_id is None else {"mask_token_id": mask_id})}
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
-    return "BatonForCausalLM"
+    return hf_class
 
 
 def write_sentencepiece_as_hf(tokenizer, directory: Path) -> None:
@@ -108,32 +130,54 @@ def write_sentencepiece_as_hf(tokenizer, directory: Path) -> None:
     eos = tokenizer.sp.id_to_piece(tokenizer.eos_id)
     hf.post_processor = processors.TemplateProcessing(single=f"{eos} $A", pair=f"{eos} $A $B",
                                                       special_tokens=[(eos, tokenizer.eos_id)])
-    hf.save(str(directory / "tokenizer.json"))
+    hf.save(str(directory / TOKENIZER))
     specials = {f"{kind}_token": tokenizer.sp.id_to_piece(getattr(tokenizer, f"{kind}_id"))
                 for kind in ("eos", "pad") if getattr(tokenizer, f"{kind}_id") >= 0}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, **specials,
               "unk_token": tokenizer.sp.id_to_piece(tokenizer.sp.unk_id()), "add_bos_token": True}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def add_mask_token(directory: Path, mask_id: int) -> None:
+    """MASK_TOKEN as a special token of the exported tokenizer.json at mask_id (the first id past its vocabulary,
+    checked by encoder_mask_id) and its tokenizer_config.json's mask_token, so `tokenizer.mask_token_id` is the
+    model's mask id."""
+    from tokenizers import AddedToken, Tokenizer
+
+    hf = Tokenizer.from_file(str(directory / TOKENIZER))
+    hf.add_special_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)])
+    if hf.token_to_id(MASK_TOKEN) != mask_id:  # the vocabulary has a piece of that name already
+        raise CheckpointError(f"format=hf: the tokenizer already has a token {MASK_TOKEN!r} (id "
+                              f"{hf.token_to_id(MASK_TOKEN)}), so the mask id {mask_id} cannot take that name")
+    hf.save(str(directory / TOKENIZER))
+    config_path = directory / TOKENIZER_CONFIG
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config_path.write_text(json.dumps(config | {"mask_token": MASK_TOKEN}, indent=2))
 
 
 def write_hf_export(model, out: Path, tokenizer, info: dict) -> Path:
     """Export `model` (whole, in this process) to `out` in Hugging Face form; the caller checked `out` is new."""
-    if model.config.is_encoder:  # both export forms are causal LMs; a masked-LM export is not built
-        raise CheckpointError("format=hf: the model is an encoder (bidirectional, trained with train.objective=mlm), "
-                              "which has no Hugging Face export yet; format=baton exports it")
+    encoder = model.config.is_encoder
+    mask_id = encoder_mask_id(model.config, tokenizer) if encoder else None  # checked before anything is written
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model = model.float()
-    plain = is_plain_attention(model.config)
-    hf_class = write_plain(model, tmp, tokenizer) if plain else write_remote(model, tmp, tokenizer)
-    if isinstance(tokenizer, Tokenizer):  # Baton's own sentencepiece model
-        write_sentencepiece_as_hf(tokenizer, tmp)
-    elif tokenizer is not None:  # a Hugging Face tokenizer (an imported model's): as it came
-        for file in tokenizer.files():
-            shutil.copyfile(file, tmp / file.name)
-    (tmp / INFO).write_text(json.dumps({**info, "format": "hf", "hf_class": hf_class}, indent=1))
+    try:
+        model = model.float()
+        plain = not encoder and is_plain_attention(model.config)  # transformers' plain classes are causal LMs
+        hf_class = write_plain(model, tmp, tokenizer) if plain else write_remote(model, tmp, tokenizer, mask_id)
+        if isinstance(tokenizer, Tokenizer):  # Baton's own sentencepiece model
+            write_sentencepiece_as_hf(tokenizer, tmp)
+        elif tokenizer is not None:  # a Hugging Face tokenizer (an imported model's): as it came
+            for file in tokenizer.files():
+                shutil.copyfile(file, tmp / (tokenizer_file_name(file) if file == tokenizer.path else file.name))
+        if tokenizer is not None and mask_id is not None:
+            add_mask_token(tmp, mask_id)
+        (tmp / INFO).write_text(json.dumps({**info, "format": "hf", "hf_class": hf_class}, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()  # empty, checked by the caller
     os.replace(tmp, out)

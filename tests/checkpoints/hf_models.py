@@ -1,6 +1,9 @@
 """Tiny random Hugging Face models and tokenizers built with transformers / tokenizers (nothing downloaded),
-saved as a model directory the way the hub serves them."""
+saved as a model directory the way the hub serves them; and a process that loads exports without Baton."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -10,14 +13,15 @@ TEXT = ("def recurrent_state(self, chunk):\n    return self.decay * state + key 
         "class Baton:\n    passes the state between ranks and documents\n") * 20
 
 
-def make_tokenizer(directory: Path, vocab_size: int = VOCAB) -> None:
-    """A byte-level BPE tokenizer.json with <s>, </s> and <pad>, and the tokenizer_config.json naming them."""
+def make_tokenizer(directory: Path, vocab_size: int = VOCAB, extra_special_tokens: tuple[str, ...] = ()) -> None:
+    """A byte-level BPE tokenizer.json with <s>, </s>, <pad> (and extra_special_tokens after them), and the
+    tokenizer_config.json naming the first three."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>", *extra_special_tokens],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([TEXT], trainer)
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,3 +61,13 @@ def make_hf_model(kind: str, directory: Path, seed: int = 0, **settings):
     model.save_pretrained(str(directory))
     make_tokenizer(directory)
     return model
+
+
+def run_without_baton(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -c script *args` in tmp_path, outside the repository and without PYTHONPATH, so nothing of Baton is
+    importable (what a machine with only torch and transformers sees), offline, with its own module cache for the
+    remote code trust_remote_code copies."""
+    env = {**{key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
+           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)

@@ -7,6 +7,7 @@ import torch
 from configs.errors import ConfigError
 from model import LM, ModelConfig
 from model.config import LIONConfig
+from model.layers import apply_rotary
 
 VOCAB = 61
 PATTERNS = ["F", "N", "B", "G", "M", "A", "BGMA"]
@@ -108,3 +109,17 @@ def test_flops_count_both_directions():
                                                  bidirectional=b)) for b in (False, True))
     from model.flops import mixing_flops_per_token
     assert mixing_flops_per_token(bidirectional, 64)[0] == 2 * mixing_flops_per_token(causal, 64)[0]
+
+
+@torch.no_grad()
+def test_bidirectional_attention_projects_out_once():
+    """An encoder's attention layer is o_proj(SDPA without a mask) with heads x head_dim != d_model (32 -> 16 wide
+    heads): the output projection maps the heads' width to d_model once."""
+    lm = encoder("A", attention=dict(num_heads=2, head_dim=8))
+    layer = lm.blocks[0].mixer
+    x = torch.randn(2, 13, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    heads = lambda proj: proj(x).view(2, 13, 2, 8)  # noqa: E731
+    positions, inv_freq = torch.arange(13), layer.inv_freq(x.device)
+    q, k = (apply_rotary(heads(proj), positions, inv_freq).transpose(1, 2) for proj in (layer.q_proj, layer.k_proj))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, heads(layer.v_proj).transpose(1, 2))
+    torch.testing.assert_close(layer(x), layer.o_proj(o.transpose(1, 2).reshape(2, 13, 16)))

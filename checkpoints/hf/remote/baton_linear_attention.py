@@ -8,6 +8,8 @@ All three are a state S [B, H, K, V] decayed and written once per token,
 with a per-key decay a_t (GLA), one per head (Mamba2, signed with allow_neg_eigval) or the mLSTM's exponential
 gates with their normaliser and max-stabiliser. Each runs as the plain loop over time in fp32, as Baton's reference
 kernels do (kernels/gla/naive.py, kernels/mlstm/naive.py), so a prompt and then single tokens continue exactly.
+In an encoder (config.is_encoder()) GLA and Mamba2 run both ways (bidirectional_linear_attention), as Baton's
+model/bidirectional.py runs them, and carry no state.
 """
 import math
 from typing import Optional
@@ -34,6 +36,22 @@ def linear_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: 
     return torch.stack(outputs, 1), state
 
 
+def bidirectional_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                                   normalize: bool, eps: float = 1e-6) -> torch.Tensor:
+    """The encoder's form of linear_recurrence (kernels/lion/chunk.py's, step by step): the recurrence forward, and
+    on the reversed sequence with the backward decays (token i's is decay_{i+1}, 1 at the end), token i's own
+    k_i v_i^T counted once. normalize (LION) divides each row by its sum, accumulated as one more value column of
+    ones; eps is Baton's (model/bidirectional.py). q (already scaled), k [B, T, H, K]; v [B, T, H, V]; decay
+    [B, T, H, K or 1]. Returns o [B, T, H, V] fp32."""
+    values = torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], -1) if normalize else v.float()
+    forward, _ = linear_recurrence(q, k, values, decay, None)
+    backward_decay = torch.cat([decay[:, 1:], torch.ones_like(decay[:, :1])], 1)
+    backward, _ = linear_recurrence(q.flip(1), k.flip(1), values.flip(1), backward_decay.flip(1), None)
+    diagonal = (q.float() * k.float()).sum(-1, keepdim=True) * values
+    o = forward + backward.flip(1) - diagonal
+    return o[..., :-1] / (o[..., -1:] + eps) if normalize else o
+
+
 def convolve(convs: nn.ModuleDict, inputs: dict, state: dict, new_state: dict) -> list[torch.Tensor]:
     """Each named input through its short conv (convs[name]), continuing from the window state[f"{name}_conv"]
     and writing the new window to new_state under the same key (the cache keys Baton's mixers use)."""
@@ -47,7 +65,8 @@ def convolve(convs: nn.ModuleDict, inputs: dict, state: dict, new_state: dict) -
 class GLA(nn.Module):
     """Gated Linear Attention: a per-key decay exp(logsigmoid(gk_proj x) / gate_logit_normalizer), optional short
     convs on q, k and v, the output normed per head (gated by silu(g_proj x) when use_output_gate). State:
-    {"recurrent": S [B, H, K, V] fp32, and with short convs the windows "q_conv", "k_conv", "v_conv"}."""
+    {"recurrent": S [B, H, K, V] fp32, and with short convs the windows "q_conv", "k_conv", "v_conv"}; only the
+    windows in an encoder (both ways)."""
 
     def __init__(self, config):
         super().__init__()
@@ -57,6 +76,7 @@ class GLA(nn.Module):
         self.key_dim, self.value_dim = int(d * g["expand_k"]), int(d * g["expand_v"])
         self.head_k_dim, self.head_v_dim = self.key_dim // self.num_heads, self.value_dim // self.num_heads
         self.gate_logit_normalizer = g["gate_logit_normalizer"]
+        self.bidirectional = config.is_encoder()
 
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d, self.key_dim, bias=False)
@@ -79,11 +99,13 @@ class GLA(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.convs is not None:
             q, k, v = convolve(self.convs, {"q": q, "k": k, "v": v}, state, new_state)
-        decay = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer).exp()
-        o, new_state["recurrent"] = linear_recurrence(q.view(B, T, H, K).float() * K ** -0.5, k.view(B, T, H, K),
-                                                      v.view(B, T, H, V), decay.view(B, T, H, K),
-                                                      state.get("recurrent"))
-        o = o.to(v.dtype)
+        decay = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer).exp().view(B, T, H, K)
+        q, k, v = q.view(B, T, H, K).float() * K ** -0.5, k.view(B, T, H, K), v.view(B, T, H, V)
+        if self.bidirectional:
+            o = bidirectional_linear_attention(q, k, v, decay, normalize=False).to(v.dtype)
+        else:
+            o, new_state["recurrent"] = linear_recurrence(q, k, v, decay, state.get("recurrent"))
+            o = o.to(v.dtype)
         if self.g_proj is not None:
             o = self.g_norm(o, self.g_proj(x).view(o.shape))
         else:
@@ -94,7 +116,8 @@ class GLA(nn.Module):
 class Mamba2(nn.Module):
     """Mamba2's SSD as GLA with one decay per head: h_t = exp(dt_t A) h_{t-1} + B_t (dt_t x_t), y_t = C_t^T h_t +
     D x_t, then norm(y * silu(z)). With allow_neg_eigval the transition is 2 exp(dt A) - 1, in (-1, 1). State:
-    {"recurrent": h [B, H, N, P] fp32, "conv": the x|B|C conv's window}."""
+    {"recurrent": h [B, H, N, P] fp32, "conv": the x|B|C conv's window}; only the conv's in an encoder (both ways,
+    never with allow_neg_eigval)."""
 
     def __init__(self, config):
         super().__init__()
@@ -104,6 +127,7 @@ class Mamba2(nn.Module):
         self.head_dim, self.d_state, self.n_groups = m["head_dim"], m["d_state"], m["n_groups"]
         self.num_heads = self.d_inner // self.head_dim
         self.allow_neg_eigval = m["allow_neg_eigval"]
+        self.bidirectional = config.is_encoder()
         self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
         # One projection for z (the gate), x|B|C (convolved together) and dt, as Baton's.
         self.in_proj = nn.Linear(d, self.d_inner + self.conv_dim + self.num_heads, bias=False)
@@ -131,8 +155,11 @@ class Mamba2(nn.Module):
             decay = torch.where(transition < 0, -1.0, 1.0) * transition.abs().clamp_min(1e-6)
         else:
             decay = log_decay.exp()
-        o, new_state["recurrent"] = linear_recurrence(c, b, (xs * dt[..., None]).to(xs.dtype), decay[..., None],
-                                                      state.get("recurrent"))
+        values = (xs * dt[..., None]).to(xs.dtype)
+        if self.bidirectional:
+            o = bidirectional_linear_attention(c, b, values, decay[..., None], normalize=False)
+        else:
+            o, new_state["recurrent"] = linear_recurrence(c, b, values, decay[..., None], state.get("recurrent"))
         y = o.to(xs.dtype) + xs * self.D.to(xs.dtype)[:, None]
         return self.o_proj(self.norm(y.flatten(-2), z)), new_state
 

@@ -9,7 +9,9 @@ from transformers import PretrainedConfig
 MIXER_LETTERS = {"gla": "G", "mamba2": "M", "gated_deltanet": "D", "deltanet": "E", "gated_deltaproduct": "P",
                  "rglru": "R", "pararnn_gru": "U", "pararnn_lstm": "L", "mlstm": "X", "attention": "A",
                  "sliding_window": "W",
-                 "liger": "Z"}
+                 "liger": "Z", "lion_lit": "F", "lion_d": "N", "lion_s": "B"}
+# The letters that exist only bidirectionally (LION): a pattern with one is an encoder unless `bidirectional` says.
+ENCODER_LETTERS = ("F", "N", "B")
 
 
 class BatonConfig(PretrainedConfig):
@@ -27,6 +29,7 @@ class BatonConfig(PretrainedConfig):
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list[int]] = None
     pad_token_id: Optional[int] = None
+    mask_token_id: Optional[int] = None  # an encoder's: the id masked-LM training replaced tokens by (data/mlm.py)
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):
@@ -46,6 +49,13 @@ class BatonConfig(PretrainedConfig):
         if unknown:
             raise ValueError(f"baton.pattern names no known mixer: {unknown} (known: {MIXER_LETTERS})")
         return letters * (1 if n_layers is None else n_layers // len(letters))
+
+    def is_encoder(self) -> bool:
+        """Whether every layer sees the whole sequence (ModelConfig.is_encoder): `bidirectional`, or when it is
+        null, whether the pattern has a LION letter."""
+        if self.baton.get("bidirectional") is not None:
+            return bool(self.baton["bidirectional"])
+        return any(letter in ENCODER_LETTERS for letter in self.layer_letters())
 
     def mlp_hidden(self) -> int:
         """The SwiGLU hidden size: d_ff, or 8/3 d_model rounded up to a multiple of 256 (ModelConfig.mlp_hidden)."""

@@ -1,11 +1,13 @@
-"""An exported Baton language model for transformers: `AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True)` with only torch and transformers installed.
+"""An exported Baton language model for transformers, loaded with only torch and transformers installed:
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` for a causal model (BatonForCausalLM),
+`AutoModelForMaskedLM` for an encoder (BatonForMaskedLM: bidirectional, trained with Baton's masked-LM objective).
 
 The module tree is Baton's LM's (model/lm.py), name for name, so Baton's model.safetensors loads unchanged:
 embed -> blocks.{i} (mixer_norm, mixer, mlp_norm, mlp: SwiGLU) -> norm -> lm_head (tied to embed when the config
 ties them). Each block's mixer is chosen by its pattern letter (MIXERS) and follows baton_layers.py's interface:
 forward(x, state) -> (y, state). Generation carries those states as the cache (BatonCache): the prompt runs once
-as a whole, then one token per step from the states, as Baton's LM.generate does.
+as a whole, then one token per step from the states, as Baton's LM.generate does. An encoder's mixers see the
+whole sequence both ways (LION, and GLA, Mamba2 and attention in their bidirectional form) and carry no state.
 """
 from functools import partial
 from typing import Optional
@@ -14,12 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 
 from .baton_delta_rule import DeltaRuleMixer
 from .baton_layers import RMSNorm, SwiGLU, apply_rotary, rope_frequencies
 from .baton_liger import Liger
 from .baton_linear_attention import GLA, MLSTM, Mamba2
+from .baton_lion import LION
 from .baton_rnn import ParaRNNMixer, RGLRUMixer
 from .configuration_baton import BatonConfig
 
@@ -28,8 +31,9 @@ class Attention(nn.Module):
     """Causal grouped-query attention with RoPE (model/attention.py): full (letter A) or a sliding window of
     `window` keys, the query's own included (W). Options Baton's imported checkpoints carry: biases on q/k/v
     (qkv_bias) and o (out_bias), each head's query and key RMS-normed before RoPE (qk_norm), Llama 3's rope_scaling.
-    State: {"k", "v": the rotated keys and values [B, S, H_kv, D] a next query may see (all of them, or a window's
-    last window - 1), "length": the tokens seen}."""
+    In an encoder every query sees every key (model/bidirectional.py; full attention only). State: {"k", "v": the
+    rotated keys and values [B, S, H_kv, D] a next query may see (all of them, or a window's last window - 1),
+    "length": the tokens seen}."""
 
     def __init__(self, config, letter: str):
         super().__init__()
@@ -40,6 +44,7 @@ class Attention(nn.Module):
         self.head_dim = a["head_dim"] or d // a["num_heads"]
         self.rope_theta, self.rope_scaling = a["rope_theta"], a.get("rope_scaling")
         self.window = a["window"] if letter == "W" else None
+        self.causal = not config.is_encoder()
         qkv_bias = a.get("qkv_bias", False)
         self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=qkv_bias)
@@ -62,7 +67,7 @@ class Attention(nn.Module):
         if state is not None:
             k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
         key_positions = torch.arange(start + T - k.shape[1], start + T, device=x.device)
-        visible = key_positions[None, :] <= positions[:, None]
+        visible = key_positions[None, :] <= positions[:, None] if self.causal else None
         if self.window is not None:
             visible &= key_positions[None, :] > positions[:, None] - self.window
         groups = self.num_heads // self.num_kv_heads
@@ -78,7 +83,8 @@ MIXERS = {"G": GLA, "M": Mamba2, "X": MLSTM, "R": RGLRUMixer,
           **{letter: partial(DeltaRuleMixer, letter=letter) for letter in "DEP"},
           **{letter: partial(ParaRNNMixer, letter=letter) for letter in "UL"},
           **{letter: partial(Attention, letter=letter) for letter in "AW"},
-          "Z": Liger}
+          "Z": Liger,
+          **{letter: partial(LION, letter=letter) for letter in "FNB"}}
 
 
 class BatonBlock(nn.Module):
@@ -122,7 +128,9 @@ class BatonCache:
                        for state in self.states]
 
 
-class BatonForCausalLM(PreTrainedModel, GenerationMixin):
+class BatonPreTrainedModel(PreTrainedModel):
+    """Baton's LM as either head class builds it: embed, the blocks, the final norm and the output head."""
+
     config_class = BatonConfig
     _no_split_modules = ["BatonBlock"]
     # Baton writes tied weights once, as embed.weight (safetensors keeps the first name in sorted order); transformers
@@ -144,6 +152,21 @@ class BatonForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the last block's output, ids from valid_vocab_size on at -inf as Baton's LMHead makes them."""
+        logits = self.lm_head(self.norm(hidden))
+        if self.valid_vocab_size is not None:
+            logits[..., self.valid_vocab_size:] = float("-inf")
+        return logits
+
+
+class BatonForCausalLM(BatonPreTrainedModel, GenerationMixin):
+    def __init__(self, config: BatonConfig):
+        if config.is_encoder():
+            raise ValueError("this Baton model is an encoder (bidirectional, a masked LM): load it with "
+                             "AutoModelForMaskedLM")
+        super().__init__(config)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -176,8 +199,46 @@ class BatonForCausalLM(PreTrainedModel, GenerationMixin):
                 cache.states[i] = state
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
-        logits = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
-        if self.valid_vocab_size is not None:
-            logits[..., self.valid_vocab_size:] = float("-inf")
+        logits = self.head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+
+class BatonForMaskedLM(BatonPreTrainedModel):
+    """A Baton encoder (every layer sees the whole sequence). Rows may be padded on either side: each row's tokens
+    (the run of ones in attention_mask) are encoded on their own, as Baton encodes a document, since padding next
+    to a row would otherwise reach it through the backward direction and the normalisers."""
+
+    def __init__(self, config: BatonConfig):
+        if not config.is_encoder():
+            raise ValueError("this Baton model is causal (not an encoder): load it with AutoModelForCausalLM")
+        super().__init__(config)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.LongTensor] = None, **kwargs) -> MaskedLMOutput:
+        """Logits [B, T, vocab] of input_ids [B, T]: each row's tokens where attention_mask [B, T] (None: all) is 1,
+        a contiguous run (right or left padding); a padding position's logits are those of a zero hidden state.
+        With labels, the mean cross entropy over the positions whose label is not -100 (the masked-LM loss: no
+        shift). Other keyword arguments (token_type_ids, output flags) change nothing."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = attention_mask.sum(1)
+        starts = attention_mask.int().argmax(1)
+        positions = torch.arange(T, device=input_ids.device)
+        spans = (positions >= starts[:, None]) & (positions < (starts + lengths)[:, None])
+        if not torch.equal(spans, attention_mask.bool()):
+            raise ValueError("BatonForMaskedLM: every row of attention_mask must be one run of ones (its tokens) "
+                             "with padding before or after it")
+        hidden = self.embed.weight.new_zeros(B, T, self.embed.embedding_dim)
+        for start, length in sorted({(int(s), int(n)) for s, n in zip(starts, lengths) if n > 0}):
+            rows = ((starts == start) & (lengths == length)).nonzero()[:, 0]
+            x = self.embed(input_ids[rows, start:start + length])
+            for block in self.blocks:
+                x, _ = block(x, None)
+            hidden[rows, start:start + length] = x
+        logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device), ignore_index=-100)
+        return MaskedLMOutput(loss=loss, logits=logits)
