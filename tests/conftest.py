@@ -16,6 +16,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests import interpreter_scan
+
+    interpreter_scan.install()  # the scans' kernels, a tile row at a time instead of an element at a time
 if "PYTEST_XDIST_WORKER" in os.environ:  # `make test`: a worker per core, so one intra-op thread each
     torch.set_num_threads(1)
 
