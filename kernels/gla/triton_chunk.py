@@ -24,7 +24,7 @@ from kernels.common.chunks import CHUNK_SIZE, ChunkIndex
 from kernels.common.custom_ops import RecurrentOp
 from kernels.common.output_pass import chunk_outputs
 from kernels.common.state_passes import chunk_state_grads, chunk_states
-from kernels.gla.chunk import SUB_CHUNK_SIZE
+from kernels.common.intra_chunk import SUB_CHUNK_SIZE
 from kernels.gla.triton_intra import (chunk_bwd_dA_kernel, chunk_cumsum_kernel, chunk_gla_bwd_dqk_intra_kernel,
                                       chunk_gla_bwd_dqkg_kernel, chunk_gla_bwd_dv_kernel, chunk_gla_fwd_A_kernel,
                                       chunk_scalar_bwd_dqk_intra_kernel, chunk_scalar_fwd_A_kernel)
