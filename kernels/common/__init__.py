@@ -7,7 +7,8 @@
 - state_passes.py: the chunk-state pass (the states entering every chunk, and the final state) and its
   backward (the state gradients), for diagonal gates and for the delta rule;
 - output_pass.py: o = scale (q decayed) S + A v, with A given or computed for a scalar gate;
-- intra_chunk.py: the PyTorch paths' intra-chunk attention matrix of a vector gate (sub-chunks, no exp > 1).
+- intra_chunk.py: the PyTorch paths' intra-chunk attention matrix of a vector gate (sub-chunks, no exp > 1);
+- chunk_maps.py: a delta rule's state summary, the tree composition of its chunks' affine maps.
 Each op's Triton file composes these stages and adds its own part (GLA's intra-chunk attention with a vector
 gate, the delta rule's WY factors). The Triton modules are imported on first use (CPU-only runs need no Triton).
 """
