@@ -3,7 +3,9 @@
 - contract.py: the state contract's input checks, and the PyTorch paths' numerics helpers;
 - chunks.py: CHUNK_SIZE, the sequence bounds, the chunked layout of the PyTorch paths and the chunk index of
   the Triton kernels (int64, varlen and fixed-length alike);
-- tiles.py: the Triton jit helpers (chunk rows, block and state loads, decays, dots with the precision rule);
+- tiles.py: the Triton jit helpers (chunk rows, block and state loads, decays, dots with the precision rule,
+  the inverse of a unit lower-triangular chunk matrix);
+- gate_cumsum.py: the gates' cumulative sum within each chunk (Triton);
 - state_passes.py: the chunk-state pass (the states entering every chunk, and the final state) and its
   backward (the state gradients), for diagonal gates and for the delta rule;
 - output_pass.py: o = scale (q decayed) S + A v, with A given or computed for a scalar gate;
