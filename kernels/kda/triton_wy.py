@@ -198,7 +198,9 @@ def _bwd_k_kernel(
         b_dkb = dot(tl.trans(b_t), b_dw, DT, DOT_PRECISION)  # d(beta K exp(gamma)) = T^T dW
         b_kb_dkb = b_kb * b_dkb
         b_dbeta += tl.sum(b_k * b_from_start * b_dkb, axis=1)
-        b_k_dk = b_k * b_dk
+        # The last token's share reaches no later token: left out, not cancelled (cumsum - itself) against its
+        # O(1) value, which would swamp the others when the gates are tiny.
+        b_k_dk = tl.where((rows == last)[:, None], 0.0, b_k * b_dk)
         b_dg = tl.cumsum(b_q * b_dq + b_kb_dkb, axis=0, reverse=True) + tl.cumsum(b_k_dk, axis=0) - b_k_dk
         b_dg += (tl.exp(b_g_last) * b_h_dh)[None, :]
         store_block(dq_part, b_dq, rows, valid, cols_k, H, K, i_h)
