@@ -4,8 +4,8 @@ Composed of the shared stages (kernels/common) and KDA's own kernels (triton_wy.
   forward   gamma (gate_cumsum) -> A, M (intra) -> WY factors W, U -> state pass (V_new = U - W S, the
             states; the vector gate's decays) -> output pass (A given)
   backward  gamma, A, M, WY factors and states recomputed (never kept from the forward) -> state backward
-            (dS per chunk, dV_new = A^T dO + ...) -> sums over V -> sums over keys -> dM, dbeta -> A's and M's
-            pairs (dq, dk) -> dg
+            (dS per chunk, dV_new = A^T dO + ...) -> sums over V -> sums over keys (dq's, dk's terms) -> dM, dbeta
+            -> A's and M's pairs (dq, dk) -> dg
 Every call is variable-length internally (ChunkIndex): a [B, T] batch is B sequences of T tokens over the
 flattened tokens. Each sequence starts a fresh chunk; loads past a sequence's end read zeros (k = v = beta =
 g = 0), which leave the state unchanged, and every decay there is masked before exp.
@@ -20,8 +20,8 @@ from kernels.common.gate_cumsum import chunk_local_cumsum
 from kernels.common.intra_chunk import SUB_CHUNK_SIZE
 from kernels.common.output_pass import chunk_outputs
 from kernels.common.state_passes import block_size, check_key_dim, chunk_state_grads, chunk_states, dot_precision
-from kernels.kda.triton_wy import (_bwd_dg_kernel, _bwd_intra_kernel, _bwd_k_kernel, _bwd_v_kernel, _bwd_wy_kernel,
-                                   _intra_kernel, _wy_kernel)
+from kernels.kda.triton_wy import (_bwd_dg_kernel, _bwd_intra_kernel, _bwd_k_kernel, _bwd_q_kernel, _bwd_v_kernel,
+                                   _bwd_wy_kernel, _intra_kernel, _wy_kernel)
 
 NUM_SUB_CHUNKS = CHUNK_SIZE // SUB_CHUNK_SIZE
 # The sub-chunk kernels hold [BC, BC, BK] blocks and the sums over keys [BT, BT] factors next to [BT, BK]
@@ -76,22 +76,23 @@ def chunk_kda_bwd(q, k, v, g, beta, scale, initial_state, chunks: ChunkIndex, do
         f32 = dict(dtype=torch.float32, device=k.device)
         TT = k.shape[0]
         da, dt_u, dt, dm = (torch.empty(TT, H, CHUNK_SIZE, **f32) for _ in range(4))
-        dq_part, dk_part, dg_part, dgamma = (torch.empty(TT, H, K, **f32) for _ in range(4))
+        dq_part, dk_part, dg_q, dg_k, dgamma = (torch.empty(TT, H, K, **f32) for _ in range(5))
         dbeta_v, dbeta_part = (torch.empty(TT, H, **f32) for _ in range(2))
         grid, index = (chunks.num_chunks, H), (chunks.cu_seqlens, chunks.chunk_indices)
-        intra_block = block_size(K, INTRA_KEY_BLOCK)
+        keys = dict(K=K, BK=block_size(K, INTRA_KEY_BLOCK))
         _bwd_v_kernel[grid](v, beta, t_inv, v_new, dv_new, do, dv, da, dt_u, dbeta_v, scale, *index,
                             H=H, V=V, BT=CHUNK_SIZE, DOT_PRECISION=precision)
-        _bwd_k_kernel[grid](q, k, beta, g_cumsum, t_inv, h, dh, v_new, dv_new, do, dt_u, dbeta_v, dq_part, dk_part,
-                            dg_part, dt, dbeta_part, scale, *index, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=intra_block,
-                            DOT_PRECISION=precision)
+        _bwd_q_kernel[grid](q, k, beta, g_cumsum, h, dv_new, do, dt_u, dq_part, dg_q, dt, scale, *index, H=H, V=V,
+                            BT=CHUNK_SIZE, DOT_PRECISION=precision, **keys)
+        _bwd_k_kernel[grid](k, beta, g_cumsum, t_inv, h, dh, v_new, dv_new, dbeta_v, dk_part, dg_k, dbeta_part, *index,
+                            H=H, V=V, BT=CHUNK_SIZE, DOT_PRECISION=precision, **keys)
         _bwd_wy_kernel[grid](beta, t_inv, M, dt, dbeta_part, dm, dbeta, *index, H=H, BT=CHUNK_SIZE,
                              DOT_PRECISION=precision)
-        _bwd_intra_kernel[(triton.cdiv(K, intra_block), chunks.num_chunks * NUM_SUB_CHUNKS, H)](
-            q, k, g_cumsum, da, dm, dq_part, dk_part, dq, dk, dgamma, *index, H=H, K=K, BT=CHUNK_SIZE,
-            BC=SUB_CHUNK_SIZE, BK=intra_block, NC=NUM_SUB_CHUNKS, DOT_PRECISION=precision)
-        _bwd_dg_kernel[(triton.cdiv(K, intra_block), chunks.num_chunks, H)](
-            dgamma, dg_part, dg, *index, H=H, K=K, BT=CHUNK_SIZE, BK=intra_block)
+        key_grid = (triton.cdiv(K, keys["BK"]), chunks.num_chunks)
+        _bwd_intra_kernel[(key_grid[0], chunks.num_chunks * NUM_SUB_CHUNKS, H)](
+            q, k, g_cumsum, da, dm, dq_part, dk_part, dq, dk, dgamma, *index, H=H, BT=CHUNK_SIZE, BC=SUB_CHUNK_SIZE,
+            NC=NUM_SUB_CHUNKS, DOT_PRECISION=precision, **keys)
+        _bwd_dg_kernel[(*key_grid, H)](dgamma, dg_q, dg_k, dg, *index, H=H, BT=CHUNK_SIZE, **keys)
     if d_h0 is not None:
         d_h0 = d_h0.to(initial_state.dtype)
     return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, H, V), dg.view(B, T, H, K),

@@ -11,8 +11,11 @@ Per chunk of BT = 64 tokens and head, with gamma = g_cumsum the within-chunk cum
   U = T diag(beta) V.
 The backward, after the state backward (dh: the gradient of the state leaving each chunk; dV_new):
   `_bwd_v_kernel`   sums over V: dv, dbeta's V term, dT's U term, dA = scale dO V_new^T (s <= t);
-  `_bwd_k_kernel`   sums over keys: dq's and dk's state terms, dT's W term (dW = -dV_new S^T) and dk's W term,
-                    and the gate gradient's terms that are not pairwise (below);
+  `_bwd_q_kernel`   sums over keys against the state S entering the chunk: dq's state term, dT's W term
+                    (dW = -dV_new S^T);
+  `_bwd_k_kernel`   dk's state hand-off and W terms (dW recomputed), dbeta's W term (the kernels holding T
+                    apart from the one accumulating dT: together they spilled registers on sm_80);
+  (both also give the gate gradient's terms that are not pairwise, below)
   `_bwd_wy_kernel`  dM = diag(beta) (-T^T dT T^T) below the diagonal, dbeta whole;
   `_bwd_intra_kernel` the pairwise terms of A and M (sub-chunks again): dq, dk whole, and d gamma's pairs;
   `_bwd_dg_kernel`  dg = the reverse cumulative sum of d gamma within the chunk, plus the rest.
@@ -151,32 +154,61 @@ def _bwd_v_kernel(
 
 @autotune(CONFIGS, key=["H", "K", "V"])
 @triton.jit
-def _bwd_k_kernel(
-    q, k, beta, g_cumsum, t_inv, h, dh, v_new, dv_new, do, dt_u, dbeta_v, dq_part, dk_part, dg_part, dt,
-    dbeta_part, scale, cu_seqlens, chunk_indices,
+def _bwd_q_kernel(
+    q, k, beta, g_cumsum, h, dv_new, do, dt_u, dq_part, dg_q, dt, scale, cu_seqlens, chunk_indices,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """The sums over keys, one block of keys at a time, of everything but A's and M's pairs:
-    dq = scale (dO S^T) exp(gamma); dk = (V_new dS^T) exp(gamma_C - gamma) + beta exp(gamma) T^T dW with
-    dW = -dV_new S^T; dT = its U term + dW (beta K exp(gamma))^T; dbeta's W term; and dg's share
-    rev_cumsum(q dq + beta k exp(gamma) T^T dW) + exclusive_cumsum(k dk_state) + exp(gamma_C) sum_V S dS."""
+    """The sums over keys of the state S entering the chunk, one block of keys at a time: dq's state term
+    scale (dO S^T) exp(gamma) and its share of dg, rev_cumsum(q dq); dT = its U term + dW (beta K exp(gamma))^T
+    with dW = -dV_new S^T."""
     DT = q.dtype.element_ty
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    rows, valid, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    o_i = tl.arange(0, BT)
+    b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    b_dt = load_block(dt_u, rows, valid, o_i, H, BT, i_h)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        cols_k = i_k * BK + tl.arange(0, BK)
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            cols_v = i_v * BV + tl.arange(0, BV)
+            p, m = state_block(h, i_c, i_h, cols_k, cols_v, H, K, V)
+            b_h = tl.load(p, mask=m, other=0.0)
+            b_dq += dot(load_block(do, rows, valid, cols_v, H, V, i_h), tl.trans(b_h), DT, DOT_PRECISION)
+            b_dw -= dot(load_block(dv_new, rows, valid, cols_v, H, V, i_h), tl.trans(b_h), DT, DOT_PRECISION)
+        b_from_start = tl.exp(load_block(g_cumsum, rows, valid, cols_k, H, K, i_h))
+        b_dq = b_dq * b_from_start * scale
+        b_kb = load_block(k, rows, valid, cols_k, H, K, i_h) * b_from_start * b_beta[:, None]  # W's right factor
+        b_dt += dot(b_dw, tl.trans(b_kb), DT, DOT_PRECISION)
+        store_block(dq_part, b_dq, rows, valid, cols_k, H, K, i_h)
+        b_q_dq = load_block(q, rows, valid, cols_k, H, K, i_h) * b_dq
+        store_block(dg_q, tl.cumsum(b_q_dq, axis=0, reverse=True), rows, valid, cols_k, H, K, i_h)
+    store_block(dt, b_dt, rows, valid, o_i, H, BT, i_h)
+
+
+@autotune(CONFIGS, key=["H", "K", "V"])
+@triton.jit
+def _bwd_k_kernel(
+    k, beta, g_cumsum, t_inv, h, dh, v_new, dv_new, dbeta_v, dk_part, dg_k, dbeta_part, cu_seqlens, chunk_indices,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dk's terms but A's and M's pairs, one block of keys at a time: the state hand-off's
+    (V_new dS^T) exp(gamma_C - gamma) (dS of the state leaving the chunk) and the W factors' beta exp(gamma)
+    T^T dW (dW = -dV_new S^T recomputed: a [tokens, H, K] scratch buffer would cost more memory traffic);
+    dbeta's W term; dg's share rev_cumsum(beta k exp(gamma) T^T dW) + exclusive_cumsum(k dk_state) +
+    exp(gamma_C) sum_V S dS."""
+    DT = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, valid, last = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_i = tl.arange(0, BT)
     b_t = load_block(t_inv, rows, valid, o_i, H, BT, i_h).to(DT)
     b_beta = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    b_dt = load_block(dt_u, rows, valid, o_i, H, BT, i_h)
     b_dbeta = tl.load(dbeta_v + rows * H + i_h, mask=valid, other=0.0)
     for i_k in range(0, tl.cdiv(K, BK)):
         cols_k = i_k * BK + tl.arange(0, BK)
-        mask = valid[:, None] & (cols_k < K)[None, :]
-        b_q = load_block(q, rows, valid, cols_k, H, K, i_h)
-        b_k = load_block(k, rows, valid, cols_k, H, K, i_h)
-        b_g = load_block(g_cumsum, rows, valid, cols_k, H, K, i_h)
-        b_g_last = tl.load(g_cumsum + (last * H + i_h) * K + cols_k, mask=cols_k < K, other=0.0)
-        b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
         b_dw = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # V_new dS^T
         b_h_dh = tl.zeros([BK], dtype=tl.float32)  # rows of S * dS, summed over V
@@ -186,27 +218,22 @@ def _bwd_k_kernel(
             b_h = tl.load(p, mask=m, other=0.0)
             p, m = state_block(dh, i_c, i_h, cols_k, cols_v, H, K, V)
             b_dh = tl.load(p, mask=m, other=0.0)
-            b_dq += dot(load_block(do, rows, valid, cols_v, H, V, i_h), tl.trans(b_h), DT, DOT_PRECISION)
             b_dw -= dot(load_block(dv_new, rows, valid, cols_v, H, V, i_h), tl.trans(b_h), DT, DOT_PRECISION)
             b_dk += dot(load_block(v_new, rows, valid, cols_v, H, V, i_h), tl.trans(b_dh), DT, DOT_PRECISION)
             b_h_dh += tl.sum(b_h * b_dh, axis=1)
-        b_from_start = tl.exp(b_g)
-        b_dq = b_dq * b_from_start * scale
-        b_dk = b_dk * masked_exp(b_g_last[None, :] - b_g, mask)
-        b_kb = b_k * b_from_start * b_beta[:, None]  # beta K exp(gamma), W's right factor
-        b_dt += dot(b_dw, tl.trans(b_kb), DT, DOT_PRECISION)
+        b_k = load_block(k, rows, valid, cols_k, H, K, i_h)
+        b_g = load_block(g_cumsum, rows, valid, cols_k, H, K, i_h)
+        b_g_last = tl.load(g_cumsum + (last * H + i_h) * K + cols_k, mask=cols_k < K, other=0.0)
+        b_dk = b_dk * masked_exp(b_g_last[None, :] - b_g, valid[:, None] & (cols_k < K)[None, :])
+        b_kd = b_k * tl.exp(b_g)  # K exp(gamma)
         b_dkb = dot(tl.trans(b_t), b_dw, DT, DOT_PRECISION)  # d(beta K exp(gamma)) = T^T dW
-        b_kb_dkb = b_kb * b_dkb
-        b_dbeta += tl.sum(b_k * b_from_start * b_dkb, axis=1)
-        # The last token's share reaches no later token: left out, not cancelled (cumsum - itself) against its
-        # O(1) value, which would swamp the others when the gates are tiny.
+        b_dbeta += tl.sum(b_kd * b_dkb, axis=1)
+        store_block(dk_part, b_dk + b_dkb * tl.exp(b_g) * b_beta[:, None], rows, valid, cols_k, H, K, i_h)
+        # The last token's hand-off reaches no later token: left out, not cancelled (cumsum - itself) against
+        # its O(1) value, which would swamp the others when the gates are tiny.
         b_k_dk = tl.where((rows == last)[:, None], 0.0, b_k * b_dk)
-        b_dg = tl.cumsum(b_q * b_dq + b_kb_dkb, axis=0, reverse=True) + tl.cumsum(b_k_dk, axis=0) - b_k_dk
-        b_dg += (tl.exp(b_g_last) * b_h_dh)[None, :]
-        store_block(dq_part, b_dq, rows, valid, cols_k, H, K, i_h)
-        store_block(dk_part, b_dk + b_dkb * b_from_start * b_beta[:, None], rows, valid, cols_k, H, K, i_h)
-        store_block(dg_part, b_dg, rows, valid, cols_k, H, K, i_h)
-    store_block(dt, b_dt, rows, valid, o_i, H, BT, i_h)
+        b_dg = tl.cumsum(b_kd * b_beta[:, None] * b_dkb, axis=0, reverse=True) + tl.cumsum(b_k_dk, axis=0) - b_k_dk
+        store_block(dg_k, b_dg + (tl.exp(b_g_last) * b_h_dh)[None, :], rows, valid, cols_k, H, K, i_h)
     tl.store(dbeta_part + rows * H + i_h, b_dbeta, mask=valid)
 
 
@@ -311,13 +338,14 @@ def _bwd_intra_kernel(
 
 @triton.jit
 def _bwd_dg_kernel(
-    dgamma, dg_part, dg, cu_seqlens, chunk_indices,
+    dgamma, dg_q, dg_k, dg, cu_seqlens, chunk_indices,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """dg = the pairs' d gamma summed from each token to the chunk's end (g_u enters gamma_t for t >= u), plus
-    _bwd_k_kernel's share."""
+    the shares of _bwd_q_kernel and _bwd_k_kernel."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, valid, _ = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     cols_k = i_k * BK + tl.arange(0, BK)
     b_dg = tl.cumsum(load_block(dgamma, rows, valid, cols_k, H, K, i_h), axis=0, reverse=True)
-    store_block(dg, b_dg + load_block(dg_part, rows, valid, cols_k, H, K, i_h), rows, valid, cols_k, H, K, i_h)
+    b_dg += load_block(dg_q, rows, valid, cols_k, H, K, i_h) + load_block(dg_k, rows, valid, cols_k, H, K, i_h)
+    store_block(dg, b_dg, rows, valid, cols_k, H, K, i_h)

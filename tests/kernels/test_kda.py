@@ -216,8 +216,8 @@ def kda_autotuners() -> list:
 def test_every_kda_kernel_has_few_candidates():
     tuners = kda_autotuners()
     assert {tuner.base_fn.__name__ for tuner in tuners} == {
-        "_intra_kernel", "_wy_kernel", "_bwd_v_kernel", "_bwd_k_kernel", "_bwd_wy_kernel", "_bwd_intra_kernel",
-        "_fused_recurrent_kernel"}
+        "_intra_kernel", "_wy_kernel", "_bwd_v_kernel", "_bwd_q_kernel", "_bwd_k_kernel", "_bwd_wy_kernel",
+        "_bwd_intra_kernel", "_fused_recurrent_kernel"}
     assert all(1 <= len(tuner.candidates) <= 3 for tuner in tuners)
     assert not [tuner for tuner in tuners if {"T", "B"} & set(tuner.keys)]  # never tuned per length
 
@@ -256,7 +256,7 @@ def test_every_kernel_gives_the_same_result_when_launched_twice():
         assert_matches(*packed_case(SHORT_CU_SEQLENS), FP32_TOL)
     assert set(differences) == {
         "chunk_cumsum_kernel", "_intra_kernel", "_wy_kernel", "state_fwd_kernel", "output_kernel", "state_bwd_kernel",
-        "_bwd_v_kernel", "_bwd_k_kernel", "_bwd_wy_kernel", "_bwd_intra_kernel", "_bwd_dg_kernel",
+        "_bwd_v_kernel", "_bwd_q_kernel", "_bwd_k_kernel", "_bwd_wy_kernel", "_bwd_intra_kernel", "_bwd_dg_kernel",
         "_fused_recurrent_kernel"}  # every forward and backward kernel ran
     assert not {name: args for name, args in differences.items() if args}, differences
 
