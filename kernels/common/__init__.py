@@ -12,7 +12,7 @@
 - intra_chunk.py: the PyTorch paths' intra-chunk attention matrix of a vector gate (sub-chunks, no exp > 1);
 - chunk_maps.py: a delta rule's state summary, the tree composition of its chunks' affine maps.
 Each op's Triton file composes these stages and adds its own part (GLA's intra-chunk attention with a vector
-gate, the delta rule's WY factors). The Triton modules are imported on first use (CPU-only runs need no Triton).
+gate, the delta rule's WY factors, KDA's WY factors with a decay per key channel). The Triton modules are imported on first use (CPU-only runs need no Triton).
 """
 from kernels.common.chunks import (CHUNK_SIZE, ChunkIndex, ChunkLayout, attach_host_bounds, chunk_index, chunk_layout,
                                    sequence_bounds)
