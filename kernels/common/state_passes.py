@@ -215,7 +215,8 @@ def state_bwd_kernel(
         b_dvn = tl.zeros([BT, BV], dtype=tl.float32)
         if DELTA:  # dV_new = A^T dO + (K exp(g_C - g)) dS, A = scale (Q K^T * decay) the output pass's
             if VECTOR_GATE:  # a decay per key channel: A comes precomputed (KDA's intra-chunk kernel)
-                b_dvn = dot(tl.trans(load_block(A, rows, valid, o_i, H, BT, i_h)), b_do, DT, DOT_PRECISION)
+                # in the dots' dtype from the load on: a [BT, BT] fp32 tile spilled registers on sm_80/100
+                b_dvn = dot(tl.trans(load_block(A, rows, valid, o_i, H, BT, i_h).to(DT)), b_do, DT, DOT_PRECISION)
             else:  # the decay [j, i] = exp(g_i - g_j)
                 b_g, _ = load_scalar_cumsum(g_cumsum, rows, valid, last, H, i_h)
                 b_kq = tl.zeros([BT, BT], dtype=tl.float32)
