@@ -4,7 +4,8 @@ Per chunk of BT tokens, with g_cumsum the gate's cumulative sum from the chunk's
 scalar gate, [tokens, H, K] for a vector gate) and S the state entering the chunk:
     forward   S <- exp(g_C) S + (k exp(g_C - g))^T v                          (v = V_new = U - W S: delta rule)
     backward  dS <- exp(g_C) dS + scale (q exp(g))^T do  [- W^T dV_new]
-              dV_new = scale (k q^T * decay)^T do + (k exp(g_C - g)) dS        (delta rule only)
+              dV_new = A^T do + (k exp(g_C - g)) dS, A = scale (q k^T * decay)  (delta rule only; a vector
+              gate's A, a decay per key channel, comes precomputed, as for the output pass)
 The forward stores the state entering every chunk (h, fp32) and optionally the final one; the backward stores
 the gradient of the state leaving every chunk (dh) and optionally d initial_state. Both run sequentially over
 a sequence's chunks, in parallel over sequences, heads and blocks of V. A diagonal gate leaves the keys
@@ -185,7 +186,7 @@ def _retreat(b_dh, q, w, g_cumsum, b_do, b_dvn, scale, rows, valid, last, cols_k
 @autotune(CONFIGS, key=["H", "K", "V", "VECTOR_GATE", "DELTA", "USE_FINAL_STATE_GRAD", "USE_INITIAL_STATE"])
 @triton.jit
 def state_bwd_kernel(
-    q, k, w, g_cumsum, do, dh, dv_new, d_final_state, d_initial_state, scale, cu_seqlens, chunk_offsets,
+    q, k, w, A, g_cumsum, do, dh, dv_new, d_final_state, d_initial_state, scale, cu_seqlens, chunk_offsets,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     KEY_BLOCKS: tl.constexpr, VECTOR_GATE: tl.constexpr, DELTA: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -212,15 +213,20 @@ def state_bwd_kernel(
         last = tl.minimum(bos + (i_t + 1) * BT, eos) - 1
         b_do = load_block(do, rows, valid, cols_v, H, V, i_h)
         b_dvn = tl.zeros([BT, BV], dtype=tl.float32)
-        if DELTA:  # dV_new = scale (K Q^T * decay^T) dO + (K exp(g_C - g)) dS, the decay [j, i] = exp(g_i - g_j)
-            b_g, _ = load_scalar_cumsum(g_cumsum, rows, valid, last, H, i_h)
-            b_kq = tl.zeros([BT, BT], dtype=tl.float32)
-            for i_k in range(0, KEY_BLOCKS):
-                cols_k = cols_1 + i_k * BK
-                b_kq += dot(load_block(k, rows, valid, cols_k, H, K, i_h),
-                            tl.trans(load_block(q, rows, valid, cols_k, H, K, i_h)), DT, DOT_PRECISION)
-            b_kq = b_kq * tl.exp(tl.where(o_i[:, None] <= o_i[None, :], b_g[None, :] - b_g[:, None], float("-inf")))
-            b_dvn = dot(b_kq * scale, b_do, DT, DOT_PRECISION)
+        if DELTA:  # dV_new = A^T dO + (K exp(g_C - g)) dS, A = scale (Q K^T * decay) the output pass's
+            if VECTOR_GATE:  # a decay per key channel: A comes precomputed (KDA's intra-chunk kernel)
+                # in the dots' dtype from the load on: a [BT, BT] fp32 tile spilled registers on sm_80/100
+                b_dvn = dot(tl.trans(load_block(A, rows, valid, o_i, H, BT, i_h).to(DT)), b_do, DT, DOT_PRECISION)
+            else:  # the decay [j, i] = exp(g_i - g_j)
+                b_g, _ = load_scalar_cumsum(g_cumsum, rows, valid, last, H, i_h)
+                b_kq = tl.zeros([BT, BT], dtype=tl.float32)
+                for i_k in range(0, KEY_BLOCKS):
+                    cols_k = cols_1 + i_k * BK
+                    b_kq += dot(load_block(k, rows, valid, cols_k, H, K, i_h),
+                                tl.trans(load_block(q, rows, valid, cols_k, H, K, i_h)), DT, DOT_PRECISION)
+                b_kq = b_kq * tl.exp(tl.where(o_i[:, None] <= o_i[None, :], b_g[None, :] - b_g[:, None],
+                                              float("-inf")))
+                b_dvn = dot(b_kq * scale, b_do, DT, DOT_PRECISION)
             b_k, _ = _keys_to_end(k, g_cumsum, rows, valid, last, cols_1, H, K, i_h, VECTOR_GATE)
             b_dvn += dot(b_k, b_dh1, DT, DOT_PRECISION)
             if KEY_BLOCKS > 1:
@@ -278,9 +284,10 @@ def chunk_states(k, v, g_cumsum, chunks: ChunkIndex, initial_state, output_final
     return h, v_new, final_state
 
 
-def chunk_state_grads(q, k, g_cumsum, do, scale, chunks: ChunkIndex, d_final_state, initial_state, w=None):
+def chunk_state_grads(q, k, g_cumsum, do, scale, chunks: ChunkIndex, d_final_state, initial_state, w=None, A=None):
     """The backward pass: (dh [num_chunks, H, K, V] fp32, dV_new (delta rule) or None, d initial_state (fp32,
-    when there is an initial state) or None). d_final_state may be None (no gradient flows into it)."""
+    when there is an initial state) or None). d_final_state may be None (no gradient flows into it). A delta
+    rule with a vector gate (KDA) gives the output pass's A [tokens, H, BT] (scale included)."""
     H, K, V = q.shape[-2], q.shape[-1], do.shape[-1]
     delta, vector_gate = w is not None, g_cumsum.dim() == q.dim()
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -290,7 +297,7 @@ def chunk_state_grads(q, k, g_cumsum, do, scale, chunks: ChunkIndex, d_final_sta
     BK, key_blocks, key_programs = _key_layout(K, delta)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), chunks.num_sequences * H, key_programs)  # noqa: E731
     state_bwd_kernel[grid](
-        q, k, w, g_cumsum, do, dh, dv_new, d_final_state, d_initial, scale, chunks.cu_seqlens, chunks.chunk_offsets,
+        q, k, w, A, g_cumsum, do, dh, dv_new, d_final_state, d_initial, scale, chunks.cu_seqlens, chunks.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, KEY_BLOCKS=key_blocks, VECTOR_GATE=vector_gate, DELTA=delta,
         USE_FINAL_STATE_GRAD=d_final_state is not None, USE_INITIAL_STATE=initial_state is not None,
         DOT_PRECISION=dot_precision(q),

@@ -92,3 +92,29 @@ def dot(a, b, DT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """a @ b with operands in the inputs' dtype (tensor cores for bf16), accumulated in fp32; fp32 inputs
     use exact fp32 dots (DOT_PRECISION = 'ieee', kernels.common.state_passes.dot_precision)."""
     return tl.dot(a.to(DT), b.to(DT), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def unit_lower_inverse(b_a, BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """T = (I + A)^{-1} of a strictly lower-triangular fp32 [BT, BT] A, BT = 64 (four 16x16 blocks): the delta
+    rules' UT transform.
+
+    First the 16x16 diagonal blocks D by forward substitution, the four blocks side by side (row i of every
+    block at once): with X = D - I, X_r = -A_r - sum_{j<r} A_rj X_j. X is block-diagonal, so the rows i of the
+    four blocks summed are one [BT] row holding each block's row in its own columns, and X_r's sum is an exact
+    fp32 vector-matrix product (a [BT, BT] fp32 dot here would hold whole operand rows and columns in
+    registers). Then, with L the blocks of A below the diagonal, I + A = (I + A_diag)(I + D L) and N = D L has
+    N^4 = 0, so T = (I + N)^{-1} D = (I - N)(I + N^2) D: the same sums as block forward substitution, in four
+    dots of the inputs' precision (exact fp32 for fp32 inputs; tf32 tensor cores for bf16 inputs, whose
+    products with T are bf16 dots anyway)."""
+    o_i = tl.arange(0, BT)
+    same_block = (o_i // 16)[:, None] == (o_i // 16)[None, :]
+    b_x = -tl.where(same_block, b_a, 0.0)
+    for i in range(1, 16):
+        rows_i = (o_i % 16 == i)[:, None]
+        b_row = tl.sum(tl.where(rows_i, b_x, 0.0), axis=0)
+        b_x = tl.where(rows_i & same_block, (b_row + tl.sum(b_row[:, None] * b_x, axis=0))[None, :], b_x)
+    b_d = b_x + (o_i[:, None] == o_i[None, :]).to(tl.float32)
+    b_n = tl.dot(b_d, tl.where(same_block, 0.0, b_a), input_precision=DOT_PRECISION)
+    b_y = b_d + tl.dot(tl.dot(b_n, b_n, input_precision=DOT_PRECISION), b_d, input_precision=DOT_PRECISION)
+    return b_y - tl.dot(b_n, b_y, input_precision=DOT_PRECISION)

@@ -1,9 +1,9 @@
 """The delta rule's own part of its chunkwise Triton kernels: the WY factors and their backward.
 
 Per chunk of BT = 64 tokens and head, with g_cumsum (gamma) the within-chunk cumulative sum of the log gate:
-  `_wy_kernel`: A = strictly lower beta_i (k_i . k_j) exp(gamma_i - gamma_j), T = (I + A)^{-1} by block
-  forward substitution (16x16 blocks), W = T diag(beta exp(gamma)) K, U = T diag(beta) V. The state and
-  output passes (kernels/common) then give V_new = U - W S, the states and O.
+  `_wy_kernel`: A = strictly lower beta_i (k_i . k_j) exp(gamma_i - gamma_j), T = (I + A)^{-1}
+  (kernels/common/tiles.py's unit_lower_inverse), W = T diag(beta exp(gamma)) K, U = T diag(beta) V. The
+  state and output passes (kernels/common) then give V_new = U - W S, the states and O.
 The intra-chunk backward is four kernels, each holding few of the chunk's [BT, BT] factors in registers at
 once (one kernel holding them all spilled hundreds of bytes of registers on sm_80): the sums over V, the sums
 over keys, the WY factors' dA, then dk. The factors pass between them in fp32 scratch ([tokens, H, BT]), as do
@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from kernels.common.state_passes import CONFIGS
-from kernels.common.tiles import chunk_rows, decay, dot, load_block, load_scalar_cumsum, state_block, store_block
+from kernels.common.tiles import (chunk_rows, decay, dot, load_block, load_scalar_cumsum, state_block, store_block,
+                                  unit_lower_inverse)
 from kernels.tuning import autotune
 
 WARPS_STAGES = [triton.Config({}, num_warps=8, num_stages=1), triton.Config({}, num_warps=4, num_stages=2)]  # no V
@@ -44,24 +45,7 @@ def _wy_kernel(
 
     strictly_lower = o_i[:, None] > o_i[None, :]
     b_a = b_beta[:, None] * b_kk * decay(b_g, strictly_lower)
-    # T = (I + A)^{-1}. First the 16x16 diagonal blocks D by forward substitution, the four blocks side by side
-    # (row i of every block at once): with X = D - I, X_r = -A_r - sum_{j<r} A_rj X_j. X is block-diagonal, so
-    # the rows i of the four blocks summed are one [BT] row holding each block's row in its own columns, and
-    # X_r's sum is an exact fp32 vector-matrix product (a [BT, BT] fp32 dot here would hold whole operand rows
-    # and columns in registers). Then, with L the blocks of A below the diagonal, I + A = (I + A_diag)(I + D L)
-    # and N = D L has N^4 = 0, so T = (I + N)^{-1} D = (I - N)(I + N^2) D: the same sums as block forward
-    # substitution, in four dots of the inputs' precision (exact fp32 for fp32 inputs; tf32 tensor cores for
-    # bf16 inputs, whose products with T are bf16 dots anyway).
-    same_block = (o_i // 16)[:, None] == (o_i // 16)[None, :]
-    b_x = -tl.where(same_block, b_a, 0.0)
-    for i in range(1, 16):
-        rows_i = (o_i % 16 == i)[:, None]
-        b_row = tl.sum(tl.where(rows_i, b_x, 0.0), axis=0)
-        b_x = tl.where(rows_i & same_block, (b_row + tl.sum(b_row[:, None] * b_x, axis=0))[None, :], b_x)
-    b_d = b_x + (o_i[:, None] == o_i[None, :]).to(tl.float32)
-    b_n = tl.dot(b_d, tl.where(same_block, 0.0, b_a), input_precision=DOT_PRECISION)
-    b_y = b_d + tl.dot(tl.dot(b_n, b_n, input_precision=DOT_PRECISION), b_d, input_precision=DOT_PRECISION)
-    b_t = b_y - tl.dot(b_n, b_y, input_precision=DOT_PRECISION)
+    b_t = unit_lower_inverse(b_a, BT, DOT_PRECISION)  # T = (I + A)^{-1}
     if STORE_T:
         store_block(t_inv, b_t, rows, valid, o_i, H, BT, i_h)
 

@@ -22,10 +22,11 @@ import triton
 
 from kernels.common.chunks import CHUNK_SIZE, ChunkIndex
 from kernels.common.custom_ops import RecurrentOp
+from kernels.common.gate_cumsum import chunk_local_cumsum
+from kernels.common.intra_chunk import SUB_CHUNK_SIZE
 from kernels.common.output_pass import chunk_outputs
 from kernels.common.state_passes import chunk_state_grads, chunk_states
-from kernels.gla.chunk import SUB_CHUNK_SIZE
-from kernels.gla.triton_intra import (chunk_bwd_dA_kernel, chunk_cumsum_kernel, chunk_gla_bwd_dqk_intra_kernel,
+from kernels.gla.triton_intra import (chunk_bwd_dA_kernel, chunk_gla_bwd_dqk_intra_kernel,
                                       chunk_gla_bwd_dqkg_kernel, chunk_gla_bwd_dv_kernel, chunk_gla_fwd_A_kernel,
                                       chunk_scalar_bwd_dqk_intra_kernel, chunk_scalar_fwd_A_kernel)
 
@@ -41,16 +42,6 @@ INTRA_TILE = 32
 # chunk_gla_bwd_dqkg_kernel loops over V next to its [BT, BK] tiles: 64-wide V tiles spill on sm_80 (32 bytes,
 # scalar gate, K=128 V=64).
 DQKG_V_TILE = 32
-
-
-def chunk_local_cumsum(g: torch.Tensor, chunks: ChunkIndex) -> torch.Tensor:
-    H = g.shape[2]
-    S = g.shape[3] if g.dim() == 4 else 1
-    b = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    BS = _tile(S)
-    chunk_cumsum_kernel[(triton.cdiv(S, BS), chunks.num_chunks, H)](
-        g, b, chunks.cu_seqlens, chunks.chunk_indices, H=H, S=S, BT=CHUNK_SIZE, BS=BS)
-    return b
 
 
 def chunk_fwd_A(q, k, b, scale, chunks: ChunkIndex, scalar: bool):

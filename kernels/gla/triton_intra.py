@@ -1,8 +1,8 @@
-"""GLA's own part of its chunkwise Triton kernels: the within-chunk cumulative gate, the intra-chunk attention
-matrix A (a vector gate needs a decay per key dimension: sub-chunks of BC = 16 split exp(b_t - b_s) at a point
-between t and s, so only exponents <= 0 are exponentiated), and the backward's dA, dv, intra- and inter-chunk
-dq, dk and dg. The state and output passes are kernels/common's (see triton_chunk.py for the composition and
-the gate gradient's bookkeeping).
+"""GLA's own part of its chunkwise Triton kernels: the intra-chunk attention matrix A (a vector gate needs a
+decay per key dimension: sub-chunks of BC = 16 split exp(b_t - b_s) at a point between t and s, so only
+exponents <= 0 are exponentiated), and the backward's dA, dv, intra- and inter-chunk dq, dk and dg (the
+within-chunk cumulative gate is kernels/common/gate_cumsum.py's). The state and output passes are
+kernels/common's (see triton_chunk.py for the composition and the gate gradient's bookkeeping).
 """
 import triton
 import triton.language as tl
@@ -13,21 +13,6 @@ from kernels.tuning import autotune
 # Three candidates per kernel (kernels/tuning.py), the heuristic config first (what trained on an H200).
 WARPS_STAGES = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=3),
                 triton.Config({}, num_warps=2, num_stages=2)]
-
-
-@triton.jit
-def chunk_cumsum_kernel(g, b, cu_seqlens, chunk_indices, H: tl.constexpr, S: tl.constexpr,
-                        BT: tl.constexpr, BS: tl.constexpr):
-    """b = cumulative sum of g within each chunk; g is [B, T, H, S] (S = K, or 1 for a scalar gate)."""
-    i_s, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, bos, eos = chunk_span(cu_seqlens, chunk_indices, i_c)
-    T = eos - bos
-    rows = i_t * BT + tl.arange(0, BT)
-    cols = i_s * BS + tl.arange(0, BS)
-    mask = (rows < T)[:, None] & (cols < S)[None, :]
-    offsets = ((bos + rows) * H + i_h)[:, None] * S + cols[None, :]
-    x = tl.load(g + offsets, mask=mask, other=0).to(tl.float32)
-    tl.store(b + offsets, tl.cumsum(x, axis=0), mask=mask)
 
 
 @autotune(WARPS_STAGES, key=["H", "K", "BT", "BC"])
