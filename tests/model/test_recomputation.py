@@ -27,7 +27,8 @@ SIGNED_MAMBA2 = Mamba2Config(expand=2, head_dim=16, d_state=16, n_groups=2, allo
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("letter, overrides", [("G", {}), ("M", {}), ("M", {"mamba2": SIGNED_MAMBA2}), ("D", {}),
-                                               ("X", {})], ids=["G", "M", "M-negative-eigenvalues", "D", "X"])
+                                               ("X", {}), ("R", {})],
+                         ids=["G", "M", "M-negative-eigenvalues", "D", "X", "R"])
 def test_recomputed_mixer_matches_plain_autograd(make_lm, letter, overrides, kernels, monkeypatch):
     monkeypatch.setenv("BATON_KERNELS", kernels)
     mixer = make_lm(letter, **overrides).blocks[0].mixer.train()
