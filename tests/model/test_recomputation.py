@@ -53,3 +53,14 @@ def test_recomputation_keeps_only_projections_and_the_scan_output(make_lm):
     per_token = (2 * mixer.key_dim + mixer.value_dim + 2 * mixer.num_heads  # q, k, v, a, b
                  + x.shape[-1] + mixer.value_dim) * 4  # x, o: fp32 here
     assert saved_bytes(mixer, x) == 64 * per_token
+
+
+def test_rglru_recomputation_keeps_its_branch_input_and_scan_output(make_lm):
+    """The RG-LRU runs through the same Function: it keeps the branch's projection, its input (for the GeLU
+    gate) and the scan's output; not the gate, the conv's output or the gates' logits."""
+    from model.memory import saved_bytes
+
+    mixer = make_lm("R").blocks[0].mixer.train()
+    x = torch.randn(1, 64, mixer.o_proj.out_features, requires_grad=True)
+    per_token = (mixer.width + x.shape[-1] + mixer.width) * 4  # branch, x, h: fp32 here
+    assert saved_bytes(mixer, x) == 64 * per_token
