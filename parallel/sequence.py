@@ -14,7 +14,9 @@ Each rank of an sp group holds the same rows, rank r the contiguous slice [r*T, 
 - attention all-gathers K and V (full attention), or takes only the previous rank's last window-1 keys.
 
 Backward needs nothing hand-written beyond the collectives' own: autograd through the ops (d initial_state)
-and through the collectives carries every gradient to the rank that owns the input. Documents are respected
+and through the collectives carries every gradient to the rank that owns the input. (Training's recomputation
+around the scan, model/recurrent.py mix, calls `incoming_state` in its forward and again in its backward, there
+under autograd from the d initial_state of the scan's backward.) Documents are respected
 throughout: a document start inside a slice cuts the state, exactly as cu_seqlens does in one process.
 """
 from __future__ import annotations
