@@ -84,7 +84,8 @@ def core_inputs(letter: str, generator: torch.Generator, tokens: int):
     if letter == "M-negative-eigenvalues":  # the sign is a constant of the step (its gradient 0 by contract)
         return SIGNED_MAMBA2_CORE, (q, k, v), {"g": F.logsigmoid(randn()), "sign": torch.where(randn() < 0, -1.0, 1.0)}
     if letter == "D":
-        return DELTA_RULE_CORE, (q, F.normalize(k, dim=-1), v), {"g": F.logsigmoid(randn()), "beta": torch.sigmoid(randn())}
+        gates = {"g": F.logsigmoid(randn()), "beta": torch.sigmoid(randn())}
+        return DELTA_RULE_CORE, (q, F.normalize(k, dim=-1), v), gates
     if letter == "X":
         return by_letter()["X"].core, (q, k, v), {"i": randn(), "f": F.logsigmoid(randn() + 3)}
     scale_in = torch.sigmoid(randn(K))  # R: the q slot holds k, unused
