@@ -8,6 +8,11 @@ activation checkpointing; and how attention models' memory grows with the sequen
 - presets: each 370M preset: its blocks' figures along its layer pattern plus the rest of the model
   (embedding, final norm, head and fused loss: model/loss.py), measured the same way, for
   parallel.activation_checkpointing none, selective (every 2nd block) and full; GiB at 16 x 2048 tokens.
+- sp (under torchrun, gloo): each block of `blocks` under sequence parallelism, the group the torchrun ranks
+  (2: `--nproc_per_node=2`), one row whose one document starts on rank 0, each rank holding its slice of
+  T tokens; bytes per local token on each rank, against the same block in one process (what `blocks` gives)
+  and against the attention block, in one process and under sp (whose ranks keep the keys and values they
+  gathered from the ranks before them).
 - growth (what bench/attention_memory.py was): patterns A, W and GA on a small model, total bytes at
   T = 2048 and 8192; linear memory means x4 tokens -> x4 bytes.
 
@@ -21,12 +26,14 @@ Prints tables and writes JSON (versions, date, config, results) to bench/results
     python -m bench.activation_memory                          # blocks and presets at T 128 -> 256, growth
     python -m bench.activation_memory --lengths 1024 2048 --parts blocks
     python -m bench.activation_memory --parts growth --growth-lengths 512 2048 --documents 3
+    torchrun --nproc_per_node=2 -m bench.activation_memory --parts sp
 """
 import argparse
 import os
 import warnings
 
 import torch
+import torch.distributed as dist
 
 from bench.common import REPO, write_results
 
@@ -43,7 +50,7 @@ CONFIGS = REPO / "configs" / "model"
 PRESETS = ["transformer_370m", "gla_370m", "gla_hybrid_370m", "mamba2_370m", "mamba2_hybrid_370m",
            "gated_deltanet_370m", "gated_deltanet_hybrid_370m", "mlstm_370m"]
 BLOCK_TYPES = {"attention": "transformer_370m", "gla": "gla_370m", "mamba2": "mamba2_370m",
-               "gated_deltanet": "gated_deltanet_370m", "mlstm": "mlstm_370m"}
+               "gated_deltanet": "gated_deltanet_370m", "mlstm": "mlstm_370m", "rglru": "hawk_370m"}
 VOCAB = 32000  # what the presets' parameter counts assume
 STEP_TOKENS = 16 * 2048  # the issue's GPU step: 16 rows of 2048
 KiB, GiB = 1024, 2 ** 30
@@ -66,11 +73,14 @@ def per_token(measure, lengths: list[int]) -> dict[str, float]:
             for name in sorted(set(short) | set(long))}
 
 
-def block_bytes(cfg, mixer: str, lengths: list[int], checkpointed: bool) -> dict[str, float]:
+def block_bytes(cfg, mixer: str, lengths: list[int], checkpointed: bool, sp_group=None) -> dict[str, float]:
+    """One block's bytes per token by component; with sp_group, on this rank of that sequence-parallel group
+    (one row, its one document starting on rank 0, T local tokens per rank)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     from model.lm import Block
     from model.memory import saved_bytes_by_module
+    from parallel.sequence import SequenceParallel
 
     torch.manual_seed(0)
     block = Block(cfg, mixer)
@@ -79,8 +89,13 @@ def block_bytes(cfg, mixer: str, lengths: list[int], checkpointed: bool) -> dict
 
     def measure(seq_len: int) -> dict[str, int]:
         x = torch.randn(1, seq_len, cfg.d_model, requires_grad=True)  # the fp32 residual stream
+        context = {}
+        if sp_group is not None:
+            sp = SequenceParallel(sp_group, torch.tensor([0, seq_len], dtype=torch.int32),
+                                  torch.tensor([dist.get_rank(sp_group) == 0]))
+            context = dict(cu_seqlens=sp.cu_seqlens, sp=sp)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return saved_bytes_by_module(block, x)
+            return saved_bytes_by_module(block, x, **context)
     return per_token(measure, lengths)
 
 
@@ -159,6 +174,39 @@ def run_blocks_and_presets(lengths: list[int], parts: list[str]) -> dict:
     return out
 
 
+def run_sp(lengths: list[int]) -> list[dict]:
+    """Every rank of the torchrun group measures its slice; rank 0 also the blocks in one process, and prints."""
+    group, rank, size = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    rows = []
+    for mixer, preset in BLOCK_TYPES.items():
+        cfg = preset_config(preset)
+        per_rank = [None] * size
+        dist.all_gather_object(per_rank, sum(block_bytes(cfg, mixer, lengths, False, group).values()))
+        plain = sum(block_bytes(cfg, mixer, lengths, False).values()) if rank == 0 else None
+        rows.append(dict(block=mixer, preset=preset, plain_bytes_per_token=plain, sp_bytes_per_token=per_rank))
+        if rank == 0:
+            print(f"  measured {mixer}: {plain / KiB:.1f} KiB/token in one process, "
+                  + ", ".join(f"rank {r} {b / KiB:.1f}" for r, b in enumerate(per_rank)) + f" under sp = {size}",
+                  flush=True)
+    if rank != 0:
+        return rows
+    attention = rows[0]
+    print(f"\nblocks under sequence parallelism (sp = {size}, 370M widths, bf16 autocast, bytes per local token "
+          f"from T={lengths[0]} -> {lengths[1]} per rank; 'x attention': the most any rank keeps over the attention "
+          "block in one process / under sp):")
+    print(f"{'block':>15} {'one process':>12} " + " ".join(f"{f'rank {r}':>8}" for r in range(size))
+          + f" {'x sp/plain':>11} {'x attention':>12} {'x sp attention':>15}")
+    for row in rows:
+        most = max(row["sp_bytes_per_token"])
+        row.update(sp_over_plain=most / row["plain_bytes_per_token"],
+                   ratio_to_attention=most / attention["plain_bytes_per_token"],
+                   ratio_to_sp_attention=most / max(attention["sp_bytes_per_token"]))
+        print(f"{row['block']:>15} {row['plain_bytes_per_token'] / KiB:12.1f} "
+              + " ".join(f"{b / KiB:8.1f}" for b in row["sp_bytes_per_token"])
+              + f" {row['sp_over_plain']:11.2f} {row['ratio_to_attention']:12.2f} {row['ratio_to_sp_attention']:15.2f}")
+    return rows
+
+
 def run_growth(lengths: list[int], patterns: list[str], layers: int, d_model: int, window: int,
                documents: int) -> list[dict]:
     from model import LM, ModelConfig
@@ -185,7 +233,7 @@ def run_growth(lengths: list[int], patterns: list[str], layers: int, d_model: in
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["blocks", "presets", "growth"],
-                        choices=["blocks", "presets", "growth"])
+                        choices=["blocks", "presets", "growth", "sp"], help="sp: under torchrun, alone")
     parser.add_argument("--lengths", type=int, nargs=2, default=[128, 256], help="blocks and presets: two lengths")
     parser.add_argument("--kernels", choices=["triton", "torch"], default="triton",
                         help="triton: the GPU kernels' autograd in the interpreter; torch: the CPU chunked path")
@@ -202,6 +250,19 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if "sp" in args.parts:
+        if args.parts != ["sp"] or "RANK" not in os.environ:
+            parser.error("--parts sp runs alone, under torchrun (torchrun --nproc_per_node=2 -m bench.activation_memory"
+                         " --parts sp)")
+        dist.init_process_group("gloo")
+        try:
+            rows = run_sp(args.lengths)
+        finally:
+            dist.destroy_process_group()
+        if int(os.environ["RANK"]) == 0:
+            write_results("activation_memory_sp" + (f"_{args.tag}" if args.tag else ""),
+                          dict(config=vars(args), ranks=len(rows[0]["sp_bytes_per_token"]), sp=rows))
+        return
     report = run_blocks_and_presets(args.lengths, args.parts)
     if "growth" in args.parts:
         report["growth"] = run_growth(args.growth_lengths, args.patterns, args.layers, args.d_model, args.window,

@@ -56,20 +56,34 @@ def _rows_flattened(cu_seqlens: Optional[torch.Tensor], tensors) -> list[torch.T
 
 
 def chunk_scan(core: RecurrentCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict,
-               scale: float, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
-    """o [B, T, H, V] of the chunked op from a zero state (training)."""
+               scale: float, cu_seqlens: Optional[torch.Tensor],
+               initial_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """o [B, T, H, V] of the chunked op (training): from a zero state, or from incoming_state's under sp."""
     q_, k_, v_, *gates_ = _rows_flattened(cu_seqlens, (q, k, v, *gates.values()))
-    o, _ = core.chunk(q_, k_, v_, **dict(zip(gates, gates_)), scale=scale, cu_seqlens=cu_seqlens)
+    o, _ = core.chunk(q_, k_, v_, **dict(zip(gates, gates_)), scale=scale, initial_state=initial_state,
+                      cu_seqlens=cu_seqlens)
     return o.view(*v.shape[:2], *o.shape[2:])
 
 
+def incoming_state(core: RecurrentCore, k: torch.Tensor, v: torch.Tensor, gates: dict, sp) -> Optional[torch.Tensor]:
+    """chunk_scan's initial state: none in one process; under sequence parallelism the state the earlier ranks
+    leave, per segment of sp.cu_seqlens (parallel/sequence.py: the summary pass, the all_gather and the prefix
+    combine)."""
+    if sp is None:
+        return None
+    k_, v_, *gates_ = _rows_flattened(sp.cu_seqlens, (k, v, *gates.values()))
+    return sp.incoming_state(core, k_, v_, dict(zip(gates, gates_)))
+
+
 def chunk_scan_vjp(core: RecurrentCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict,
-                   do: torch.Tensor, scale: float, cu_seqlens: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    """chunk_scan's input gradients [dq, dk, dv, *dgates] for the output gradient do (core.chunk_vjp)."""
+                   do: torch.Tensor, scale: float, cu_seqlens: Optional[torch.Tensor],
+                   initial_state: Optional[torch.Tensor] = None) -> tuple[list, Optional[torch.Tensor]]:
+    """chunk_scan's input gradients [dq, dk, dv, *dgates] (dq None for a core whose output ignores q) and
+    d initial_state (None without one) for the output gradient do (core.chunk_vjp)."""
     inputs = (q, k, v, *gates.values())
-    dq, dk, dv, dgates = core.chunk_vjp(*_rows_flattened(cu_seqlens, (*inputs, do)), scale=scale,
-                                        cu_seqlens=cu_seqlens)
-    return [grad.view(x.shape) for grad, x in zip((dq, dk, dv, *dgates), inputs)]
+    dq, dk, dv, dgates, d_initial = core.chunk_vjp(*_rows_flattened(cu_seqlens, (*inputs, do)), scale=scale,
+                                                   cu_seqlens=cu_seqlens, initial_state=initial_state)
+    return [None if grad is None else grad.view(x.shape) for grad, x in zip((dq, dk, dv, *dgates), inputs)], d_initial
 
 
 def mix(core: RecurrentCore, prepare: Callable, finish: Callable, tensors: dict, out_proj: nn.Linear, *,
@@ -79,11 +93,12 @@ def mix(core: RecurrentCore, prepare: Callable, finish: Callable, tensors: dict,
     and gate). `tensors` holds the projections and the parameters prepare and finish use (explicitly, so their
     gradients can be returned).
 
-    In training (gradients on, one process along the sequence, no cache) the backward recomputes prepare and
-    finish instead of keeping their intermediates (_ScanWithRecomputation); otherwise plain autograd."""
-    if torch.is_grad_enabled() and sp is None and cache is None and core.chunk_vjp is not None:
-        return _ScanWithRecomputation.apply(core, partial(prepare, cu_seqlens=cu_seqlens, sp=None, cache=None),
-                                            finish, tuple(tensors), scale, cu_seqlens, out_proj.weight,
+    In training (gradients on, no cache; in one process or under sequence parallelism) the backward recomputes
+    prepare and finish instead of keeping their intermediates (_ScanWithRecomputation); otherwise plain autograd."""
+    if torch.is_grad_enabled() and cache is None and core.chunk_vjp is not None:
+        return _ScanWithRecomputation.apply(core, partial(prepare, cu_seqlens=cu_seqlens, sp=sp, cache=None),
+                                            finish, tuple(tensors), scale,
+                                            cu_seqlens if sp is None else sp.cu_seqlens, sp, out_proj.weight,
                                             *tensors.values())
     q, k, v, gates, extras = prepare(tensors, cu_seqlens=cu_seqlens, sp=sp, cache=cache)
     o = recurrent_scan(core, q, k, v, scale=scale, cu_seqlens=cu_seqlens, sp=sp, cache=cache, **gates)
@@ -103,17 +118,23 @@ class _ScanWithRecomputation(torch.autograd.Function):
     several times that; their recomputation is token-local work, a few conv taps and the output gate's matmul
     (output_gate). The scan itself is never run again: its
     backward alone (core.chunk_vjp) turns d o into the gradients of its inputs. The output projection's
-    gradients are two matmuls here, so its forward is not recomputed either."""
+    gradients are two matmuls here, so its forward is not recomputed either.
+
+    Under sequence parallelism (sp) the scan runs from the state the earlier ranks leave (incoming_state); the
+    backward recomputes that state too (the summary pass, and the all_gather of the summaries a second time:
+    O(H K V) per row, independent of T, as is the state itself) so that d initial_state, from the scan's
+    backward, reaches k, v, the gates and, through the all_gather's backward, the earlier ranks. prepare's
+    short convs exchange their halos again. Every rank runs the same collectives in the same order."""
 
     @staticmethod
-    def forward(ctx, core, prepare, finish, names, scale, cu_seqlens, out_weight, *values):
+    def forward(ctx, core, prepare, finish, names, scale, cu_seqlens, sp, out_weight, *values):
         tensors = dict(zip(names, values))
         q, k, v, gates, extras = prepare(tensors)
-        o = chunk_scan(core, q, k, v, gates, scale, cu_seqlens)
+        o = chunk_scan(core, q, k, v, gates, scale, cu_seqlens, incoming_state(core, k, v, gates, sp))
         y = finish(o, extras, tensors)
         ctx.save_for_backward(o, out_weight, *values)
-        ctx.core, ctx.prepare, ctx.finish, ctx.names, ctx.scale, ctx.cu_seqlens = (core, prepare, finish, names,
-                                                                                   scale, cu_seqlens)
+        ctx.core, ctx.prepare, ctx.finish, ctx.names, ctx.scale, ctx.cu_seqlens, ctx.sp = (
+            core, prepare, finish, names, scale, cu_seqlens, sp)
         device = o.device.type  # the backward recomputes under the forward's autocast
         ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
                             enabled=torch.is_autocast_enabled(device))
@@ -122,22 +143,25 @@ class _ScanWithRecomputation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         o, out_weight, *values = ctx.saved_tensors
-        leaves = [x.detach().requires_grad_(needed) for x, needed in zip(values, ctx.needs_input_grad[7:])]
+        leaves = [x.detach().requires_grad_(needed) for x, needed in zip(values, ctx.needs_input_grad[8:])]
         o = o.detach().requires_grad_()
         with torch.enable_grad(), torch.autocast(**ctx.autocast):
             q, k, v, gates, extras = ctx.prepare(dict(zip(ctx.names, leaves)))
             y = ctx.finish(o, extras, dict(zip(ctx.names, leaves)))
+            initial_state = incoming_state(ctx.core, k, v, gates, ctx.sp)
         d_y = d_out @ out_weight.to(d_out.dtype)
         d_out_weight = (d_out.flatten(0, -2).T @ y.detach().flatten(0, -2)).to(out_weight.dtype)
         (d_o,) = torch.autograd.grad(y, o, d_y, retain_graph=True)
         scan_inputs = (q, k, v, *gates.values())
-        d_scan = chunk_scan_vjp(ctx.core, q.detach(), k.detach(), v.detach(),
-                                {name: gate.detach() for name, gate in gates.items()}, d_o, ctx.scale, ctx.cu_seqlens)
-        roots = [(y, d_y)] + [(x, dx) for x, dx in zip(scan_inputs, d_scan) if x.requires_grad]
+        d_scan, d_initial = chunk_scan_vjp(
+            ctx.core, q.detach(), k.detach(), v.detach(), {name: gate.detach() for name, gate in gates.items()}, d_o,
+            ctx.scale, ctx.cu_seqlens, None if initial_state is None else initial_state.detach())
+        roots = [(y, d_y), (initial_state, d_initial)] + list(zip(scan_inputs, d_scan))
+        roots = [(x, dx) for x, dx in roots if x is not None and dx is not None and x.requires_grad]
         wanted = [x for x in leaves if x.requires_grad]
         grads = iter(torch.autograd.grad([r for r, _ in roots], wanted, [g for _, g in roots], allow_unused=True)
                      if wanted else ())
-        return (None, None, None, None, None, None, d_out_weight if ctx.needs_input_grad[6] else None,
+        return (None, None, None, None, None, None, None, d_out_weight if ctx.needs_input_grad[7] else None,
                 *(next(grads) if x.requires_grad else None for x in leaves))
 
 

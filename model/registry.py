@@ -27,8 +27,10 @@ class RecurrentCore:
     chunk: Callable  # the chunked op: training, prefill, a sequence-parallel slice
     decode: Callable  # the fused recurrent op: one decode step from a cached state
     state_summary: Callable  # (S_local, transition) of a slice, without outputs: sequence parallelism
-    # chunk's input gradients from its output gradient without its forward: training recomputes around the scan
-    # (model/recurrent.py mix); None keeps plain autograd
+    # chunk's input gradients from its output gradient without its forward, (q, k, v, *gates, do, scale=,
+    # cu_seqlens=, initial_state=None) -> (dq, dk, dv, [dgates], d initial_state or None): training recomputes
+    # around the scan (model/recurrent.py mix; under sequence parallelism from the incoming state); None keeps
+    # plain autograd
     chunk_vjp: Callable | None = None
     # how a slice's summary continues an incoming state, (transition, S_local, S_in) -> S_out; None: the affine
     # S_out = M S_in + S_local of parallel/sequence.py (the mLSTM's states each carry their own stabiliser)

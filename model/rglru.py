@@ -12,8 +12,10 @@ The Real-Gated Linear Recurrent Unit on the conv's output x_t, per channel:
     h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t)
 The gates are block-diagonal, one dense block per head (as in the paper and recurrentgemma), not dense over
 D_RNN; Lambda starts so that a^c is uniform in [0.9, 0.999]. sqrt(1 - a_t^2) = sqrt(-expm1(2 log a_t)) in fp32,
-its derivative capped (recurrentgemma's: it grows without bound as a_t -> 1); the gates' elementwise work is
-recomputed in the backward rather than kept (RGLRUGates). recurrentgemma also skips the
+its derivative capped (recurrentgemma's: it grows without bound as a_t -> 1). In training the block runs as the
+other recurrent mixers do (model/recurrent.py mix): it keeps the branch's projection, the block's input and the
+scan's output; the GeLU gate, the conv and the gates are recomputed in the backward (the gates' elementwise work
+by RGLRUGates), the scan's backward runs alone (chunk_diagonal_scan_kv_vjp). recurrentgemma also skips the
 sqrt(1 - a^2) factor at a document's first token; here every token takes the same formula.
 The scan is the diagonal scan (kernels/diagonal_scan) in the recurrent cores' form: its state is one column
 per head, [N, H, D_RNN / H, 1] fp32, so packing, decoding and sequence parallelism run as for every other core.
@@ -25,15 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.common import compute_dtype
-from kernels.diagonal_scan.core_form import (chunk_diagonal_scan_kv, diagonal_scan_kv_state_summary,
-                                             fused_recurrent_diagonal_scan_kv)
+from kernels.diagonal_scan.core_form import (chunk_diagonal_scan_kv, chunk_diagonal_scan_kv_vjp,
+                                             diagonal_scan_kv_state_summary, fused_recurrent_diagonal_scan_kv)
 from model.config import ModelConfig
-from model.recurrent import ShortConvolution, recurrent_scan, recurrent_step
+from model.recurrent import ShortConvolution, mix, output_gate, recurrent_step
 from model.registry import Mixer, RecurrentCore, register
 
 # h_t = a_t h_{t-1} + k_t v_t elementwise, o_t = h_t (the q slot unused): the RG-LRU with k = sqrt(1 - a^2) i, v = x.
-RGLRU_CORE = RecurrentCore("diagonal_scan", chunk=chunk_diagonal_scan_kv, decode=fused_recurrent_diagonal_scan_kv,
-                           state_summary=diagonal_scan_kv_state_summary)
+RGLRU_CORE = RecurrentCore("diagonal_scan", chunk=chunk_diagonal_scan_kv, chunk_vjp=chunk_diagonal_scan_kv_vjp,
+                           decode=fused_recurrent_diagonal_scan_kv, state_summary=diagonal_scan_kv_state_summary)
 
 GATE_EXPONENT = 8.0  # c
 A_MIN, A_MAX = 0.9, 0.999  # a^c starts uniform in this range
@@ -88,6 +90,7 @@ class RGLRU(nn.Module):
         self.width = c.recurrent_width(cfg.d_model)
         self.num_heads = c.num_heads
         self.head_dim = self.width // c.num_heads
+        self.core = RGLRU_CORE
         # W_y (the GeLU gate) and W_x (the recurrent branch) as one matmul.
         self.in_proj = nn.Linear(cfg.d_model, 2 * self.width, bias=False)
         self.conv = ShortConvolution(self.width, c.conv_size, bias=True, activation=None, cache_key="conv")
@@ -109,30 +112,41 @@ class RGLRU(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, sp=None,
                 cache: Optional[dict] = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        gate, branch = self.in_proj(x).chunk(2, dim=-1)
-        branch = self.conv(branch, cu_seqlens, sp, cache).view(B, T, self.num_heads, self.head_dim)
-        a, scale_in = self._gates(branch)
-        h = recurrent_scan(RGLRU_CORE, scale_in, scale_in, branch, a=a, scale=1.0, cu_seqlens=cu_seqlens, sp=sp,
-                           cache=cache)
-        return self._output(h.flatten(-2), gate)
+        # W_y (the GeLU gate's rows of in_proj) and W_x as two matmuls: the gate is recomputed from x, not kept
+        gate_weight, branch_weight = self.in_proj.weight.chunk(2)
+        tensors = dict(branch=F.linear(x, branch_weight), x=x, gate_weight=gate_weight, conv=self.conv.weight,
+                       conv_bias=self.conv.bias, lru_weight=self.gate_weight, lru_bias=self.gate_bias,
+                       Lambda=self.Lambda)
+        return mix(self.core, self._scan_inputs, self._output, tensors, self.o_proj, scale=1.0,
+                   cu_seqlens=cu_seqlens, sp=sp, cache=cache)
 
-    def _gates(self, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scan_inputs(self, t: dict, cu_seqlens, sp, cache):
+        """The branch's projection (and the parameters in t) -> the scan's k = sqrt(1 - a^2) i (also in the unused
+        q slot), v = the conv's output [B, T, H, D_h] and its gate a."""
+        B, T, _ = t["branch"].shape
+        branch = self.conv(t["branch"], cu_seqlens, sp, cache, weight=t["conv"], bias=t["conv_bias"])
+        branch = branch.view(B, T, self.num_heads, self.head_dim)
+        a, scale_in = self._gates(branch, t["lru_weight"], t["lru_bias"], t["Lambda"])
+        return scale_in, scale_in, branch, {"a": a}, {}
+
+    def _gates(self, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               Lambda: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_t, sqrt(1 - a_t^2) i_t), both [..., H, D_h] fp32, of the conv's output [..., H, D_h]."""
-        logits = torch.einsum("...hi,hij->...hj", branch, self.gate_weight.to(branch.dtype))
-        return RGLRUGates.apply(logits, self.gate_bias, self.Lambda.view(self.num_heads, self.head_dim))
+        logits = torch.einsum("...hi,hij->...hj", branch, weight.to(branch.dtype))
+        return RGLRUGates.apply(logits, bias, Lambda.view(self.num_heads, self.head_dim))
 
-    def _output(self, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(F.gelu(gate, approximate="tanh") * h)
+    def _output(self, h: torch.Tensor, extras: dict, t: dict) -> torch.Tensor:
+        """The scan's output [..., H, D_h] -> GeLU(W_y x) * h [..., D_RNN], before o_proj."""
+        return F.gelu(output_gate(t), approximate="tanh") * h.flatten(-2)
 
     def decode(self, x: torch.Tensor, cache: dict, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: x [B, d_model] -> [B, d_model], the state advanced in place (fused recurrent kernel)."""
         B = x.shape[0]
         gate, branch = self.in_proj(x).chunk(2, dim=-1)
         branch = self.conv.step(branch[:, None], cache["conv"]).view(B, 1, self.num_heads, self.head_dim)
-        a, scale_in = self._gates(branch)
-        h = recurrent_step(RGLRU_CORE.decode, scale_in, scale_in, branch, a=a, scale=1.0, state=cache["recurrent"])
-        return self._output(h.view(B, self.width), gate)
+        a, scale_in = self._gates(branch, self.gate_weight, self.gate_bias, self.Lambda)
+        h = recurrent_step(self.core.decode, scale_in, scale_in, branch, a=a, scale=1.0, state=cache["recurrent"])
+        return self.o_proj(self._output(h[:, 0], {}, {"gate": gate}))
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """The recurrent state [B, H, D_h, 1] fp32 and the conv's window (independent of max_len)."""

@@ -14,7 +14,9 @@ Each rank of an sp group holds the same rows, rank r the contiguous slice [r*T, 
 - attention all-gathers K and V (full attention), or takes only the previous rank's last window-1 keys.
 
 Backward needs nothing hand-written beyond the collectives' own: autograd through the ops (d initial_state)
-and through the collectives carries every gradient to the rank that owns the input. Documents are respected
+and through the collectives carries every gradient to the rank that owns the input. (Training's recomputation
+around the scan, model/recurrent.py mix, calls `incoming_state` in its forward and again in its backward, there
+under autograd from the d initial_state of the scan's backward.) Documents are respected
 throughout: a document start inside a slice cuts the state, exactly as cu_seqlens does in one process.
 """
 from __future__ import annotations
@@ -223,7 +225,15 @@ class SequenceParallel:
         out_shape = q.shape[:-1] + v.shape[-1:]  # [.., H, V] (v may have more axes: a DeltaProduct's steps)
         q, k, v = self._flat(q), self._flat(k), self._flat(v)
         gates = {name: self._flat(gate) for name, gate in gates.items()}
+        initial_state = self.incoming_state(core, k, v, gates)
+        o, _ = core.chunk(q, k, v, scale=scale, **gates, initial_state=initial_state, cu_seqlens=self.cu_seqlens)
+        return o.reshape(out_shape)
 
+    def incoming_state(self, core: RecurrentCore, k: Tensor, v: Tensor, gates: dict[str, Tensor]) -> Tensor:
+        """The initial states [N, ...] of the core's chunked op over this slice (k, v and gates flattened to
+        [1, B*T, ...], its segments those of cu_seqlens): the state every earlier rank leaves, in each row's
+        first segment where it continues a document, zero elsewhere. Steps 1 and 2 of scan; differentiable,
+        its backward carrying d initial_state to k, v, the gates and (all_gather) the earlier ranks."""
         # 1. (S_local, M) of each row's last segment, from the op's state-only summary (no outputs). Only a
         #    first segment continuing a document carries S_in; elsewhere M = 0 (the state was cut).
         tail = lambda x: x.index_select(1, self.tail_tokens)
@@ -254,12 +264,7 @@ class SequenceParallel:
                 carried = (transition_j @ incoming[-1] if transition_j.dim() == incoming[-1].dim()
                            else transition_j.unsqueeze(-1) * incoming[-1])  # diagonal: scale the rows of S
                 incoming.append(carried + state_j)
-        state_in = torch.stack(incoming)[self.rank]
-
-        # 3. the outputs, run from the incoming state.
-        initial_state = self._to_segments(state_in)
-        o, _ = core.chunk(q, k, v, scale=scale, **gates, initial_state=initial_state, cu_seqlens=self.cu_seqlens)
-        return o.reshape(out_shape)
+        return self._to_segments(torch.stack(incoming)[self.rank])
 
     def scan_reverse(self, core: RecurrentCore, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
                      g: Tensor) -> Tensor:

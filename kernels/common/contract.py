@@ -42,10 +42,13 @@ def decay_or_zero(log_decay: torch.Tensor) -> torch.Tensor:
     return torch.where(kept, torch.exp(log_decay.clamp(min=NEGLIGIBLE_LOG_DECAY)), 0.0)
 
 
-def autograd_vjp(op, inputs: tuple[torch.Tensor, ...], do: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The input gradients of o = op(*inputs) for the output gradient do, by autograd through op (the PyTorch
-    paths' vector-Jacobian product: their forward runs again)."""
+def autograd_vjp(op, inputs: tuple[torch.Tensor, ...], do: torch.Tensor,
+                 initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """(*input gradients, d initial_state or None) of o = op(*inputs, initial_state) for the output gradient do,
+    by autograd through op (the PyTorch paths' vector-Jacobian product: their forward runs again)."""
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_() for x in inputs]
-        o = op(*leaves)
-    return torch.autograd.grad(o, leaves, do)
+        state = None if initial_state is None else initial_state.detach().requires_grad_()
+        o = op(*leaves, state)
+    grads = torch.autograd.grad(o, leaves + ([] if state is None else [state]), do)
+    return (*grads[:len(leaves)], None if state is None else grads[-1])

@@ -38,11 +38,12 @@ class RecurrentOp:
     def __call__(self, q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent):
         return self._call(q, k, v, gates, initial_state, cu_seqlens, scale, output_final_state, recurrent)
 
-    def vjp(self, q, k, v, gates, cu_seqlens, scale, do):
-        """(dq, dk, dv, dgates) of a call from a zero state without a final state, for the output gradient do:
-        the backward op alone, the forward not run again (what recomputation around a scan needs)."""
-        dq, dk, dv, dgates, _ = self._backward(q, k, v, gates, None, cu_seqlens, scale, do.contiguous(), None)
-        return dq, dk, dv, list(dgates)
+    def vjp(self, q, k, v, gates, cu_seqlens, scale, do, initial_state=None):
+        """(dq, dk, dv, dgates, d initial_state or None) of a call without a final state, for the output gradient
+        do: the backward op alone, the forward not run again (what recomputation around a scan needs)."""
+        dq, dk, dv, dgates, d_initial = self._backward(q, k, v, gates, initial_state, cu_seqlens, scale,
+                                                       do.contiguous(), None)
+        return dq, dk, dv, list(dgates), None if initial_state is None else d_initial
 
 
 def _register(name: str, family: RecurrentOp, chunk_forward, backward):

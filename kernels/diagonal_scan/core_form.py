@@ -11,7 +11,7 @@ There is no query, the output being the state itself: q and scale are accepted a
 """
 import torch
 
-from kernels.common import compute_dtype
+from kernels.common import autograd_vjp, compute_dtype
 from kernels.diagonal_scan import chunk_diagonal_scan, diagonal_scan_state_summary, fused_recurrent_diagonal_scan
 
 
@@ -33,6 +33,18 @@ def chunk_diagonal_scan_kv(q: torch.Tensor | None, k: torch.Tensor, v: torch.Ten
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """chunk_diagonal_scan(a, k * v) in the cores' form: (o [B, T, H, D] in v's dtype, final state [N, H, D, 1])."""
     return _run(chunk_diagonal_scan, k, v, a, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_diagonal_scan_kv_vjp(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                               do: torch.Tensor, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                               initial_state: torch.Tensor | None = None) -> tuple:
+    """chunk_diagonal_scan_kv's input gradients (None for the unused q, dk, dv, [da], d initial_state or None) for
+    the output gradient do (chunk_gla_vjp's contract, for the recomputation around the scan in
+    model/recurrent.py). The scan is one elementwise pass over the tokens, so it runs again under autograd."""
+    dk, dv, da, d_initial = autograd_vjp(
+        lambda k, v, a, h0: chunk_diagonal_scan_kv(None, k, v, a, initial_state=h0, cu_seqlens=cu_seqlens)[0],
+        (k, v, a), do, initial_state)
+    return None, dk, dv, [da], d_initial
 
 
 def fused_recurrent_diagonal_scan_kv(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,

@@ -36,17 +36,21 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 
 
 def chunk_gla_vjp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, do: torch.Tensor,
-                  scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> tuple:
-    """chunk_gla's input gradients (dq, dk, dv, [dg]) for the output gradient do, from a zero initial state and
-    without a final state: the Triton op runs only its backward (not its forward again); the chunked PyTorch
-    path recomputes under autograd. For recomputation around the scan (model/recurrent.py)."""
-    check_recurrent_inputs(q, k, v, None, cu_seqlens)
+                  scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                  initial_state: torch.Tensor | None = None) -> tuple:
+    """chunk_gla's input gradients (dq, dk, dv, [dg], d initial_state or None) for the output gradient do, without
+    a final state: the Triton op runs only its backward (not its forward again); the chunked PyTorch path
+    recomputes under autograd. For recomputation around the scan (model/recurrent.py; an initial state under
+    sequence parallelism)."""
+    check_recurrent_inputs(q, k, v, initial_state, cu_seqlens)
     _check_gate(q, g)
     if use_triton(q):
         from kernels.gla.triton_chunk import chunk_gla_triton_vjp
-        return chunk_gla_triton_vjp(q, k, v, g, do, scale, cu_seqlens)
-    dq, dk, dv, dg = autograd_vjp(lambda *x: chunk_gla_torch(*x, scale, None, False, cu_seqlens)[0], (q, k, v, g), do)
-    return dq, dk, dv, [dg]
+        return chunk_gla_triton_vjp(q, k, v, g, do, scale, cu_seqlens, initial_state)
+    dq, dk, dv, dg, d_initial = autograd_vjp(
+        lambda q, k, v, g, h0: chunk_gla_torch(q, k, v, g, scale, h0, False, cu_seqlens)[0], (q, k, v, g), do,
+        initial_state)
+    return dq, dk, dv, [dg], d_initial
 
 
 def fused_recurrent_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

@@ -67,12 +67,13 @@ def fused_recurrent_gla_signed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def chunk_gla_signed_vjp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, sign: torch.Tensor,
                          do: torch.Tensor, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-                         ) -> tuple:
-    """chunk_gla_signed's (dq, dk, dv, [dg, dsign = 0]) for the output gradient do (chunk_gla_vjp's contract)."""
+                         initial_state: torch.Tensor | None = None) -> tuple:
+    """chunk_gla_signed's (dq, dk, dv, [dg, dsign = 0], d initial_state or None) for the output gradient do
+    (chunk_gla_vjp's contract)."""
     sigma, _ = cumulative_sign(sign, cu_seqlens)
-    dq, dk, dv, (dg,) = chunk_gla_vjp(*_signed(q, k, sigma), v, g, do, scale, cu_seqlens)
+    dq, dk, dv, (dg,), d_initial = chunk_gla_vjp(*_signed(q, k, sigma), v, g, do, scale, cu_seqlens, initial_state)
     dq, dk = _signed(dq, dk, sigma)
-    return dq, dk, dv, [dg, torch.zeros_like(sign)]
+    return dq, dk, dv, [dg, torch.zeros_like(sign)], d_initial
 
 
 def gla_signed_state_summary(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, sign: torch.Tensor,

@@ -133,7 +133,7 @@ def chunk_gla_triton(q, k, v, g, scale=None, initial_state=None, output_final_st
     return gla_op(q, k, v, [g], initial_state, cu_seqlens, scale, output_final_state, False)
 
 
-def chunk_gla_triton_vjp(q, k, v, g, do, scale=None, cu_seqlens=None):
+def chunk_gla_triton_vjp(q, k, v, g, do, scale=None, cu_seqlens=None, initial_state=None):
     """The op's backward alone; same contract as `kernels.chunk_gla_vjp`."""
-    q, k, v, g, scale, _ = prepare_inputs(q, k, v, g, scale, None)
-    return gla_op.vjp(q, k, v, [g], cu_seqlens, scale, do)
+    q, k, v, g, scale, initial_state = prepare_inputs(q, k, v, g, scale, initial_state)
+    return gla_op.vjp(q, k, v, [g], cu_seqlens, scale, do, initial_state)

@@ -38,14 +38,16 @@ def chunk_mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tens
 
 
 def chunk_mlstm_vjp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-                    do: torch.Tensor, scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> tuple:
-    """chunk_mlstm's input gradients (dq, dk, dv, [di, df]) for the output gradient do, from the empty state
+                    do: torch.Tensor, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                    initial_state: torch.Tensor | None = None) -> tuple:
+    """chunk_mlstm's input gradients (dq, dk, dv, [di, df], d initial_state or None) for the output gradient do
     (chunk_gla_vjp's contract, for the recomputation around the scan in model/recurrent.py). The output's
     division needs GLA's output, so GLA's forward runs again here (on the Triton path too): one more scan in
     the backward buys not keeping the stabilised inputs, GLA's output and the division's temporaries."""
-    dq, dk, dv, di, df = autograd_vjp(lambda *x: chunk_mlstm(*x, scale, None, False, cu_seqlens)[0],
-                                      (q, k, v, i, f), do)
-    return dq, dk, dv, [di, df]
+    dq, dk, dv, di, df, d_initial = autograd_vjp(
+        lambda q, k, v, i, f, h0: chunk_mlstm(q, k, v, i, f, scale, h0, False, cu_seqlens)[0], (q, k, v, i, f), do,
+        initial_state)
+    return dq, dk, dv, [di, df], d_initial
 
 
 def fused_recurrent_mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,

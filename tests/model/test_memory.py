@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config, MLSTMConfig
+from model.config import AttentionConfig, GatedDeltaNetConfig, GLAConfig, Mamba2Config, MLSTMConfig, RGLRUConfig
 from model.memory import saved_bytes, saved_bytes_by_module
 from tests.model.conftest import small_config
 
@@ -34,9 +34,10 @@ def test_a_checkpointed_block_keeps_its_input_alone(make_lm):
     assert saved_bytes(block, x) > 4 * x.numel() * x.element_size()  # without: several times more
 
 
-def block_bytes_per_token(config, letter: str) -> float:
+def block_bytes_per_token(config, letter: str, context=lambda tokens: {}) -> float:
     """A block's saved bytes per token under bf16 autocast: the slope between two lengths (what does not grow
-    with the tokens, autocast's weight copies, drops out)."""
+    with the tokens, autocast's weight copies, drops out). context(tokens): the block's keyword arguments
+    (cu_seqlens and sp under sequence parallelism)."""
     from model.lm import Block
     from model.registry import by_letter
 
@@ -46,18 +47,28 @@ def block_bytes_per_token(config, letter: str) -> float:
     for tokens in (64, 128):
         x = torch.randn(1, tokens, config.d_model, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            sizes.append(saved_bytes(block, x))
+            sizes.append(saved_bytes(block, x, **context(tokens)))
     return (sizes[1] - sizes[0]) / 64
 
 
-@pytest.mark.parametrize("letter", ["G", "M", "D", "X"])
+RECURRENT_LETTERS = ["G", "M", "D", "X", "R"]
+
+
+def budget_config():
+    """The 370M presets' width ratios scaled to d_model 128 (RG-LRU: hawk_370m's width 1408 and 8 heads; one
+    d_ff for all)."""
+    return small_config("A", d_model=128, d_ff=352, attention=AttentionConfig(num_heads=2),
+                        gla=GLAConfig(num_heads=1), mamba2=Mamba2Config(expand=2, head_dim=64, d_state=16),
+                        gated_deltanet=GatedDeltaNetConfig(num_heads=1, head_dim=96, expand_v=2.0),
+                        mlstm=MLSTMConfig(num_heads=1), rglru=RGLRUConfig(num_heads=8, width=176))
+
+
+@pytest.mark.parametrize("letter", RECURRENT_LETTERS)
 def test_a_recurrent_block_keeps_at_most_1_3x_an_attention_block(letter):
     """The memory budget at the 370M presets' width ratios, scaled to d_model 128 (the 370M figures are
     bench/activation_memory.py's): the mixers keep their projections and the scan's output, not the convs',
-    norms' and gates' intermediates (model/recurrent.py mix)."""
-    config = small_config("A", d_model=128, d_ff=352, attention=AttentionConfig(num_heads=2),
-                          gla=GLAConfig(num_heads=1), mamba2=Mamba2Config(expand=2, head_dim=64, d_state=16),
-                          gated_deltanet=GatedDeltaNetConfig(num_heads=1, head_dim=96, expand_v=2.0),
-                          mlstm=MLSTMConfig(num_heads=1))
+    norms' and gates' intermediates (model/recurrent.py mix). Under sequence parallelism:
+    tests/parallel/test_sequence_memory.py."""
+    config = budget_config()
     ratio = block_bytes_per_token(config, letter) / block_bytes_per_token(config, "A")
     assert ratio <= 1.3, f"{letter} block keeps {ratio:.2f}x an attention block"
