@@ -19,7 +19,6 @@ overrides, results) to bench/results/.
 """
 import argparse
 import os
-import resource
 import sys
 
 import torch
@@ -29,7 +28,7 @@ from bench.common import write_results
 from configs.schema import load_config
 from parallel.build import build_engine
 from parallel.topology import init_topology
-from training.metrics import process_memory_bytes, reset_peak_memory
+from training.metrics import peak_memory_gib, process_memory_bytes, reset_peak_memory
 from training.optim import lr_at
 
 DEFAULTS = ["model=gla_hybrid_370m", "model.vocab_size=32000", "parallel=deepspeed_zero3", "train.global_batch_size=2",
@@ -82,9 +81,10 @@ def main():
         engine.step(lr_at(step, cfg.train.max_steps, cfg.optim))
     result = dict(rank=topology.rank, rss_before=before, build_peak_growth=marks.get("build_peak", before) - before,
                   engine_peak_growth=engine_peak - before, train_peak_growth=process_memory_bytes("VmHWM") - before,
-                  rss_after_growth=process_memory_bytes("VmRSS") - before, max_rss=resource_max_rss())
-    params = engine.model.parameters()
-    numel = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3's own count; DTensors count whole
+                  rss_after_growth=process_memory_bytes("VmRSS") - before,
+                  max_rss=peak_memory_gib(topology.device) * 2 ** 30)
+    # ZeRO-3's partitioned parameters give their count as ds_numel; FSDP2's DTensors count whole.
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.model.parameters())
     results = [None] * topology.world_size
     dist.all_gather_object(results, result)
 
@@ -96,7 +96,8 @@ def main():
               f"{'max RSS MiB':>12}")
         for r in results:
             print(f"{r['rank']:>4} {r['build_peak_growth'] / MiB:>15.0f} {r['engine_peak_growth'] / MiB:>16.0f} "
-                  f"{r['train_peak_growth'] / MiB:>15.0f} {r['rss_after_growth'] / MiB:>10.0f} {r['max_rss'] / MiB:>12.0f}")
+                  f"{r['train_peak_growth'] / MiB:>15.0f} {r['rss_after_growth'] / MiB:>10.0f} "
+                  f"{r['max_rss'] / MiB:>12.0f}")
         report = dict(engine=topology.engine, world_size=topology.world_size, overrides=overrides, steps=args.steps,
                       parameters=numel, fp32_model_bytes=numel * 4, results=results)
         if topology.engine == "deepspeed":
@@ -104,11 +105,6 @@ def main():
         write_results("deepspeed_memory" + (f"_{args.tag}" if args.tag else ""), report)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def resource_max_rss() -> int:
-    """The process's peak resident set since it started, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ ZeRO-1/2 keep a whole fp32 model on every rank by design, so they build it whole
 whole on a rank: the build splits every parameter by rows over the ranks, then `partition_for_zero3`
 hands the parameters to ZeRO-3 one module at a time (gathered whole, partitioned, the whole copy freed),
 so a rank holds its share of the model plus at most one module's parameters (the largest: the embedding).
-In training ZeRO-3 gathers, prefetches and reduces by FSDP2's units (`zero3_buckets`), not by DeepSpeed's
-GPU-sized defaults, which on a CPU rank kept the whole model gathered and its whole gradient in a bucket.
+In training ZeRO-3 gathers, prefetches and reduces by one block, FSDP2's unit (`zero3_buckets`), not by
+DeepSpeed's GPU-sized defaults, under which a CPU rank held the whole model's gradient in the reduction
+bucket; and a CPU rank's fp32 partition is not copied again as master weights (`alias_fp32_master_weights`).
 
 Sequence-parallel ranks are data-parallel ranks to DeepSpeed: their gradients are averaged like any other
 rank's, which is what sequence parallelism needs. The optimizer is DeepSpeed's AdamW with our parameter
@@ -119,25 +120,26 @@ def build_zero_model(cfg, topology: Topology, config: dict, initial_weights=None
 
 
 def zero3_buckets(model: nn.Module, reshard_after_forward: bool) -> dict:
-    """ZeRO-3's gathering, prefetching, gradient reduction and optimizer sub-groups sized by the units FSDP2
-    gathers and reduces (parallel/fsdp.py: each block, and the parameters outside the blocks), in numbers of
-    parameters. DeepSpeed's defaults (zero/config.py), sized for GPUs, hold much more than a rank's share:
+    """ZeRO-3's gathering, prefetching, gradient reduction and optimizer sub-groups sized by the largest block,
+    the unit FSDP2 gathers and reduces (parallel/fsdp.py), in numbers of parameters. DeepSpeed's defaults
+    (zero/config.py), sized for GPUs, hold much more than a rank's share (parallel/README.md, ZeRO-3 memory):
     - stage3_max_reuse_distance 1e9: a parameter used again within 1e9 parameters' worth of modules stays
       gathered, so the whole model stays gathered from its forward to its backward. Here 0 when the blocks
       reshard after forward (`parallel.reshard_after_forward`, as FSDP2), else the whole model;
     - reduce_bucket_size 5e8: whole gradients wait in the bucket until 5e8 of them fill it, i.e. the whole
-      model's gradient before any is reduced and partitioned; here one unit's;
+      model's gradient before any is reduced and partitioned; here one block's;
     - sub_group_size 1e9: the optimizer's fp32 gradient buffer has the whole size of the largest sub-group
       (stage3.py initialize_optimizer_states, though a rank fills only its partition), i.e. of the model;
-    - stage3_prefetch_bucket_size 5e7 and stage3_max_live_parameters 1e9: one unit prefetched while one runs.
+      here a block's (a larger single parameter, the embedding, makes a sub-group of its own);
+    - stage3_prefetch_bucket_size 5e7 and stage3_max_live_parameters 1e9: one block prefetched while one runs.
     Called on the row-sharded model (parallel/materialize.py shard_rows): a DTensor's numel is the whole one."""
-    unit = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
+    block_numel = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
     return {
         "stage3_max_reuse_distance": 0 if reshard_after_forward else sum(p.numel() for p in model.parameters()),
-        "reduce_bucket_size": unit,
-        "sub_group_size": unit,
-        "stage3_prefetch_bucket_size": unit,
-        "stage3_max_live_parameters": 2 * unit,
+        "reduce_bucket_size": block_numel,
+        "sub_group_size": block_numel,
+        "stage3_prefetch_bucket_size": block_numel,
+        "stage3_max_live_parameters": 2 * block_numel,
     }
 
 

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-3 holds what FSDP2 holds, per rank: after a training step on 2 ranks, the tensors of
 DeepSpeed's optimizer (the parameters' flat partition, its fp32 master groups, the gradient partitions, the
 optimizer's gradient buffers, the reduction bucket, Adam's two states) add up to at most FSDP2's four
-partition-sized tensors (parameters, gradients, two states) plus one block's reduction bucket (and a block's worth of slack).
+partition-sized tensors (parameters, gradients, two states) plus one block's reduction bucket and a block's
+worth of slack.
 
 DeepSpeed's defaults failed this on CPU (bench/deepspeed_memory.py measures the resident set they cost):
 an fp32 master copy of the partition beside the fp32 parameters, and a reduction bucket of 5e8 values;
@@ -23,7 +24,8 @@ def run_zero3_step(rank: int, world_size: int) -> None:
 
     cfg, _ = load_config(OVERRIDES)
     engine = DeepSpeedEngine(cfg, init_topology(cfg.parallel))
-    tokens = torch.randint(cfg.model.vocab_size, (1, cfg.train.seq_len + 1), generator=torch.Generator().manual_seed(rank))
+    generator = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(cfg.model.vocab_size, (1, cfg.train.seq_len + 1), generator=generator)
     loss = engine.model(tokens[:, :-1], labels=tokens[:, 1:])
     engine.backward(loss)
     engine.step(cfg.optim.lr)
