@@ -18,7 +18,7 @@ class ParallelConfig:
     zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
     activation_checkpointing: str = "none"  # none | full (every block) | selective (every Nth block)
     activation_checkpointing_every: int = 2  # selective: recompute blocks N-1, 2N-1, ... in the backward
-    reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3 like)
+    reshard_after_forward: bool = True  # fsdp, deepspeed ZeRO-3: free gathered block weights after forward
     mixed_precision: bool = True  # on CUDA: bf16 parameters in compute, fp32 gradient reduction
     timeout_s: float = 600  # a collective waiting longer (a hung or dead rank) ends the job with an error
 

@@ -6,6 +6,9 @@ ZeRO-1/2 keep a whole fp32 model on every rank by design, so they build it whole
 whole on a rank: the build splits every parameter by rows over the ranks, then `partition_for_zero3`
 hands the parameters to ZeRO-3 one module at a time (gathered whole, partitioned, the whole copy freed),
 so a rank holds its share of the model plus at most one module's parameters (the largest: the embedding).
+In training ZeRO-3 gathers, prefetches and reduces by one block, FSDP2's unit (`zero3_buckets`), not by
+DeepSpeed's GPU-sized defaults, under which a CPU rank held the whole model's gradient in the reduction
+bucket; and a CPU rank's fp32 partition is not copied again as master weights (`alias_fp32_master_weights`).
 
 Sequence-parallel ranks are data-parallel ranks to DeepSpeed: their gradients are averaged like any other
 rank's, which is what sequence parallelism needs. The optimizer is DeepSpeed's AdamW with our parameter
@@ -51,6 +54,8 @@ class DeepSpeedEngine(Engine):
         config = deepspeed_config(cfg, topology, micro_steps)
         model, groups = build_zero_model(cfg, topology, config, initial_weights)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+        if cfg.parallel.zero_stage == 3:
+            alias_fp32_master_weights(self.optimizer)
         self.model = _Model(self.ds)
         self.topology = topology
 
@@ -90,8 +95,8 @@ class _Model:
 
 
 def build_zero_model(cfg, topology: Topology, config: dict, initial_weights=None) -> tuple[nn.Module, list[dict]]:
-    """The model as deepspeed.initialize takes it (ZeRO-3: already partitioned), and its parameter groups;
-    initial_weights: parallel/materialize.py's build_model."""
+    """The model as deepspeed.initialize takes it (ZeRO-3: already partitioned, and `config` given the bucket
+    sizes of `zero3_buckets`), and its parameter groups; initial_weights: parallel/materialize.py's build_model."""
     zero3 = cfg.parallel.zero_stage == 3
     # DeepSpeed has no dp_replicate: dp_shard x sp is the whole world.
     shard = partial(shard_rows, mesh=topology.mesh["dp_shard_sp"]) if zero3 else None
@@ -105,12 +110,52 @@ def build_zero_model(cfg, topology: Topology, config: dict, initial_weights=None
     split = [([names[id(p)] for p in g["params"]], g["weight_decay"])
              for g in build_optimizer(model, cfg.optim).param_groups]
     if zero3:
+        config["zero_optimization"].update(zero3_buckets(model, cfg.parallel.reshard_after_forward))
         # A recurrent mixer uses its submodules' parameters inside its own autograd Function (model/recurrent.py
         # mix), outside those submodules' forwards: ZeRO-3 gathers a leaf module's parameters whole as it runs.
         set_z3_leaf_modules(model, list({type(block.mixer) for block in model.blocks}))
         partition_for_zero3(model, config)
     params = dict(model.named_parameters())
     return model, [{"params": [params[name] for name in group], "weight_decay": decay} for group, decay in split]
+
+
+def zero3_buckets(model: nn.Module, reshard_after_forward: bool) -> dict:
+    """ZeRO-3's gathering, prefetching, gradient reduction and optimizer sub-groups sized by the largest block,
+    the unit FSDP2 gathers and reduces (parallel/fsdp.py), in numbers of parameters. DeepSpeed's defaults
+    (zero/config.py), sized for GPUs, hold much more than a rank's share (parallel/README.md, ZeRO-3 memory):
+    - stage3_max_reuse_distance 1e9: a parameter used again within 1e9 parameters' worth of modules stays
+      gathered, so the whole model stays gathered from its forward to its backward. Here 0 when the blocks
+      reshard after forward (`parallel.reshard_after_forward`, as FSDP2), else the whole model;
+    - reduce_bucket_size 5e8: whole gradients wait in the bucket until 5e8 of them fill it, i.e. the whole
+      model's gradient before any is reduced and partitioned; here one block's;
+    - sub_group_size 1e9: the optimizer's fp32 gradient buffer has the whole size of the largest sub-group
+      (stage3.py initialize_optimizer_states, though a rank fills only its partition), i.e. of the model;
+      here a block's (a larger single parameter, the embedding, makes a sub-group of its own);
+    - stage3_prefetch_bucket_size 5e7 and stage3_max_live_parameters 1e9: one block prefetched while one runs.
+    Called on the row-sharded model (parallel/materialize.py shard_rows): a DTensor's numel is the whole one."""
+    block_numel = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
+    return {
+        "stage3_max_reuse_distance": 0 if reshard_after_forward else sum(p.numel() for p in model.parameters()),
+        "reduce_bucket_size": block_numel,
+        "sub_group_size": block_numel,
+        "stage3_prefetch_bucket_size": block_numel,
+        "stage3_max_live_parameters": 2 * block_numel,
+    }
+
+
+def alias_fp32_master_weights(optimizer) -> None:
+    """Free ZeRO-3's second fp32 copy of a rank's partition where the parameters are fp32 already (CPU).
+    DeepSpeed means to keep no master copy then, the optimizer updating the parameters' flat partitions
+    themselves (zero/stage3.py `_create_fp32_partitions`: the master groups are "aliases"), but it tests the
+    device by comparing the partition's torch.device with the accelerator's device name, a str, which never
+    compare equal: each rank held its partition twice. The master tensors stay the objects the optimizer's
+    groups and state refer to, only their storage becomes the parameters'; the values are equal (a clone),
+    and DeepSpeed's later copies between the two (after a step, on loading a checkpoint) become copies onto
+    themselves."""
+    for master, partition in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat,
+                                 strict=True):
+        if master.dtype == partition.dtype and master.device == partition.device:
+            master.data = partition.data
 
 
 def partition_for_zero3(model: nn.Module, config: dict) -> None:
