@@ -39,18 +39,20 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 
 
 def chunk_kda_vjp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                  do: torch.Tensor, scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> tuple:
-    """chunk_kda's input gradients (dq, dk, dv, [dg, dbeta]) for the output gradient do, from a zero initial
-    state and without a final state: the Triton op runs only its backward; the chunked PyTorch path
-    recomputes under autograd. For recomputation around the scan (model/recurrent.py)."""
-    check_recurrent_inputs(q, k, v, None, cu_seqlens)
+                  do: torch.Tensor, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                  initial_state: torch.Tensor | None = None) -> tuple:
+    """chunk_kda's input gradients (dq, dk, dv, [dg, dbeta], d initial_state or None) for the output gradient
+    do, without a final state: the Triton op runs only its backward; the chunked PyTorch path recomputes under
+    autograd. For recomputation around the scan (model/recurrent.py)."""
+    check_recurrent_inputs(q, k, v, initial_state, cu_seqlens)
     _check_gates(q, g, beta)
     if use_triton(q):
         from kernels.kda.triton_chunk import chunk_kda_triton_vjp
-        return chunk_kda_triton_vjp(q, k, v, g, beta, do, scale, cu_seqlens)
-    dq, dk, dv, dg, dbeta = autograd_vjp(
-        lambda *x: chunk_kda_torch(*x, scale, None, False, cu_seqlens)[0], (q, k, v, g, beta), do)
-    return dq, dk, dv, [dg, dbeta]
+        return chunk_kda_triton_vjp(q, k, v, g, beta, do, scale, cu_seqlens, initial_state)
+    dq, dk, dv, dg, dbeta, d_initial = autograd_vjp(
+        lambda q, k, v, g, beta, h0: chunk_kda_torch(q, k, v, g, beta, scale, h0, False, cu_seqlens)[0],
+        (q, k, v, g, beta), do, initial_state)
+    return dq, dk, dv, [dg, dbeta], d_initial
 
 
 def fused_recurrent_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -140,8 +140,8 @@ def chunk_kda_triton(
     return kda_op(q, k, v, [g, beta], initial_state, cu_seqlens, scale, output_final_state, False)
 
 
-def chunk_kda_triton_vjp(q, k, v, g, beta, do, scale=None, cu_seqlens=None):
+def chunk_kda_triton_vjp(q, k, v, g, beta, do, scale=None, cu_seqlens=None, initial_state=None):
     """The op's backward alone; same contract as `kernels.kda.chunk_kda_vjp`."""
     check_key_dim(k.shape[-1])
     scale = k.shape[-1] ** -0.5 if scale is None else scale
-    return kda_op.vjp(q, k, v, [g, beta], cu_seqlens, scale, do)
+    return kda_op.vjp(q, k, v, [g, beta], cu_seqlens, scale, do, initial_state)

@@ -94,7 +94,7 @@ def test_vjp_is_autograds(kernels, monkeypatch):
     do = upstream["o"].float()
     o, _ = chunk_gla_signed(q, k, v, g, sign, cu_seqlens=CU_SEQLENS)
     expected = torch.autograd.grad(o, (q, k, v, g), do)
-    dq, dk, dv, (dg, dsign) = chunk_gla_signed_vjp(q, k, v, g, sign, do, cu_seqlens=CU_SEQLENS)
+    dq, dk, dv, (dg, dsign), d_initial = chunk_gla_signed_vjp(q, k, v, g, sign, do, cu_seqlens=CU_SEQLENS)
     for actual, wanted in zip((dq, dk, dv, dg), expected):
         torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
-    assert not dsign.any()
+    assert not dsign.any() and d_initial is None  # no initial state given, none to differentiate

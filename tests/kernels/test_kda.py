@@ -194,17 +194,21 @@ def test_decode_steps_continue_the_chunk_forward(backend, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("triton_backend")
-def test_vjp_is_the_backward():
+@pytest.mark.parametrize("from_state", [False, True], ids=["zero_state", "initial_state"])
+def test_vjp_is_the_backward(from_state):
     """chunk_kda_vjp (the backward alone, for recomputation around the scan) against autograd through the
-    reference, from a zero state."""
+    reference, from a zero state or from a given one (whose gradient it returns, as sequence parallelism needs)."""
     inputs, upstream = make_inputs(1, 37, 1, 16, 16, num_states=1, seed=2)
-    leaves = [inputs[n].clone().requires_grad_() for n in NAMES]
-    o = naive_kda(*leaves)[0]
-    expected = torch.autograd.grad((o * upstream["o"]).sum(), leaves)
-    dq, dk, dv, (dg, dbeta) = chunk_kda_vjp(*(inputs[n].float().to(DEVICE) for n in NAMES),
-                                            upstream["o"].float().to(DEVICE))
-    assert_matches({n: x.double().cpu() for n, x in zip(NAMES, (dq, dk, dv, dg, dbeta))},
-                   dict(zip(NAMES, expected)), FP32_TOL)
+    names = (*NAMES, "initial_state") if from_state else NAMES
+    leaves = {n: inputs[n].clone().requires_grad_() for n in names}
+    o = naive_kda(*(leaves[n] for n in NAMES), initial_state=leaves.get("initial_state"))[0]
+    expected = torch.autograd.grad((o * upstream["o"]).sum(), list(leaves.values()))
+    state = inputs["initial_state"].float().to(DEVICE) if from_state else None
+    dq, dk, dv, (dg, dbeta), d_initial = chunk_kda_vjp(*(inputs[n].float().to(DEVICE) for n in NAMES),
+                                                       upstream["o"].float().to(DEVICE), initial_state=state)
+    actual = (dq, dk, dv, dg, dbeta, d_initial) if from_state else (dq, dk, dv, dg, dbeta)
+    assert d_initial is None or from_state  # no initial state given, none to differentiate
+    assert_matches({n: x.double().cpu() for n, x in zip(names, actual)}, dict(zip(names, expected)), FP32_TOL)
 
 
 def kda_autotuners() -> list:
