@@ -30,3 +30,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from tests.eval.tiny_checkpoints import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("eval") / "run")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with long tests first: the end-to-end and multi-process ones (`slow`, `gpu_compile`), then those
+    running Triton's interpreter (`gpu`). pytest-xdist hands a worker the next module in this order, so the quick
+    modules come last and even out the workers' ends instead of one long module running alone."""
+    def rank(module: str) -> int:
+        markers = markers_by_module[module]
+        return 0 if markers & {"slow", "gpu_compile"} else 1 if "gpu" in markers else 2
+
+    markers_by_module: dict[str, set] = {}
+    for item in items:
+        markers_by_module.setdefault(item.module.__name__, set()).update(m.name for m in item.iter_markers())
+    items.sort(key=lambda item: rank(item.module.__name__))  # stable: each module's own order is kept
