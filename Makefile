@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 # The suite runs in one pytest worker per core (pytest-xdist), a test module per worker at a time so that its
-# module-scoped fixtures (built models, prepared runs) are built once; JOBS=0 runs it in this process.
+# module-scoped fixtures (built models, prepared runs) are built once, in tests/conftest.py's order (the long
+# modules first; xdist would otherwise start with the modules of most tests); JOBS=0 runs it in this process.
 JOBS ?= $(shell nproc)
-PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadscope
+PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadscope --no-loadscope-reorder
 
 .PHONY: train test test-fast setup clean
 
