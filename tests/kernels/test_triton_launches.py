@@ -30,7 +30,9 @@ from kernels.gla.naive import naive_recurrent_gla
 from kernels.mlstm import chunk_mlstm, fused_recurrent_mlstm, naive_recurrent_mlstm
 from kernels.tuning import AUTOTUNERS, pinned_config
 
-pytestmark = pytest.mark.gpu  # compiled on a GPU (bench.gpu_check), interpreted here
+# compiled on a GPU (bench.gpu_check), interpreted here; every candidate of every kernel is an exhaustive sweep,
+# left out of `make test-fast`
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 5e-3 if DEVICE == "cuda" else 2e-4  # GLA's fp32 dots are TF32 on a GPU
 

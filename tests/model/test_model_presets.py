@@ -35,6 +35,7 @@ def test_every_size_and_family_has_a_preset():
     assert set(TINY) <= names
 
 
+@pytest.mark.slow  # every preset (about 50), each built on the meta device: a sweep, left out of test-fast
 @pytest.mark.parametrize("path", PRESETS, ids=lambda path: path.stem)
 def test_preset_parameter_count_matches_its_statement(path):
     cfg = load_preset(path)
