@@ -18,7 +18,7 @@ from checkpoints.initial import import_export
 from model import LM
 from model.lora import is_lora_parameter
 from tests.checkpoints.hf_models import TEXT, make_hf_model
-from tests.training_runs import ENV, REPO, SMALL, losses, run_train, torchrun
+from tests.training_runs import ENV, REPO, losses, run_train, torchrun
 
 TEACHER_STEPS = 40
 LORA = ["model.lora.rank=4", "model.lora.targets=[q_proj,k_proj,v_proj,o_proj]"]
@@ -37,9 +37,9 @@ def teacher(tmp_path_factory):
     return root / "teacher"
 
 
-def linearize(teacher, run_dir, *overrides, check=True, launcher=()):
+def linearize(teacher, run_dir, *overrides, launcher=()):
     return run_train(f"init.from={teacher}", "init.linearize=liger", f"run.dir={run_dir}", "eval.tasks=[ppl]",
-                     *overrides, check=check, launcher=launcher)
+                     *overrides, launcher=launcher)
 
 
 def test_a_linearized_run_copies_the_weights_trains_only_lora_and_exports_merged(teacher, tmp_path):
